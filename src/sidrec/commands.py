@@ -1,0 +1,5 @@
+"""Subcommands beyond `data`: tokenize, train, evaluate, run, recommend, verify."""
+
+from __future__ import annotations
+
+REGISTER: list = []

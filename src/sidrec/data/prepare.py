@@ -1,0 +1,243 @@
+"""Preparation: raw log -> chronological per-user sequences with a leave-one-out split.
+
+Steps (in order): drop duplicates, iterative k-core, stable chronological sort, contiguous ids,
+optional truncation to the most recent `max_seq_len` interactions, leave-one-out split.
+
+Tie-break: interactions with equal timestamps keep the order they have in the source file
+(stable sort on (user, timestamp, file row)). Sorting ties by item id would leak the answer
+whenever ids were assigned in purchase order (it inflates ML-1M NDCG by ~20%).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from sidrec import io
+from sidrec.data.dataset import Dataset
+from sidrec.errors import UserError
+
+#: Leave-one-out needs a training prefix, a validation item and a test item.
+MIN_USER_LEN = 3
+
+
+@dataclass
+class SequenceData:
+    """Prepared sequences in CSR form plus id maps; the split is derived, never stored twice.
+
+    offsets: int64 [U+1]; user u's chronological items are items[offsets[u]:offsets[u+1]].
+    items: int32 [nnz], contiguous internal ids 0..N-1.
+    user_ids: raw user ids (unicode array), index = internal user id.
+    item_table: one row per internal item id: raw id in column `item` plus side information.
+    """
+
+    offsets: np.ndarray
+    items: np.ndarray
+    user_ids: np.ndarray
+    item_table: pd.DataFrame
+    timestamps: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def n_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_table)
+
+    @property
+    def n_interactions(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, u: int) -> np.ndarray:
+        return self.items[self.offsets[u] : self.offsets[u + 1]]
+
+    def history_end(self, split: str) -> np.ndarray:
+        """End (exclusive) of each user's input history for a split.
+
+        train: everything but the last two items (the same prefix the validation target
+        follows); valid: predicts the second-to-last item; test: predicts the last item.
+        """
+        drop = {"train": 2, "valid": 2, "test": 1}[split]
+        return self.offsets[1:] - drop
+
+    def targets(self, split: str) -> np.ndarray:
+        """The held-out item of each user for `valid` or `test`."""
+        return self.items[self.history_end(split)]
+
+    def raw_item_ids(self) -> np.ndarray:
+        return self.item_table["item"].to_numpy(dtype=str)
+
+    def stats(self) -> dict:
+        return compute_stats(self)
+
+    def save(self, out: str | Path, extra: Callable[[Path], None] | None = None) -> None:
+        """Write the data directory atomically (a half-written directory never appears).
+
+        `extra(tmp_dir)` may add files (e.g. the synthetic world) before the directory is renamed.
+        """
+        with io.atomic_dir(out) as tmp:
+            arrays = {"offsets": self.offsets, "items": self.items, "user_ids": self.user_ids}
+            if self.timestamps is not None:
+                arrays["timestamps"] = self.timestamps
+            io.save_npz(tmp / "sequences.npz", **arrays)
+            self.item_table.to_parquet(tmp / "items.parquet", index=False)
+            io.write_json(tmp / "stats.json", self.stats())
+            io.write_json(tmp / "prepare.json", self.meta)
+            if extra is not None:
+                extra(tmp)
+        self.path = Path(out)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SequenceData":
+        p = Path(path)
+        if not (p / "sequences.npz").exists():
+            raise UserError("not a prepared data directory (no sequences.npz); run `sidrec data prepare`", str(p))
+        arr = io.load_npz(p / "sequences.npz")
+        table = pd.read_parquet(p / "items.parquet")
+        meta = io.read_json(p / "prepare.json") if (p / "prepare.json").exists() else {}
+        return cls(arr["offsets"], arr["items"], arr["user_ids"], table, arr.get("timestamps"), meta, p)
+
+
+def compute_stats(d: SequenceData) -> dict:
+    lens = d.lengths
+    return {
+        "users": d.n_users,
+        "items": d.n_items,
+        "interactions": d.n_interactions,
+        "seq_len_min": int(lens.min()),
+        "seq_len_max": int(lens.max()),
+        "seq_len_mean": round(float(lens.mean()), 2),
+        "seq_len_median": float(np.median(lens)),
+        "seq_len_p90": float(np.percentile(lens, 90)),
+        "density": round(d.n_interactions / max(1, d.n_users * d.n_items), 6),
+        "has_timestamps": bool(d.meta.get("has_time", d.timestamps is not None)),
+        "item_fields": [c for c in d.item_table.columns if c != "item"],
+        "source": d.meta.get("source", ""),
+    }
+
+
+def _id_order(raw: np.ndarray) -> np.ndarray:
+    """Sort raw ids numerically when they are all integers, else lexicographically."""
+    try:
+        keys = raw.astype(np.int64)
+        return np.argsort(keys, kind="stable")
+    except (ValueError, OverflowError):
+        return np.argsort(raw, kind="stable")
+
+
+def kcore(users: np.ndarray, items: np.ndarray, k: int, min_user: int = MIN_USER_LEN) -> np.ndarray:
+    """Boolean mask of rows kept by iterative k-core (users need max(k, min_user) rows)."""
+    keep = np.ones(len(users), dtype=bool)
+    ku = max(k, min_user)
+    while True:
+        u, i = users[keep], items[keep]
+        ucnt = np.bincount(u, minlength=users.max() + 1)
+        icnt = np.bincount(i, minlength=items.max() + 1)
+        ok = (ucnt[users] >= ku) & (icnt[items] >= k) & keep
+        if ok.sum() == keep.sum():
+            return keep
+        keep = ok
+
+
+def prepare(
+    ds: Dataset,
+    kcore_k: int = 5,
+    dedup: str = "exact",
+    max_seq_len: int | None = None,
+) -> SequenceData:
+    """Turn a raw `Dataset` into `SequenceData` (see module docstring for the exact steps).
+
+    dedup: "exact" drops rows repeating (user, item, timestamp); "user-item" keeps only the
+    first interaction of each (user, item) pair; "none" keeps everything.
+    """
+    t0 = time.perf_counter()
+    df = ds.interactions
+    n_raw = len(df)
+    if n_raw == 0:
+        raise UserError("no interactions", ds.source)
+    if dedup == "exact":
+        df = df.drop_duplicates(["user", "item", "timestamp"], keep="first")
+    elif dedup == "user-item":
+        df = df.drop_duplicates(["user", "item"], keep="first")
+    elif dedup != "none":
+        raise UserError(f"unknown dedup mode {dedup!r} (exact, user-item, none)")
+    n_dedup = len(df)
+    row = np.arange(len(df))  # file order after dedup: the tie-break
+    ucode, uraw = pd.factorize(df["user"])
+    icode, iraw = pd.factorize(df["item"])
+    keep = kcore(ucode, icode, kcore_k)
+    if not keep.any():
+        raise UserError(
+            f"no interactions left after {kcore_k}-core filtering (users need >= {max(kcore_k, MIN_USER_LEN)} "
+            f"interactions, items >= {kcore_k}); lower --kcore",
+            ds.source,
+        )
+    ucode, icode, row = ucode[keep], icode[keep], row[keep]
+    ts = df["timestamp"].to_numpy()[keep]
+    # contiguous ids in sorted raw-id order (not in order of appearance)
+    used_u, used_i = np.unique(ucode), np.unique(icode)
+    u_raw, i_raw = np.asarray(uraw, dtype=str)[used_u], np.asarray(iraw, dtype=str)[used_i]
+    u_perm, i_perm = _id_order(u_raw), _id_order(i_raw)
+    u_map = np.empty(len(uraw), dtype=np.int64)
+    u_map[used_u[u_perm]] = np.arange(len(used_u))
+    i_map = np.empty(len(iraw), dtype=np.int64)
+    i_map[used_i[i_perm]] = np.arange(len(used_i))
+    uid, iid = u_map[ucode], i_map[icode]
+    order = np.lexsort((row, ts, uid))  # user, then time, then file row
+    uid, iid, ts = uid[order], iid[order], ts[order]
+    counts = np.bincount(uid, minlength=len(used_u))
+    if max_seq_len:
+        # keep the most recent max_seq_len interactions of each user
+        start = np.repeat(np.cumsum(counts) - counts, counts)
+        pos_from_end = counts[uid] - (np.arange(len(uid)) - start)
+        m = pos_from_end <= max_seq_len
+        uid, iid, ts = uid[m], iid[m], ts[m]
+        counts = np.minimum(counts, max_seq_len)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    item_table = _item_table(i_raw[i_perm], ds.items)
+    meta = {
+        "source": ds.source,
+        "has_time": ds.has_time,
+        "kcore": kcore_k,
+        "dedup": dedup,
+        "max_seq_len": max_seq_len,
+        "raw_interactions": n_raw,
+        "after_dedup": n_dedup,
+        "tie_break": "file order (stable sort on user, timestamp, file row)",
+        "prepare_seconds": round(time.perf_counter() - t0, 3),
+        "notes": list(ds.notes),
+    }
+    return SequenceData(
+        offsets=offsets,
+        items=iid.astype(np.int32),
+        user_ids=u_raw[u_perm],
+        item_table=item_table,
+        timestamps=ts.astype(np.float64) if ds.has_time else None,
+        meta=meta,
+    )
+
+
+def _item_table(raw_ids: np.ndarray, side: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per internal item id, with side information joined by raw id (missing -> '')."""
+    base = pd.DataFrame({"item": raw_ids.astype(str)})
+    if side is None:
+        return base
+    side = side.copy()
+    side["item"] = side["item"].astype(str)
+    out = base.merge(side, on="item", how="left")
+    for c in out.columns:
+        if out[c].dtype == object or str(out[c].dtype).startswith("str"):
+            out[c] = out[c].fillna("").astype(str)
+    return out

@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SIDREC_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared(rel: str) -> Path:
+    p = SHARED / rel
+    if not p.exists():
+        pytest.skip(f"shared dataset missing: {p}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def beauty_data(tmp_path_factory):
+    """Beauty prepared once per session (the real 22k-user dataset)."""
+    from sidrec.data import prepare, read
+
+    ds = read("seq", shared("amazon-beauty/s3rec/Beauty.txt"), shared("amazon-beauty/derived/items.jsonl"))
+    data = prepare(ds, kcore_k=5)
+    out = tmp_path_factory.mktemp("beauty") / "data"
+    data.save(out)
+    return data
