@@ -2,4 +2,233 @@
 
 from __future__ import annotations
 
-REGISTER: list = []
+import argparse
+from pathlib import Path
+
+
+def print_codebook(info: dict) -> None:
+    rows = [
+        ("method", info.get("method")), ("embeddings", info.get("embeddings")),
+        ("items", info["n_items"]), ("levels x sizes", " x ".join(map(str, info["sizes"]))),
+        ("bijective", info["bijective"]),
+        ("collisions before resolution", f"{info.get('collisions_before_resolution', 0)} "
+         f"({100 * info.get('collision_rate_before', 0):.2f}% of items)"),
+        ("resolution", info.get("resolve")),
+        ("utilization per level", info["utilization"]),
+        ("perplexity per level", info["perplexity"]),
+        ("max items under one prefix", info["max_items_per_prefix"]),
+        ("reconstruction error (relative)", info.get("reconstruction_error")),
+        ("fit seconds", info.get("fit_seconds")),
+    ]
+    w = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+
+
+def cmd_tokenize(a: argparse.Namespace) -> None:
+    from sidrec.data import SequenceData
+    from sidrec.embed import get_embeddings
+    from sidrec.tokenize import fit_codebook
+
+    data = SequenceData.load(a.data)
+    emb = get_embeddings(data, a.embeddings, model=a.text_model, dim=a.collab_dim, seed=a.seed)
+    cb = fit_codebook(emb, a.method, a.levels, a.codebook_size, resolve_strategy=a.resolve, seed=a.seed,
+                      embeddings=a.embeddings)
+    out = Path(a.out)
+    cb.save(out)
+    print(f"wrote {out}")
+    print_codebook(cb.to_json())
+
+
+def add_tokenize(sub: argparse._SubParsersAction) -> None:
+    from sidrec.embed import DEFAULT_TEXT_MODEL
+    from sidrec.tokenize import METHODS
+
+    p = sub.add_parser(
+        "tokenize", help="fit a semantic-ID tokenizer and save a bijective codebook",
+        description="Embed items (text, collaborative, synthetic latent, or a .npy file), fit a cascaded "
+        "(RQ-KMeans, balanced RQ-KMeans, RQ-VAE) or parallel (PQ, OPQ) tokenizer, resolve collisions so "
+        "that the item -> ID map is a bijection, and save codebook.npz + codebook.json.")
+    p.add_argument("data", help="prepared data directory")
+    p.add_argument("--method", default="rq-kmeans", choices=METHODS)
+    p.add_argument("--levels", type=int, default=3, help="tokens per ID before resolution (default 3)")
+    p.add_argument("--codebook-size", type=int, default=256, help="codes per level (default 256)")
+    p.add_argument("--embeddings", default="text",
+                   help="text | collab | latent (synthetic data) | PATH.npy of shape [items, d]")
+    p.add_argument("--text-model", default=DEFAULT_TEXT_MODEL,
+                   help="sentence-transformers model name or local path (e.g. sentence-t5-base)")
+    p.add_argument("--collab-dim", type=int, default=64, help="dimension of collaborative embeddings")
+    p.add_argument("--resolve", default="reassign", choices=["reassign", "extra-token", "none"],
+                   help="collision strategy: move to the nearest free last-level code (default), append a "
+                   "disambiguation token (TIGER), or none (non-bijective, for counter-examples)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output codebook directory")
+    p.set_defaults(func=cmd_tokenize)
+
+
+REGISTER: list = [add_tokenize]
+
+
+# ----------------------------------------------------------------------------------- train/run
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML config (see configs/; omitted: the embedded synthetic default)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.epochs=5 model.backbone.d_model=128")
+
+
+def _config(a: argparse.Namespace) -> dict:
+    from sidrec.config import load_config
+
+    return load_config(a.config, a.set)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from sidrec.pipeline import ensure_codebook, ensure_data, head_config, train_one
+    from sidrec.train.trainer import ddp_setup
+
+    distributed = ddp_setup()
+    cfg = _config(a)
+    out = Path(a.out)
+    head = cfg["model"]["head"] if not a.head else a.head
+    cfg = head_config(cfg, head)
+    work = out if not cfg["data"].get("dir") else out
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if distributed else 0
+    if rank == 0:
+        data = ensure_data(cfg, work)
+        needs_cb = head != "fv" or cfg["model"]["backbone"]["item_input"] != "id"
+        codebook = ensure_codebook(cfg, data, work) if needs_cb else None
+    if distributed:
+        dist.barrier()
+        if rank != 0:
+            data = ensure_data(cfg, work)
+            needs_cb = head != "fv" or cfg["model"]["backbone"]["item_input"] != "id"
+            codebook = ensure_codebook(cfg, data, work) if needs_cb else None
+    state = train_one(cfg, data, codebook, out, resume=a.resume)
+    if rank == 0:
+        print(f"trained {head} into {out}: best validation NDCG@10 {state['best']:.4f} at epoch "
+              f"{state['best_epoch'] + 1}, {state['step']} steps, {state['train_seconds']} s")
+    if distributed:
+        dist.destroy_process_group()
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train one model (AR-NTP, FV-MLE or parallel head) into a run directory",
+                       description="Prepare the data and codebook the config asks for (if not already in the "
+                       "run directory), then train model.head on the shared backbone with AdamW, warmup + "
+                       "cosine schedule, gradient clipping and early stopping on validation NDCG@10. "
+                       "Checkpoints are atomic; --resume continues a killed run. Launch with torchrun for "
+                       "data-parallel training.")
+    _add_config_args(p)
+    p.add_argument("--head", choices=["ar", "fv", "parallel", "ar-unconstrained"], default=None,
+                   help="override model.head")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from sidrec.pipeline import evaluate_run
+
+    decodes = (a.decode,) if a.decode else None
+    ev = evaluate_run(Path(a.run), decodes=decodes, beam=a.beam, exclude_seen=a.exclude_seen,
+                      batch_size=a.batch_size)
+    print_eval(ev)
+    print(f"wrote {Path(a.run) / 'eval.json'}")
+
+
+def print_eval(ev: dict) -> None:
+    keys = ("recall@1", "recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr")
+    print(f"head {ev['head']}  users {ev['n_users']:,}  items {ev['n_items']:,}  seen items "
+          f"{'excluded' if ev['exclude_seen'] else 'kept'}")
+    print(f"{'split':<6} {'decode':<8} " + " ".join(f"{k:>9}" for k in keys) + f" {'users/s':>9}")
+    for split in ("valid", "test"):
+        for dec, m in ev.get(split, {}).items():
+            if isinstance(m, dict):
+                print(f"{split:<6} {dec:<8} " + " ".join(f"{m[k]:>9.4f}" for k in keys) + f" {m['users_per_s']:>9.0f}")
+        if "overlap@10" in ev.get(split, {}):
+            print(f"{split:<6} overlap@10 of beam and exact top-10: {ev[split]['overlap@10']:.4f}")
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="full-ranking leave-one-out metrics of a trained run (eval.json)")
+    p.add_argument("run")
+    p.add_argument("--decode", choices=["exact", "beam"], default=None,
+                   help="exact all-item ranking or beam search (default: both for AR runs, exact otherwise)")
+    p.add_argument("--beam", type=int, default=20, help="beam width (default 20)")
+    p.add_argument("--exclude-seen", action="store_true", help="drop items of the input history from rankings")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_run(a: argparse.Namespace) -> None:
+    from sidrec.evaluate.report import results_table
+    from sidrec.pipeline import run_pipeline
+
+    cfg = _config(a)
+    out = Path(a.out)
+    summary = run_pipeline(cfg, out, resume=not a.fresh)
+    print(results_table(summary, "test"))
+    print(f"report: {out / 'report.md'}")
+
+
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="the whole pipeline: prepare, tokenize, train every head, evaluate, report",
+                       description="Runs prepare/synthesise -> embed -> tokenize -> train (each head in "
+                       "`heads`) -> evaluate (exact and beam) -> report.md with tables and plots. Stages "
+                       "already done in the run directory are reused.")
+    _add_config_args(p)
+    p.add_argument("--fresh", action="store_true", help="do not resume interrupted training")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_recommend(a: argparse.Namespace) -> None:
+    import torch
+
+    from sidrec.data import SequenceData
+    from sidrec.decode.beam import beam_search
+    from sidrec.decode.exact import exact_topk
+    from sidrec.errors import UserError
+    from sidrec.pipeline import user_history
+    from sidrec.train.trainer import load_model
+
+    model, cfg = load_model(a.run)
+    data = SequenceData.load(cfg["data"]["dir"])
+    raw = [s.strip() for s in a.history.split(",") if s.strip()]
+    if not raw:
+        raise UserError("--history needs at least one item id")
+    hist = user_history(data, raw)[-model.cfg.backbone.max_len:]
+    items = torch.from_numpy(hist[None, :].astype("int64"))
+    with torch.no_grad():
+        h = model.encode(items, torch.tensor([len(hist)]))
+        if a.decode == "beam":
+            if model.cfg.head != "ar":
+                raise UserError("beam decoding needs an AR-NTP run")
+            r = beam_search(model.head, h, beam=max(a.beam, a.k), k=a.k)
+            idx, lp = r.items[0].numpy(), r.log_probs[0].numpy()
+        else:
+            i, v = exact_topk(model.head, h, a.k)
+            idx, lp = i[0].numpy(), v[0].numpy()
+    table = data.item_table
+    titles = table["title"].astype(str).to_numpy() if "title" in table.columns else None
+    raw_ids = data.raw_item_ids()
+    print(f"{'rank':>4}  {'item':<14} {'prob':>8}  title")
+    for r, (i, l) in enumerate(zip(idx, lp), 1):
+        if i < 0:
+            continue
+        t = titles[i] if titles is not None else ""
+        print(f"{r:>4}  {raw_ids[i]:<14} {float(torch.tensor(l).exp()):>8.4f}  {t}")
+
+
+def add_recommend(sub) -> None:
+    p = sub.add_parser("recommend", help="top-k next items for a history of raw item ids")
+    p.add_argument("run")
+    p.add_argument("--history", required=True, help="comma-separated raw item ids, oldest first")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--decode", choices=["exact", "beam"], default="exact")
+    p.add_argument("--beam", type=int, default=20)
+    p.set_defaults(func=cmd_recommend)
+
+
+REGISTER += [add_train, add_evaluate, add_run, add_recommend]

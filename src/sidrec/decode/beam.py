@@ -1,0 +1,65 @@
+"""Batched trie-constrained beam search for the AR-NTP head.
+
+All users and beams advance together: at level j the [B * W] live prefixes are scored in one
+call, invalid continuations are masked with the trie's vectorized mask (constrained mode), and
+one `topk` over [B, W * V_j] picks the next beams. Beams are ranked by summed log-probabilities
+(never multiplied probabilities, which underflow) and chosen deterministically (top-k, no sampling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BeamResult:
+    items: torch.Tensor  # [B, K] item ids, -1 where the ID is invalid or the beam is empty
+    log_probs: torch.Tensor  # [B, K] exact log Q of each returned ID (summed token log-probs)
+    n_invalid: int  # generated IDs that map to no item (0 in constrained mode)
+
+
+@torch.no_grad()
+def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained: bool | None = None) -> BeamResult:
+    """Top-k items by beam search (beam width `beam` >= k).
+
+    `constrained=None` follows the head's own normalisation. In constrained mode every returned
+    ID is a valid item; unconstrained mode can generate invalid IDs and counts them.
+    """
+    if k > beam:
+        raise ValueError(f"k={k} needs a beam of at least k (got {beam})")
+    trie = head.trie
+    cons = head.constrained if constrained is None else constrained
+    b, dev = h.shape[0], h.device
+    qs = head.contexts(h)
+    nodes = torch.zeros(b, 1, dtype=torch.long, device=dev)
+    logp = torch.zeros(b, 1, dtype=h.dtype, device=dev)
+    codes = torch.zeros(b, 1, 0, dtype=torch.long, device=dev)
+    for j, q in enumerate(qs):
+        w = nodes.shape[1]
+        v = head.sizes[j]
+        flat_nodes = nodes.reshape(-1)
+        live = flat_nodes >= 0
+        s = head.level_scores(j, q.repeat_interleave(w, 0), codes.reshape(b * w, j))
+        if cons:
+            mask = torch.zeros_like(s, dtype=torch.bool)
+            mask[live] = trie.valid_mask(j, flat_nodes[live])
+            s = s.masked_fill(~mask, float("-inf"))
+        lp = torch.log_softmax(s, -1).nan_to_num(nan=float("-inf"))  # dead beams: all -inf
+        total = (logp.reshape(-1, 1) + lp).reshape(b, w * v)
+        top_lp, top_i = torch.topk(total, min(beam, w * v), dim=1)
+        parent_beam, tok = top_i // v, top_i % v
+        parent_nodes = torch.gather(nodes, 1, parent_beam)
+        child = torch.full_like(parent_nodes, -1)
+        ok = parent_nodes >= 0
+        child[ok] = trie.child(j, parent_nodes[ok], tok[ok])
+        nodes, logp = child, top_lp
+        codes = torch.cat([torch.gather(codes, 1, parent_beam[..., None].expand(-1, -1, j)), tok[..., None]], 2)
+    kk = min(k, nodes.shape[1])
+    nodes, logp = nodes[:, :kk], logp[:, :kk]
+    leaf_item = trie.torch("first_item", trie.depth, dev)
+    valid = (nodes >= 0) & torch.isfinite(logp)
+    items = torch.where(valid, leaf_item[nodes.clamp(min=0)], torch.full_like(nodes, -1))
+    n_invalid = int(((nodes < 0) & torch.isfinite(logp)).sum())
+    return BeamResult(items, logp, n_invalid)

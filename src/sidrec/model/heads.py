@@ -1,0 +1,233 @@
+"""Output heads, one interface: nll / log_prob / log_prob_all / level-wise scoring.
+
+- `FullSoftmaxHead` (FV-MLE): logits over all N items, cross-entropy.
+- `AutoregressiveHead` (AR-NTP): P(c_j | c_<j, h) for j = 1..k, normalised over the trie's valid
+  children of the prefix (constrained, default) or over the whole level vocabulary.
+- `ParallelHead` (non-AR, RPG-style): k independent softmaxes P(c_j | h).
+
+AR parameterisation. The level-j conditional scores token v after prefix p as
+
+    s_j(v | p, h) = < q_j(h) * (1 + gamma_j(p)) + beta_j(p),  E_j[v] > + b_j[v]
+
+where q_j is a per-level context MLP and (gamma_j, beta_j) = MLP_j(sum of the prefix's token
+embeddings): the prefix modulates the context (FiLM). All parameters are per token, never per
+item, so the output layer is O(k * V * d). Because the prefix enters through context-free
+vectors, scores over *all* trie nodes of a level are one GEMM: s = q_j(h) @ W_j^T + c_j with
+W_j[child] = (1 + gamma(parent)) * E_j[tok] and c_j[child] = <beta(parent), E_j[tok]> + b_j[tok];
+exact scoring of all N items costs about what FV-MLE's softmax costs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sidrec.tokenize.codebook import Codebook
+
+NEG_INF = float("-inf")
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+class ContextMLP(nn.Module):
+    """q(h) = h + MLP(LN(h)): a per-level view of the backbone state."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.mlp = _mlp(d, hidden, d)
+
+    def forward(self, h):
+        return h + self.mlp(self.ln(h))
+
+
+def segment_logsumexp(scores: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """logsumexp of scores [B, M] within segments seg [M] (values in 0..n_seg-1) -> [B, n_seg]."""
+    b = scores.shape[0]
+    idx = seg.unsqueeze(0).expand(b, -1)
+    mx = torch.full((b, n_seg), NEG_INF, dtype=scores.dtype, device=scores.device)
+    mx = mx.scatter_reduce(1, idx, scores, reduce="amax", include_self=True)
+    mx_safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    s = torch.zeros_like(mx).scatter_add_(1, idx, torch.exp(scores - mx_safe.gather(1, idx)))
+    return torch.log(s) + mx_safe
+
+
+class FullSoftmaxHead(nn.Module):
+    """FV-MLE: P(i | h) = softmax_i(<h, w_i> + b_i) over all N items."""
+
+    kind = "fv"
+
+    def __init__(self, d: int, n_items: int, tied_weight: nn.Parameter | None = None):
+        super().__init__()
+        self.n_items = n_items
+        self.weight = tied_weight if tied_weight is not None else nn.Parameter(torch.randn(n_items, d) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(n_items))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.weight[: self.n_items].T + self.bias
+
+    def nll(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(h), items, reduction="none")
+
+    def log_prob(self, h, items):
+        return -self.nll(h, items)
+
+    def log_prob_all(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.logits(h), dim=-1)
+
+
+class AutoregressiveHead(nn.Module):
+    """AR-NTP over semantic IDs; `constrained` normalises each level over valid trie children."""
+
+    kind = "ar"
+
+    def __init__(self, d: int, codebook: Codebook, constrained: bool = True, hidden: int | None = None):
+        super().__init__()
+        self.cb = codebook
+        self.trie = codebook.trie
+        self.sizes = codebook.sizes
+        self.constrained = constrained
+        hidden = hidden or 2 * d
+        k = len(self.sizes)
+        self.register_buffer("codes", torch.as_tensor(codebook.codes), persistent=False)
+        self.ctx = nn.ModuleList([ContextMLP(d, hidden) for _ in range(k)])
+        self.tok_in = nn.ModuleList([nn.Embedding(v, d) for v in self.sizes[:-1]])
+        self.film = nn.ModuleList([_mlp(d, hidden, 2 * d) for _ in range(k - 1)])
+        self.tok_out = nn.ParameterList([nn.Parameter(torch.randn(v, d) * 0.02) for v in self.sizes])
+        self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
+        for m in self.film:  # start as the identity modulation
+            nn.init.zeros_(m[-1].weight)
+            nn.init.zeros_(m[-1].bias)
+
+    # -- prefix modulation --------------------------------------------------------------------
+    def _film(self, j: int, prefix_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gamma, beta) [M, d] for prefixes given as their first j tokens [M, j]; None at the root."""
+        if j == 0:
+            return None
+        e = sum(self.tok_in[l](prefix_codes[:, l]) for l in range(j))
+        g, b = self.film[j - 1](e).chunk(2, dim=-1)
+        return g, b
+
+    def level_scores(self, j: int, q: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
+        """Raw scores [B, V_j] of every level-j token after each row's prefix (teacher forcing/beam)."""
+        film = self._film(j, prefix_codes)
+        if film is not None:
+            q = q * (1 + film[0]) + film[1]
+        return q @ self.tok_out[j].T + self.tok_bias[j]
+
+    def level_log_probs(self, j: int, q: torch.Tensor, prefix_codes: torch.Tensor,
+                        nodes: torch.Tensor) -> torch.Tensor:
+        """log P(c_j = v | prefix, h) for all v: [B, V_j]; -inf on invalid tokens if constrained."""
+        s = self.level_scores(j, q, prefix_codes)
+        if self.constrained:
+            s = s.masked_fill(~self.trie.valid_mask(j, nodes), NEG_INF)
+        return torch.log_softmax(s, dim=-1)
+
+    def contexts(self, h: torch.Tensor) -> list[torch.Tensor]:
+        return [m(h) for m in self.ctx]
+
+    # -- the common interface ----------------------------------------------------------------
+    def nll(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced sum of token losses: -sum_j log P(c*_j | c*_<j, h)."""
+        codes = self.codes[items]
+        nodes = self.trie.torch("item_node", None, h.device)[:, items]
+        loss = h.new_zeros(len(items))
+        for j, q in enumerate(self.contexts(h)):
+            lp = self.level_log_probs(j, q, codes[:, :j], nodes[j])
+            loss = loss - lp.gather(1, codes[:, j : j + 1]).squeeze(1)
+        return loss
+
+    def log_prob(self, h, items):
+        return -self.nll(h, items)
+
+    def node_tables(self, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per level, the context-free vectors and offsets of every trie node (see module doc).
+
+        They depend only on parameters: compute once per evaluation pass and pass to log_prob_all.
+        """
+        out = []
+        for j in range(len(self.sizes)):
+            parent = self.trie.torch("node_parent", j + 1, device)
+            tok = self.trie.torch("node_tok", j + 1, device)
+            out.append(self._node_vectors(j, parent, tok, device))
+        return out
+
+    def log_prob_all(self, h: torch.Tensor, tables=None) -> torch.Tensor:
+        """Exact log Q(i | h) for all N items [B, N], level by level over the trie (no per-item passes)."""
+        tables = tables or self.node_tables(h.device)
+        logq = h.new_zeros(h.shape[0], 1)  # root
+        for j, q in enumerate(self.contexts(h)):
+            parent = self.trie.torch("node_parent", j + 1, h.device)
+            w, c = tables[j]
+            s = q @ w.T + c  # [B, P_{j+1}]
+            if self.constrained:
+                lse = segment_logsumexp(s, parent, self.trie.n_nodes(j))
+            else:
+                lse = self._full_vocab_lse(j, q, h.device)
+            logq = logq[:, parent] + s - lse[:, parent]
+        leaf = self.trie.torch("item_node", None, h.device)[-1]
+        return logq[:, leaf]
+
+    def _node_vectors(self, j, parent, tok, device) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.tok_out[j][tok]
+        b = self.tok_bias[j][tok]
+        if j == 0:
+            return e, b
+        pcodes = self._node_codes(j, device)  # [P_j, j]
+        g, be = self._film(j, pcodes)
+        return (1 + g[parent]) * e, (be[parent] * e).sum(-1) + b
+
+    def _node_codes(self, j: int, device) -> torch.Tensor:
+        """The j tokens of every depth-j node [P_j, j] (taken from the first item under it)."""
+        key = ("node_codes", j, str(device))
+        cache = self.trie._t
+        if key not in cache:
+            first = torch.as_tensor(self.trie.first_item[j])
+            cache[key] = torch.as_tensor(self.cb.codes)[first, :j].to(device)
+        return cache[key]
+
+    def _full_vocab_lse(self, j: int, q: torch.Tensor, device) -> torch.Tensor:
+        """Unconstrained normaliser of every depth-j prefix: logsumexp over all V_j tokens [B, P_j]."""
+        if j == 0:
+            return torch.logsumexp(q @ self.tok_out[0].T + self.tok_bias[0], -1, keepdim=True)
+        g, be = self._film(j, self._node_codes(j, device))
+        out = []
+        for qb in q:  # one context at a time: [P_j, V_j] scores (used by the verifier only)
+            s = (qb * (1 + g) + be) @ self.tok_out[j].T + self.tok_bias[j]
+            out.append(torch.logsumexp(s, -1))
+        return torch.stack(out)
+
+
+class ParallelHead(nn.Module):
+    """Non-AR: P(ID | h) = prod_j P(c_j | h), k independent softmaxes (cannot couple positions)."""
+
+    kind = "parallel"
+
+    def __init__(self, d: int, codebook: Codebook, hidden: int | None = None):
+        super().__init__()
+        self.sizes = codebook.sizes
+        self.register_buffer("codes", torch.as_tensor(codebook.codes), persistent=False)
+        hidden = hidden or 2 * d
+        self.ctx = nn.ModuleList([ContextMLP(d, hidden) for _ in self.sizes])
+        self.tok_out = nn.ParameterList([nn.Parameter(torch.randn(v, d) * 0.02) for v in self.sizes])
+        self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
+
+    def level_log_probs_all(self, h: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.log_softmax(m(h) @ w.T + b, -1) for m, w, b in zip(self.ctx, self.tok_out, self.tok_bias)]
+
+    def nll(self, h, items):
+        codes = self.codes[items]
+        lps = self.level_log_probs_all(h)
+        return -sum(lp.gather(1, codes[:, j : j + 1]).squeeze(1) for j, lp in enumerate(lps))
+
+    def log_prob(self, h, items):
+        """log of the model's probability of the item's ID (mass on invalid IDs is not removed)."""
+        return -self.nll(h, items)
+
+    def log_prob_all(self, h: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
+        lps = self.level_log_probs_all(h)
+        out = sum(lp[:, self.codes[:, j]] for j, lp in enumerate(lps))
+        return torch.log_softmax(out, -1) if renormalize else out

@@ -1,0 +1,160 @@
+"""Quantizers that turn item embeddings into k-token codes.
+
+Cascaded (residual): RQ-KMeans, balanced RQ-KMeans, RQ-VAE (in rqvae.py) — token j quantizes what
+tokens < j left unexplained. Parallel (product): PQ, OPQ — token j quantizes its own sub-space.
+Every quantizer returns a `Quantized`, including, for collision resolution, the distance of any
+item to every code of the last level.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import faiss
+import numpy as np
+import torch
+
+
+@dataclass
+class Quantized:
+    codes: np.ndarray  # [N, k] int64
+    sizes: list[int]
+    recon: np.ndarray  # [N, d] reconstruction of the input embeddings
+    # level_dist(j, idx, codes): squared distances [m, V_j] of items idx to every level-j code,
+    # given their current tokens at levels < j (cascaded quantizers depend on them)
+    level_dist: Callable[[int, np.ndarray, np.ndarray], np.ndarray]
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> np.ndarray:
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, spherical=False)
+    km.cp.min_points_per_centroid = 1  # small catalogs are fine; silence faiss' warning
+    km.cp.max_points_per_centroid = 256  # faiss subsamples large inputs (k * 256 points)
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return km.centroids.copy()
+
+
+def _search(x: np.ndarray, c: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    index = faiss.IndexFlatL2(c.shape[1])
+    index.add(np.ascontiguousarray(c, dtype=np.float32))
+    d, i = index.search(np.ascontiguousarray(x, dtype=np.float32), k)
+    return d, i
+
+
+def _sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1) if len(x) * len(c) < 4_000_000 else _search(x, c, len(c))[0]
+
+
+def capacity_assign(x: np.ndarray, c: np.ndarray, capacity: np.ndarray, prefs: int = 32) -> np.ndarray:
+    """Assign points to centroids without exceeding each centroid's capacity (greedy, vectorized).
+
+    Each round, every pending point proposes its next-preferred centroid; each centroid accepts
+    its closest proposers up to its remaining capacity. Points that run out of their `prefs`
+    nearest centroids are re-assigned recursively among centroids that still have room.
+    """
+    n, k = len(x), len(c)
+    t = min(prefs, k)
+    dist, lab = _search(x, c, t)
+    out = np.full(n, -1, dtype=np.int64)
+    load = np.zeros(k, dtype=np.int64)
+    rank = np.zeros(n, dtype=np.int64)
+    pending = np.arange(n)
+    while len(pending) and rank[pending].min() < t:
+        live = pending[rank[pending] < t]
+        cand = lab[live, rank[live]]
+        d = dist[live, rank[live]]
+        order = np.lexsort((d, cand))
+        live, cand = live[order], cand[order]
+        start = np.searchsorted(cand, cand, side="left")
+        pos = np.arange(len(cand)) - start  # position within its centroid's proposers
+        ok = pos < (capacity[cand] - load[cand])
+        out[live[ok]] = cand[ok]
+        np.add.at(load, cand[ok], 1)
+        rank[live[~ok]] += 1
+        pending = np.flatnonzero(out < 0)
+    if len(pending):
+        room = np.flatnonzero(capacity - load > 0)
+        sub = capacity_assign(x[pending], c[room], (capacity - load)[room], prefs=len(room))
+        out[pending] = room[sub]
+    return out
+
+
+def balanced_kmeans(x: np.ndarray, k: int, seed: int, iters: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-size k-means (sizes differ by at most one): k-means init, then capacity-constrained
+    assignment alternating with centroid updates."""
+    c = _kmeans(x, k, seed)
+    cap = np.full(k, math.ceil(len(x) / k), dtype=np.int64)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    a = capacity_assign(x, c, cap)
+    for _ in range(iters):
+        sums = torch.zeros(k, x.shape[1]).index_add_(0, torch.from_numpy(a), xt)
+        cnt = np.bincount(a, minlength=k)
+        c = np.where(cnt[:, None] > 0, sums.numpy() / np.maximum(cnt, 1)[:, None], c).astype(np.float32)
+        a = capacity_assign(x, c, cap)
+    return c, a
+
+
+def rq_kmeans(x: np.ndarray, levels: int, k: int, seed: int = 0, balanced: bool = False) -> Quantized:
+    """Residual k-means: level l clusters the residual left by levels < l (faiss k-means)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    k_eff = min(k, len(x))
+    res = x.copy()
+    codes, cents = [], []
+    for level in range(levels):
+        if balanced:
+            c, a = balanced_kmeans(res, k_eff, seed + level)
+        else:
+            c = _kmeans(res, k_eff, seed + level)
+            a = _search(res, c)[1][:, 0]
+        codes.append(a.astype(np.int64))
+        cents.append(c)
+        res = res - c[a]
+
+    def level_dist(j: int, idx: np.ndarray, cur: np.ndarray) -> np.ndarray:
+        r = x[idx] - sum((cents[l][cur[:, l]] for l in range(j)), np.zeros_like(x[idx]))
+        return _sq_dist(r, cents[j])
+
+    extras = {f"centroids_{j}": c for j, c in enumerate(cents)}
+    return Quantized(np.stack(codes, 1), [k] * levels, x - res, level_dist, extras)
+
+
+def product_quantize(x: np.ndarray, levels: int, k: int, seed: int = 0, rotate: bool = False) -> Quantized:
+    """PQ (and OPQ with `rotate`): split the (rotated) embedding into `levels` sub-spaces and run
+    k-means in each; token j is the nearest centroid of sub-space j."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    pad = (-d) % levels
+    if pad:
+        x = np.concatenate([x, np.zeros((n, pad), np.float32)], 1)
+    d += pad
+    extras: dict[str, np.ndarray] = {}
+    rot = np.eye(d, dtype=np.float32)
+    if rotate:
+        opq = faiss.OPQMatrix(d, levels)
+        nbits = max(1, min(8, int(math.log2(max(2, n // 4)))))
+        inner = faiss.ProductQuantizer(d, levels, nbits)
+        inner.cp.min_points_per_centroid = 1
+        opq.pq = inner
+        opq.verbose = False
+        opq.train(x)
+        rot = faiss.vector_to_array(opq.A).reshape(d, d).astype(np.float32)
+        extras["rotation"] = rot
+    xr = x @ rot.T
+    dsub = d // levels
+    k_eff = min(k, n)
+    codes, cents = [], []
+    for m in range(levels):
+        sub = np.ascontiguousarray(xr[:, m * dsub : (m + 1) * dsub])
+        c = _kmeans(sub, k_eff, seed + m)
+        codes.append(_search(sub, c)[1][:, 0].astype(np.int64))
+        cents.append(c)
+        extras[f"centroids_{m}"] = c
+    recon_r = np.concatenate([cents[m][codes[m]] for m in range(levels)], 1)
+    recon = (recon_r @ rot)[:, : d - pad]  # rot is orthonormal: inverse = transpose
+
+    def level_dist(j: int, idx: np.ndarray, cur: np.ndarray) -> np.ndarray:
+        return _sq_dist(xr[idx, j * dsub : (j + 1) * dsub], cents[j])
+
+    return Quantized(np.stack(codes, 1), [k] * levels, recon, level_dist, extras)

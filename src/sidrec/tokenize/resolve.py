@@ -1,0 +1,168 @@
+"""Collision resolution: make the item -> ID map injective.
+
+- "extra-token" (TIGER): append one token that numbers the items sharing an ID (closest to the
+  quantized vector first). The last level's size is the largest collision group.
+- "reassign": keep the closest item of each group on its ID and move the others to the nearest
+  *free* code of the last level under the same prefix (vectorized rounds: each round every
+  unresolved item proposes its next-nearest code; a code goes to its closest proposer; the few
+  left then take the prefix's remaining free codes). Prefixes with more items than codes first
+  spill their worst-fitting excess items to the next-nearest code one level up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sidrec.errors import UserError
+from sidrec.tokenize.codebook import mixed_radix
+from sidrec.tokenize.quantizers import Quantized
+
+
+def collision_stats(codes: np.ndarray, sizes: list[int]) -> dict:
+    keys = mixed_radix(codes, sizes)
+    _, inv, cnt = np.unique(keys, return_inverse=True, return_counts=True)
+    n = len(codes)
+    dup = n - len(cnt)
+    return {
+        "collisions_before_resolution": int(dup),
+        "collision_rate_before": round(dup / n, 6),
+        "colliding_items_before": int((cnt[inv] > 1).sum()),
+        "max_collision_group": int(cnt.max()),
+    }
+
+
+def _rank_in_group(keys: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """Rank of each item within its ID group, closest (smallest error) first."""
+    order = np.lexsort((np.arange(len(keys)), err, keys))
+    sk = keys[order]
+    start = np.searchsorted(sk, sk, side="left")
+    rank = np.empty(len(keys), dtype=np.int64)
+    rank[order] = np.arange(len(keys)) - start
+    return rank
+
+
+def extra_token(q: Quantized, err: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    rank = _rank_in_group(mixed_radix(q.codes, q.sizes), err)
+    return np.concatenate([q.codes, rank[:, None]], 1), q.sizes + [int(rank.max()) + 1]
+
+
+class KeySet:
+    """A set of int64 keys: a large sorted base (the kept IDs) plus a small sorted list of
+    additions, so membership tests stay O(log n) without re-sorting the base every round."""
+
+    def __init__(self, base: np.ndarray):
+        self.base = np.unique(base)
+        self.added = np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def _member(sorted_keys: np.ndarray, q: np.ndarray) -> np.ndarray:
+        if not len(sorted_keys):
+            return np.zeros(len(q), dtype=bool)
+        pos = np.searchsorted(sorted_keys, q).clip(max=len(sorted_keys) - 1)
+        return sorted_keys[pos] == q
+
+    def contains(self, q: np.ndarray) -> np.ndarray:
+        return self._member(self.base, q) | self._member(self.added, q)
+
+    def add(self, q: np.ndarray) -> None:
+        self.added = np.sort(np.concatenate([self.added, q]))
+
+
+def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, n_prefs: int = 64) -> None:
+    """Prefixes holding more items than the last level has codes cannot be made injective in
+    place: their worst-fitting excess items move to their next-nearest code one level up, until
+    no prefix overflows (vectorized over items; each item's preference list is computed once)."""
+    k, v = len(q.sizes), q.sizes[-1]
+    if k < 2:
+        return
+    t = min(n_prefs, q.sizes[-2])
+    tried = np.zeros(len(codes), dtype=np.int64)
+    prefs = np.full((len(codes), t), -1, dtype=np.int32)
+    while True:
+        prefix = mixed_radix(codes[:, :-1], q.sizes[:-1])
+        rank = _rank_in_group(prefix, err)  # best-fitting items keep their prefix
+        spill = np.flatnonzero(rank >= v)
+        if not len(spill):
+            return
+        tried[spill] += 1
+        if tried[spill].max() >= t:
+            raise UserError(f"cannot make item {spill[0]}'s ID unique: every nearby code is taken; "
+                            "use --resolve extra-token or a larger --codebook-size")
+        new = spill[prefs[spill, 0] < 0]
+        if len(new):
+            d = q.level_dist(k - 2, new, codes[new])
+            prefs[new] = np.argsort(d, axis=1, kind="stable")[:, :t]
+        codes[spill, -2] = prefs[spill, tried[spill]]
+
+
+def _place_last_level(q: Quantized, codes: np.ndarray, movers: np.ndarray, occupied: KeySet,
+                      rounds: int = 16) -> None:
+    """Give each mover a free last-level code under its own prefix (every prefix has room).
+
+    A few rounds of proposals to each mover's nearest codes (a code goes to its closest
+    proposer); movers still unplaced then take their prefix's remaining free codes in order.
+    """
+    v = q.sizes[-1]
+    prefix = mixed_radix(codes[movers], q.sizes) // v
+    dist = q.level_dist(len(q.sizes) - 1, movers, codes[movers])
+    t = min(rounds, v)
+    prefs = np.argsort(dist, axis=1, kind="stable")[:, :t]
+    pending = np.arange(len(movers))
+    for r in range(t):
+        cand = prefs[pending, r]
+        want = prefix[pending] * v + cand
+        free = ~occupied.contains(want)
+        order = np.lexsort((dist[pending, cand], want))  # among equal keys, the closest wins
+        w_sorted = want[order]
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = w_sorted[1:] != w_sorted[:-1]
+        win = np.zeros(len(pending), dtype=bool)
+        win[order[first]] = True
+        win &= free
+        codes[movers[pending[win]], -1] = cand[win]
+        occupied.add(want[win])
+        pending = pending[~win]
+        if not len(pending):
+            return
+    # fill: the i-th leftover mover of a prefix takes that prefix's i-th free code
+    pp = prefix[pending]
+    uniq = np.unique(pp)
+    cand_keys = (uniq[:, None] * v + np.arange(v)[None, :]).ravel()
+    free_keys = cand_keys[~occupied.contains(cand_keys)]  # sorted by (prefix, code)
+    free_prefix = free_keys // v
+    start_free = np.searchsorted(free_prefix, pp)
+    order = np.argsort(pp, kind="stable")
+    sp = pp[order]
+    rank = np.arange(len(sp)) - np.searchsorted(sp, sp)
+    take = free_keys[start_free[order] + rank]
+    codes[movers[pending[order]], -1] = take % v
+    occupied.add(take)
+
+
+def reassign(q: Quantized, err: np.ndarray) -> np.ndarray:
+    codes = q.codes.copy()
+    _spill_overfull_prefixes(q, codes, err)
+    keys = mixed_radix(codes, q.sizes)
+    rank = _rank_in_group(keys, err)
+    movers = np.flatnonzero(rank > 0)
+    if len(movers):
+        _place_last_level(q, codes, movers, KeySet(keys[rank == 0]))
+    return codes
+
+
+def resolve(q: Quantized, x: np.ndarray, strategy: str) -> tuple[np.ndarray, list[int], dict]:
+    """Apply a strategy; returns the new codes, sizes and the collision statistics before it."""
+    stats = collision_stats(q.codes, q.sizes)
+    err = ((x - q.recon) ** 2).sum(1)
+    if strategy == "none":
+        return q.codes, q.sizes, stats
+    if strategy == "extra-token":
+        codes, sizes = extra_token(q, err)
+        return codes, sizes, stats
+    if strategy == "reassign":
+        space = float(np.prod(np.array(q.sizes, dtype=np.float64)))
+        if space < len(x):
+            raise UserError(f"{len(x)} items cannot get distinct IDs in a space of {int(space)} codes "
+                            f"({' x '.join(map(str, q.sizes))}): raise --codebook-size or --levels")
+        return reassign(q, err), q.sizes, stats
+    raise UserError(f"unknown collision strategy {strategy!r} (reassign, extra-token, none)")

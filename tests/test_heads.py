@@ -1,0 +1,90 @@
+"""Heads: normalisation, loss identities, leaks, gradients — the maths the theorem rests on."""
+
+import numpy as np
+import pytest
+import torch
+
+from sidrec.model import BackboneConfig, ModelConfig, SeqRecModel
+from sidrec.tokenize import Codebook, fit_codebook
+
+
+def _codebook(n=200, seed=0, levels=3, size=8):
+    x = np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)
+    return fit_codebook(x, "rq-kmeans", levels, size, seed=seed)
+
+
+def _model(head, cb, n, constrained=True, scale=0.3, item_input="id", dtype=torch.float64):
+    cfg = ModelConfig(head=head, constrained=constrained,
+                      backbone=BackboneConfig(d_model=16, n_heads=2, d_ff=32, max_len=8, item_input=item_input))
+    torch.manual_seed(0)
+    m = SeqRecModel(cfg, n, cb).to(dtype)
+    with torch.no_grad():
+        for p in m.head.parameters():
+            p.normal_(0, scale)
+    return m
+
+
+@pytest.mark.parametrize("head,constrained", [("ar", True), ("fv", True), ("parallel", True)])
+def test_log_prob_all_sums_to_one(head, constrained):
+    cb = _codebook()
+    m = _model(head, cb, cb.n_items, constrained)
+    h = torch.randn(7, 16, dtype=torch.float64)
+    lp = m.head.log_prob_all(h).detach()
+    assert lp.shape == (7, cb.n_items)
+    np.testing.assert_allclose(lp.exp().sum(1).numpy(), 1.0, atol=1e-10)
+
+
+@pytest.mark.parametrize("head,constrained", [("ar", True), ("ar", False), ("fv", True), ("parallel", True)])
+def test_loss_is_minus_log_prob_of_target(head, constrained):
+    cb = _codebook()
+    m = _model(head, cb, cb.n_items, constrained)
+    h = torch.randn(9, 16, dtype=torch.float64)
+    items = torch.randint(0, cb.n_items, (9,))
+    nll = m.head.nll(h, items).detach()
+    np.testing.assert_allclose(nll.numpy(), -m.head.log_prob(h, items).detach().numpy(), atol=1e-12)
+    if head != "parallel":  # the parallel head's loss is over its own (unrenormalised) ID distribution
+        full = m.head.log_prob_all(h).detach()
+        np.testing.assert_allclose(nll.numpy(), -full.gather(1, items[:, None]).squeeze(1).numpy(), atol=1e-9)
+
+
+def test_ar_identity_float32_tolerance():
+    cb = _codebook(400, levels=3, size=16)
+    m = _model("ar", cb, cb.n_items, scale=0.05, dtype=torch.float32)
+    h = torch.randn(16, 16)
+    items = torch.arange(16) * 7
+    diff = (m.head.nll(h, items) + m.head.log_prob_all(h)[torch.arange(16), items]).abs().max()
+    assert diff < 1e-5
+
+
+def test_unconstrained_ar_leaks_mass():
+    cb = _codebook(60, levels=2, size=16)  # 60 valid IDs out of 256
+    m = _model("ar", cb, cb.n_items, constrained=False)
+    lp = m.head.log_prob_all(torch.randn(5, 16, dtype=torch.float64)).detach()
+    mass = lp.exp().sum(1)
+    assert torch.all(mass < 1 - 1e-3), mass
+
+
+def test_parallel_head_unrenormalised_mass_below_one():
+    cb = _codebook(60, levels=2, size=16)
+    m = _model("parallel", cb, cb.n_items)
+    lp = m.head.log_prob_all(torch.randn(5, 16, dtype=torch.float64), renormalize=False).detach()
+    assert torch.all(lp.exp().sum(1) < 1)
+
+
+@pytest.mark.parametrize("head", ["ar", "fv", "parallel"])
+@pytest.mark.parametrize("item_input", ["id", "sid", "both"])
+def test_gradients_reach_every_parameter(head, item_input):
+    cb = _codebook()
+    m = _model(head, cb, cb.n_items, item_input=item_input, dtype=torch.float32, scale=0.1)
+    items = torch.randint(0, cb.n_items, (4, 6))
+    targets = torch.randint(0, cb.n_items, (4, 6))
+    m.train()
+    m.nll(items, targets).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_codebook_with_collisions_is_flagged():
+    codes = np.array([[0, 0], [0, 0], [1, 1]])
+    cb = Codebook(codes, [2, 2], allow_collisions=True)
+    assert not cb.bijective

@@ -1,0 +1,157 @@
+"""Tokenizers and the Codebook: bijection, trie masks, round-trips, real quantization."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidrec.tokenize import Codebook, RQVAEConfig, fit_codebook
+from sidrec.tokenize.quantizers import balanced_kmeans
+
+FAST_VAE = RQVAEConfig(hidden=(32,), latent_dim=8, epochs=3, batch_size=256)
+
+
+def _emb(n, d, seed):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(8, d))
+    return (centers[rng.integers(0, 8, n)] + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(20, 300), d=st.sampled_from([4, 8, 12]), seed=st.integers(0, 10_000),
+    method=st.sampled_from(["rq-kmeans", "rq-kmeans-balanced", "rq-vae", "pq", "opq"]),
+    strategy=st.sampled_from(["reassign", "extra-token"]),
+)
+def test_resolved_codebook_is_bijective(n, d, seed, method, strategy):
+    x = _emb(n, d, seed)
+    cb = fit_codebook(x, method, levels=2, codebook_size=32,
+                      resolve_strategy=strategy, seed=seed, rqvae=FAST_VAE)
+    assert cb.bijective and cb.n_collisions == 0
+    items = np.arange(n)
+    np.testing.assert_array_equal(cb.decode(cb.encode(items)), items)
+    assert len(np.unique(cb.keys)) == n
+
+
+def _check_trie(cb: Codebook):
+    codes = cb.codes
+    for j in range(cb.levels):
+        # every depth-j prefix node's mask allows exactly the tokens that extend it
+        nodes = torch.arange(cb.trie.n_nodes(j))
+        mask = cb.trie.valid_mask(j, nodes).numpy()
+        prefixes = {}
+        for row in codes:
+            prefixes.setdefault(tuple(row[:j]), set()).add(int(row[j]))
+        assert len(prefixes) == len(nodes)
+        node_of = cb.trie.item_node[j]
+        for i in range(len(codes)):
+            assert set(np.flatnonzero(mask[node_of[i]])) == prefixes[tuple(codes[i, :j])]
+        # child() follows exactly the valid edges
+        toks = torch.arange(cb.sizes[j]).repeat(len(nodes))
+        par = nodes.repeat_interleave(cb.sizes[j])
+        ch = cb.trie.child(j, par, toks).numpy()
+        assert np.array_equal(ch >= 0, mask.reshape(-1))
+    # the leaf reached by an item's tokens is the item itself
+    node = torch.zeros(cb.n_items, dtype=torch.long)
+    for j in range(cb.levels):
+        node = cb.trie.child(j, node, torch.from_numpy(codes[:, j]))
+    assert np.array_equal(cb.trie.leaf_item[node.numpy()], np.arange(cb.n_items))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4), st.integers(0, 2)), min_size=1, max_size=40,
+                unique=True))
+def test_trie_masks_match_existing_children(rows):
+    cb = Codebook(np.array(rows), [4, 5, 3])
+    _check_trie(cb)
+    bad = np.array([[3, 4, 2], [0, 0, 0], [9, 0, 0]])
+    dec = cb.decode(bad)
+    present = {tuple(r) for r in rows}
+    for r, d in zip(bad, dec):
+        assert (d >= 0) == (tuple(r) in present)
+
+
+def test_save_load_round_trip_bit_exact(tmp_path):
+    cb = fit_codebook(_emb(400, 16, 0), "rq-kmeans", 3, 16)
+    cb.save(tmp_path / "cb")
+    back = Codebook.load(tmp_path / "cb")
+    assert np.array_equal(back.codes, cb.codes) and back.sizes == cb.sizes
+    for k, v in cb.extras.items():
+        assert np.array_equal(back.extras[k], v) and back.extras[k].dtype == v.dtype
+    assert back.to_json() == cb.to_json()
+    with np.load(tmp_path / "cb" / "codebook.npz", allow_pickle=False) as z:
+        assert all(z[k].dtype != object for k in z.files)
+
+
+def test_refuses_non_bijective_unless_allowed():
+    codes = np.array([[0, 1], [0, 1], [1, 0]])
+    with pytest.raises(ValueError, match="not bijective"):
+        Codebook(codes, [2, 2])
+    cb = Codebook(codes, [2, 2], allow_collisions=True)
+    assert not cb.bijective and cb.n_collisions == 1
+
+
+def test_collisions_recorded_and_resolved():
+    x = _emb(300, 8, 1)
+    x[1] = x[0]  # identical embeddings must collide
+    raw = fit_codebook(x, "rq-kmeans", 2, 32, resolve_strategy="none")
+    assert not raw.bijective and raw.meta["collisions_before_resolution"] >= 1
+    fixed = fit_codebook(x, "rq-kmeans", 2, 32, resolve_strategy="reassign")
+    assert fixed.bijective and fixed.meta["collisions_before_resolution"] == raw.n_collisions
+    # only colliding items move
+    moved = np.any(fixed.codes != raw.codes, axis=1)
+    assert moved.sum() <= raw.n_collisions
+    extra = fit_codebook(x, "rq-kmeans", 2, 32, resolve_strategy="extra-token")
+    assert extra.levels == 3 and extra.bijective
+    assert np.array_equal(extra.codes[:, :2], raw.codes)
+
+
+def test_deterministic_for_a_seed():
+    x = _emb(500, 16, 2)
+    for m in ["rq-kmeans", "opq"]:
+        a = fit_codebook(x, m, 2, 32, seed=5)
+        b = fit_codebook(x, m, 2, 32, seed=5)
+        assert np.array_equal(a.codes, b.codes)
+
+
+def test_reconstruction_error_falls_with_levels():
+    x = _emb(2000, 32, 3)
+    errs = [fit_codebook(x, "rq-kmeans", L, 32, resolve_strategy="none").meta["reconstruction_error"]
+            for L in (1, 2, 3, 4)]
+    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    cfg = RQVAEConfig(hidden=(64,), latent_dim=16, epochs=30, batch_size=256)
+    vae = [fit_codebook(x, "rq-vae", L, 16, rqvae=cfg, resolve_strategy="none").meta["reconstruction_error"]
+           for L in (1, 3)]
+    assert vae[1] < vae[0]
+
+
+def test_balanced_kmeans_near_equal_sizes():
+    rng = np.random.default_rng(0)
+    # very unequal natural clusters
+    x = np.concatenate([rng.normal(0, 0.1, (900, 4)), rng.normal(5, 0.1, (100, 4))]).astype(np.float32)
+    _, a = balanced_kmeans(x, 10, seed=0)
+    cnt = np.bincount(a, minlength=10)
+    assert cnt.max() - cnt.min() <= 1
+    cb = fit_codebook(x, "rq-kmeans-balanced", 1, 10, resolve_strategy="none")
+    assert np.bincount(cb.codes[:, 0], minlength=10).max() <= 100
+
+
+def test_opq_beats_pq_on_correlated_data():
+    rng = np.random.default_rng(0)
+    n, d = 3000, 16
+    latent = rng.normal(size=(n, 4))
+    mix = rng.normal(size=(4, d))
+    x = (latent @ mix + 0.05 * rng.normal(size=(n, d))).astype(np.float32)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    x = x @ q.astype(np.float32)  # spread correlated energy unevenly over the sub-spaces
+    pq = fit_codebook(x, "pq", 4, 16, resolve_strategy="none").meta["reconstruction_error"]
+    opq = fit_codebook(x, "opq", 4, 16, resolve_strategy="none").meta["reconstruction_error"]
+    assert opq < pq
+
+
+def test_too_small_id_space_is_a_user_error():
+    from sidrec.errors import UserError
+
+    with pytest.raises(UserError, match="cannot get distinct IDs"):
+        fit_codebook(_emb(300, 8, 0), "rq-kmeans", 2, 8)
