@@ -17,11 +17,13 @@ from sidrec.tokenize import fit_codebook
 
 
 def clustered_embeddings(n: int, d: int, seed: int = 0) -> np.ndarray:
-    """Hierarchically clustered unit vectors (like text embeddings: structure at several scales)."""
+    """Hierarchically clustered unit vectors (like text embeddings: structure at several scales,
+    with item-level variation comparable to the cluster spread, so no single scale dominates)."""
     rng = np.random.default_rng(seed)
-    top = rng.normal(size=(256, d)).astype(np.float32)
-    sub = top[rng.integers(0, 256, 16384)] + 0.6 * rng.normal(size=(16384, d)).astype(np.float32)
-    x = sub[rng.integers(0, 16384, n)] + 0.5 * rng.normal(size=(n, d)).astype(np.float32)
+    top = rng.normal(size=(1024, d)).astype(np.float32)
+    sub = top[rng.integers(0, 1024, 65536)] + 0.8 * rng.normal(size=(65536, d)).astype(np.float32)
+    x = sub[rng.integers(0, 65536, n)]
+    x += 1.0 * rng.normal(size=(n, d)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 

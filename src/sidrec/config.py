@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {
         "method": "rq-kmeans", "levels": 3, "codebook_size": 256, "embeddings": "text",
         "text_model": "all-MiniLM-L6-v2", "collab_dim": 64, "resolve": "reassign", "seed": 0,
     },
-    "model": {"head": "ar", "tied": True, "constrained": True, "head_hidden": None,
+    "model": {"head": "ar", "tied": True, "constrained": True, "head_hidden": None, "fv_chunk": 1024,
               "backbone": {f.name: f.default for f in fields(BackboneConfig)}},
     "train": {f.name: f.default for f in fields(TrainConfig)},
     "heads": ["ar", "fv"],

@@ -38,7 +38,8 @@ def plot_training(out: Path, heads: list[str]) -> list[str]:
     a2.set(xlabel="epoch", ylabel="NDCG@10", title="validation NDCG@10 (exact ranking)")
     for a in (a1, a2):
         a.grid(alpha=0.3)
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.tight_layout()
     (out / "plots").mkdir(exist_ok=True)
     path = out / "plots" / "training.png"

@@ -21,6 +21,7 @@ class ModelConfig:
     tied: bool = True  # fv: share the output item vectors with the input item-ID embedding
     constrained: bool = True  # ar: normalise over valid trie children
     head_hidden: int | None = None  # hidden width of the head MLPs (default 2 * d_model)
+    fv_chunk: int | None = 1024  # fv: items per chunk of the streamed softmax loss (None: one pass)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +51,7 @@ class SeqRecModel(nn.Module):
         d = cfg.backbone.d_model
         if cfg.head == "fv":
             tied = self.backbone.item_emb.weight if (cfg.tied and self.backbone.item_emb is not None) else None
-            self.head = FullSoftmaxHead(d, n_items, tied)
+            self.head = FullSoftmaxHead(d, n_items, tied, cfg.fv_chunk)
         elif cfg.head == "ar":
             self.head = AutoregressiveHead(d, codebook, cfg.constrained, cfg.head_hidden)
         else:

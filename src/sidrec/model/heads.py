@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidrec.model.softmax_ce import softmax_ce
 from sidrec.tokenize.codebook import Codebook
 
 NEG_INF = float("-inf")
@@ -60,9 +61,11 @@ class FullSoftmaxHead(nn.Module):
 
     kind = "fv"
 
-    def __init__(self, d: int, n_items: int, tied_weight: nn.Parameter | None = None):
+    def __init__(self, d: int, n_items: int, tied_weight: nn.Parameter | None = None,
+                 chunk_size: int | None = None):
         super().__init__()
         self.n_items = n_items
+        self.chunk_size = chunk_size  # item chunk of the memory-efficient loss (None: one pass)
         self.weight = tied_weight if tied_weight is not None else nn.Parameter(torch.randn(n_items, d) * 0.02)
         self.bias = nn.Parameter(torch.zeros(n_items))
 
@@ -70,7 +73,9 @@ class FullSoftmaxHead(nn.Module):
         return h @ self.weight[: self.n_items].T + self.bias
 
     def nll(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(h), items, reduction="none")
+        if h.dtype != torch.float32 or not torch.is_grad_enabled():
+            return F.cross_entropy(self.logits(h), items, reduction="none")  # float64 checks, inference
+        return softmax_ce(h, self.weight[: self.n_items], self.bias, items, self.chunk_size)
 
     def log_prob(self, h, items):
         return -self.nll(h, items)

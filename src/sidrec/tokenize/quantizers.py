@@ -138,6 +138,7 @@ def product_quantize(x: np.ndarray, levels: int, k: int, seed: int = 0, rotate: 
         inner.cp.min_points_per_centroid = 1
         opq.pq = inner
         opq.verbose = False
+        opq.niter = 25  # faiss' default 50 doubles the time for a marginal gain
         opq.train(x)
         rot = faiss.vector_to_array(opq.A).reshape(d, d).astype(np.float32)
         extras["rotation"] = rot

@@ -84,7 +84,9 @@ def _dist_info() -> tuple[int, int]:
 
 
 class Trainer:
-    def __init__(self, model: SeqRecModel, data: SequenceData, cfg: TrainConfig, run_dir: str | Path):
+    def __init__(self, model: SeqRecModel, data: SequenceData, cfg: TrainConfig, run_dir: str | Path,
+                 on_epoch_end=None):
+        self.on_epoch_end = on_epoch_end  # optional callback(model, epoch) -> dict merged into the log
         self.cfg = cfg
         self.data = data
         self.run = Path(run_dir)
@@ -233,6 +235,8 @@ class Trainer:
                     bar.set_postfix(epoch=ep, valid_ndcg10=f"{m['ndcg@10']:.4f}", best=f"{st['best']:.4f}")
                     if st["bad_epochs"] >= cfg.patience:
                         st["done"] = True
+                if self.on_epoch_end is not None:
+                    rec.update(self.on_epoch_end(self.model, ep) or {})
                 self.log(rec)
             if st["epoch"] >= cfg.epochs:
                 st["done"] = True

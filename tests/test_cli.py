@@ -1,0 +1,129 @@
+"""The CLI end to end: synthetic default pipeline, real data (MovieLens-100k, Beauty), recommend, verify."""
+
+import json
+
+import pytest
+
+from sidrec.cli import main
+
+from .conftest import shared
+
+SMALL = ["data.synthetic.n_items=200", "data.synthetic.n_users=500", "train.epochs=2", "train.batch_size=64",
+         "model.backbone.d_model=32", "model.backbone.d_ff=64"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "syn"
+    assert main(["run", "--out", str(out), "--set", *SMALL]) == 0
+    return out
+
+
+def test_run_writes_report_and_evals(synthetic_run):
+    out = synthetic_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["results"]) == {"ar", "fv", "parallel"}
+    ar = json.loads((out / "ar" / "eval.json").read_text())
+    assert set(ar["test"]) >= {"exact", "beam", "overlap@10"} and ar["test"]["beam"]["invalid_ids"] == 0
+    assert ar["n_users"] == 500 and ar["n_items"] == 200 and ar["exclude_seen"] is False
+    fv = json.loads((out / "fv" / "eval.json").read_text())
+    assert set(fv["test"]) == {"exact"}
+    for m in (ar["test"]["exact"], fv["test"]["exact"]):
+        assert 0 < m["ndcg@10"] <= m["recall@10"] <= m["recall@20"] <= 1
+    report = (out / "report.md").read_text()
+    assert "Bayes-optimal" in report and "AR-NTP" in report and "plots/training.png" in report
+    assert (out / "plots" / "training.png").stat().st_size > 1000
+    assert (out / "ar" / "model.safetensors").exists() and (out / "ar" / "codebook" / "codebook.json").exists()
+    assert summary["codebook"]["bijective"] is True
+
+
+def test_recommend_and_errors(synthetic_run, capsys):
+    assert main(["recommend", str(synthetic_run / "ar"), "--history", "3,17,42", "-k", "5"]) == 0
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines()[1:] if line.strip()]) == 5
+    assert main(["recommend", str(synthetic_run / "ar"), "--history", "3,nope,x9", "--decode", "beam"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown item id(s): nope, x9" in err
+
+
+def test_evaluate_and_verify_cli(synthetic_run, capsys):
+    assert main(["evaluate", str(synthetic_run / "ar"), "--decode", "beam", "--beam", "10"]) == 0
+    ev = json.loads((synthetic_run / "ar" / "eval.json").read_text())
+    assert ev["test"]["beam"]["beam"] == 10
+    assert main(["verify", str(synthetic_run / "ar"), "--contexts", "64"]) == 0
+    v = json.loads((synthetic_run / "ar" / "verify.json").read_text())
+    assert v["all_pass"], v
+    assert main(["verify", str(synthetic_run / "parallel"), "--contexts", "64"]) == 0
+    v = json.loads((synthetic_run / "parallel" / "verify.json").read_text())
+    ident = [c for c in v["checks"] if c["check"] == "loss_identity"]
+    assert not any(c["pass"] for c in ident)  # the non-AR head's loss is not -log of an item likelihood
+    assert "Verification" in (synthetic_run / "parallel" / "report.md").read_text()
+
+
+def test_evaluate_beam_on_fv_run_is_user_error(synthetic_run, capsys):
+    assert main(["evaluate", str(synthetic_run / "fv"), "--decode", "beam"]) == 2
+    assert "beam search needs an AR-NTP run" in capsys.readouterr().err
+
+
+def test_movielens_prepare_tokenize_train_evaluate(tmp_path, capsys):
+    data = tmp_path / "ml"
+    assert main(["data", "prepare", "--format", "ml-100k", "--path", str(shared("movielens-100k/raw/u.data")),
+                 "--meta", str(shared("movielens-100k/raw/u.item")), "--kcore", "0", "--out", str(data)]) == 0
+    assert "100000" in capsys.readouterr().out
+    assert main(["tokenize", str(data), "--embeddings", "collab", "--levels", "2", "--codebook-size", "64",
+                 "--out", str(tmp_path / "cb")]) == 0
+    assert "bijective                        True" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(["train", "configs/ml-100k.yaml", "--out", str(run), "--set", f"data.dir={data}",
+                 "tokenizer.embeddings=collab", "tokenizer.codebook_size=16", "train.epochs=3",
+                 "train.warmup_steps=5", "train.lr=0.003",
+                 "model.backbone.max_len=50", "model.backbone.d_model=32"]) == 0
+    assert main(["evaluate", str(run)]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["n_users"] == 943 and ev["n_items"] == 1682
+    assert ev["test"]["exact"]["recall@20"] > 0.03  # 3 epochs beat random ranking (20/1682 = 0.012)
+
+
+def test_tokenize_beauty_from_cli(tmp_path, capsys, beauty_data):
+    d = tmp_path / "beauty"
+    beauty_data.save(d)
+    assert main(["tokenize", str(d), "--embeddings", "collab", "--method", "opq", "--levels", "4",
+                 "--out", str(tmp_path / "cb")]) == 0
+    info = json.loads((tmp_path / "cb" / "codebook.json").read_text())
+    assert info["bijective"] and info["n_items"] == 12101 and info["collisions"] == 0
+
+
+def test_config_errors_are_user_errors(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), "--set", "train.nope=1"]) == 2
+    assert "unknown config key 'train.nope'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    assert main(["run", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+
+
+def test_embedded_default_equals_configs_synthetic():
+    from sidrec.config import load_config
+
+    a, b = load_config("configs/synthetic.yaml"), load_config(None)
+    a.pop("_config_dir", None), b.pop("_config_dir", None)
+    assert a == b
+
+
+def test_text_embeddings_offline(tmp_path):
+    from sidrec.data import SequenceData
+    from sidrec.data.synth import make_synthetic, save_synthetic
+    from sidrec.embed import get_embeddings
+
+    d, w = make_synthetic(60, 20)
+    save_synthetic(d, w, tmp_path / "s")
+    data = SequenceData.load(tmp_path / "s")
+    e = get_embeddings(data, "text")
+    assert e.shape == (60, 384)
+    assert (tmp_path / "s" / "embeddings").exists()  # cached
+    # same-subcategory titles are closer than random pairs
+    import numpy as np
+
+    same = w.subcategory[:, None] == w.subcategory[None, :]
+    sims = e @ e.T
+    assert sims[same].mean() > sims[~same].mean()
