@@ -24,3 +24,10 @@ def beauty_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("beauty") / "data"
     data.save(out)
     return data
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one intra-op thread each, or OpenMP spin-waits oversubscribe the CPU
+    import torch
+
+    torch.set_num_threads(1)

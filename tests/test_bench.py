@@ -1,0 +1,39 @@
+"""The benchmarks' plumbing, end to end on tiny slices (the real runs are one command each)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path):
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_quality_bench_tiny_slice(tmp_path):
+    _run(["bench.quality", "--dataset", "beauty", "--seeds", "1", "--max-users", "400", "--tokenizers", "rq-kmeans",
+          "--set", "train.epochs=1", "tokenizer.embeddings=collab", "tokenizer.codebook_size=16",
+          "--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path)], tmp_path)
+    r = json.loads((tmp_path / "quality-beauty.json").read_text())
+    assert set(r["summary"]) == {"fv", "ar/rq-kmeans", "parallel/rq-kmeans"}
+    assert "beam" in r["summary"]["ar/rq-kmeans"] and r["env"]["commit"] is not None
+    assert "AR-NTP / rq-kmeans" in (tmp_path / "quality-beauty.md").read_text()
+
+
+@pytest.mark.slow
+def test_scale_bench_smallest_size(tmp_path):
+    _run(["bench.scale", "--sizes", "3000", "--repeats", "1", "--out-dir", str(tmp_path)], tmp_path)
+    r = json.loads((tmp_path / "scale.json").read_text())
+    row = r["rows"][0]
+    for key in ("train_fv-naive", "train_fv-chunked", "train_ar"):
+        assert row[key]["step_seconds"] > 0, row[key]
+    assert row["infer_ar"]["beam20_seconds"] > 0 and row["infer_fv"]["exact_seconds"] > 0
+    assert (tmp_path / "scale.png").exists() and "| 3,000 |" in (tmp_path / "scale.md").read_text()
