@@ -155,3 +155,11 @@ def test_too_small_id_space_is_a_user_error():
 
     with pytest.raises(UserError, match="cannot get distinct IDs"):
         fit_codebook(_emb(300, 8, 0), "rq-kmeans", 2, 8)
+
+
+@pytest.mark.parametrize("method", ["rq-kmeans", "opq"])
+def test_reassign_handles_crowded_prefixes(method):
+    # 300 identical embeddings + 100 others in a 3 x 8 space (512 IDs): whole subtrees overflow
+    x = np.concatenate([np.ones((300, 8)), _emb(100, 8, 0)]).astype(np.float32)
+    cb = fit_codebook(x, method, 3, 8, resolve_strategy="reassign")
+    assert cb.bijective and cb.meta["collisions_before_resolution"] >= 299

@@ -6,7 +6,8 @@
   *free* code of the last level under the same prefix (vectorized rounds: each round every
   unresolved item proposes its next-nearest code; a code goes to its closest proposer; the few
   left then take the prefix's remaining free codes). Prefixes with more items than codes first
-  spill their worst-fitting excess items to the next-nearest code one level up.
+  spill their worst-fitting excess items to their next-nearest code one level up (checked from the
+  coarsest level down, so every prefix ends with room for its items).
 """
 
 from __future__ import annotations
@@ -68,20 +69,20 @@ class KeySet:
         self.added = np.sort(np.concatenate([self.added, q]))
 
 
-def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, n_prefs: int = 64) -> None:
-    """Prefixes holding more items than the last level has codes cannot be made injective in
-    place: their worst-fitting excess items move to their next-nearest code one level up, until
-    no prefix overflows (vectorized over items; each item's preference list is computed once)."""
-    k, v = len(q.sizes), q.sizes[-1]
-    if k < 2:
-        return
-    t = min(n_prefs, q.sizes[-2])
+def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, depth: int,
+                             n_prefs: int = 64) -> None:
+    """A depth-d prefix can hold at most prod(sizes[d:]) items. The worst-fitting items of an
+    overfull prefix move to their next-nearest code at level d-1 (the prefix's last token), until
+    no depth-d prefix overflows (vectorized; each item's preference list is computed once)."""
+    cap = int(np.prod(q.sizes[depth:]))
+    j = depth - 1
+    t = min(n_prefs, q.sizes[j])
     tried = np.zeros(len(codes), dtype=np.int64)
     prefs = np.full((len(codes), t), -1, dtype=np.int32)
     while True:
-        prefix = mixed_radix(codes[:, :-1], q.sizes[:-1])
+        prefix = mixed_radix(codes[:, :depth], q.sizes[:depth])
         rank = _rank_in_group(prefix, err)  # best-fitting items keep their prefix
-        spill = np.flatnonzero(rank >= v)
+        spill = np.flatnonzero(rank >= cap)
         if not len(spill):
             return
         tried[spill] += 1
@@ -90,9 +91,9 @@ def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, n
                             "use --resolve extra-token or a larger --codebook-size")
         new = spill[prefs[spill, 0] < 0]
         if len(new):
-            d = q.level_dist(k - 2, new, codes[new])
+            d = q.level_dist(j, new, codes[new])
             prefs[new] = np.argsort(d, axis=1, kind="stable")[:, :t]
-        codes[spill, -2] = prefs[spill, tried[spill]]
+        codes[spill, j] = prefs[spill, tried[spill]]
 
 
 def _place_last_level(q: Quantized, codes: np.ndarray, movers: np.ndarray, occupied: KeySet,
@@ -141,7 +142,8 @@ def _place_last_level(q: Quantized, codes: np.ndarray, movers: np.ndarray, occup
 
 def reassign(q: Quantized, err: np.ndarray) -> np.ndarray:
     codes = q.codes.copy()
-    _spill_overfull_prefixes(q, codes, err)
+    for depth in range(1, len(q.sizes)):  # coarse levels first: deeper spills then find room
+        _spill_overfull_prefixes(q, codes, err, depth)
     keys = mixed_radix(codes, q.sizes)
     rank = _rank_in_group(keys, err)
     movers = np.flatnonzero(rank > 0)
