@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
 #: configs/synthetic.yaml is the same configuration with every key commented (a test keeps them equal).
 SYNTHETIC: dict[str, Any] = {
     "name": "synthetic",
-    "data": {"synthetic": {"n_items": 2000, "n_users": 6000, "dim": 16, "seed": 0}},
+    "data": {"synthetic": {"n_items": 2000, "n_users": 20000, "dim": 16, "seed": 0}},
     "tokenizer": {"method": "rq-kmeans", "levels": 3, "codebook_size": 16, "embeddings": "text"},
     "model": {"backbone": {"d_model": 64, "n_layers": 2, "n_heads": 2, "d_ff": 128, "dropout": 0.1,
                            "max_len": 20, "item_input": "id"}},
