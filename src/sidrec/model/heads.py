@@ -161,20 +161,29 @@ class AutoregressiveHead(nn.Module):
         return out
 
     def log_prob_all(self, h: torch.Tensor, tables=None) -> torch.Tensor:
-        """Exact log Q(i | h) for all N items [B, N], level by level over the trie (no per-item passes)."""
+        """Exact log Q(i | h) for all N items [B, N], level by level over the trie (no per-item passes).
+
+        Works in [nodes, B] layout: every gather/reduction then moves whole contiguous rows, and
+        sibling normalisers are dense logsumexps over groups of equal fan-out (Trie.sibling_groups).
+        """
         tables = tables or self.node_tables(h.device)
-        logq = h.new_zeros(h.shape[0], 1)  # root
+        logq = h.new_zeros(1, h.shape[0])  # [nodes, B]: the root
         for j, q in enumerate(self.contexts(h)):
             parent = self.trie.torch("node_parent", j + 1, h.device)
             w, c = tables[j]
-            s = q @ w.T + c  # [B, P_{j+1}]
-            if self.constrained:
-                lse = segment_logsumexp(s, parent, self.trie.n_nodes(j))
-            else:
-                lse = self._full_vocab_lse(j, q, h.device)
-            logq = logq[:, parent] + s - lse[:, parent]
+            s = torch.addmm(c[:, None], w, q.T)  # [P_{j+1}, B]
+            lse = self._sibling_lse(j, s) if self.constrained else self._full_vocab_lse(j, q, h.device).T
+            logq = torch.index_select(logq - lse, 0, parent).add_(s)
         leaf = self.trie.torch("item_node", None, h.device)[-1]
-        return logq[:, leaf]
+        return torch.index_select(logq, 0, leaf).T.contiguous()
+
+    def _sibling_lse(self, j: int, s: torch.Tensor) -> torch.Tensor:
+        """logsumexp over each depth-j node's children: s [P_{j+1}, B] -> [P_j, B]."""
+        out = s.new_empty(self.trie.n_nodes(j), s.shape[1])
+        for nodes, kids, n_children in self.trie.sibling_groups(j, s.device):
+            block = torch.index_select(s, 0, kids)
+            out[nodes] = block if n_children == 1 else torch.logsumexp(block.view(len(nodes), n_children, -1), 1)
+        return out
 
     def _node_vectors(self, j, parent, tok, device) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.tok_out[j][tok]

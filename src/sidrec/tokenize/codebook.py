@@ -85,6 +85,22 @@ class Trie:
             self._t[key] = torch.as_tensor(np.ascontiguousarray(arr)).to(device)
         return self._t[key]
 
+    def sibling_groups(self, j: int, device) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Depth-j nodes grouped by their number of children L: (nodes, their children flattened
+        [n_L * L], L). Children of a node are contiguous, so a group is a dense [n_L, L] block and
+        a per-node reduction over children is one dense reduction per distinct L (cached)."""
+        key = ("groups", j, str(device))
+        if key not in self._t:
+            ptr = self.child_ptr[j]
+            lengths = np.diff(ptr)
+            groups = []
+            for n_children in np.unique(lengths):
+                nodes = np.flatnonzero(lengths == n_children)
+                kids = (ptr[nodes][:, None] + np.arange(n_children)[None, :]).ravel()
+                groups.append((torch.as_tensor(nodes).to(device), torch.as_tensor(kids).to(device), int(n_children)))
+            self._t[key] = groups
+        return self._t[key]
+
     def valid_mask(self, j: int, nodes: torch.Tensor) -> torch.Tensor:
         """Boolean [B, V_j]: which tokens extend each depth-j prefix node to a valid prefix."""
         dev = nodes.device
