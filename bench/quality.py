@@ -82,14 +82,18 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
                     rec["overlap@10"] = ev["test"]["overlap@10"]
                 rows.setdefault(name, []).append(rec)
         walls.append(round(time.perf_counter() - t_seed, 1))
+        result = _result(dataset, data, seed + 1, tokenizers, heads, overrides, max_users, walls, base, rows)
+        write_result(f"quality-{dataset}", result, results_dir)  # after every seed: partial results survive
+        io.write_text(results_dir / f"quality-{dataset}.md", markdown(result))
+    return result
+
+
+def _result(dataset, data, seeds, tokenizers, heads, overrides, max_users, walls, base, rows) -> dict:
     summary = {name: aggregate(recs) for name, recs in rows.items()}
-    result = {"dataset": dataset, "users": data.n_users, "items": data.n_items, "seeds": seeds,
+    return {"dataset": dataset, "users": data.n_users, "items": data.n_items, "seeds": seeds,
               "tokenizers": tokenizers, "heads": heads, "overrides": overrides, "max_users": max_users,
               "wall_seconds_per_seed": walls, "config": {k: v for k, v in base.items() if not k.startswith("_")},
               "summary": summary, "runs": rows, "comparisons": compare(summary, tokenizers)}
-    write_result(f"quality-{dataset}", result, results_dir)
-    io.write_text(results_dir / f"quality-{dataset}.md", markdown(result))
-    return result
 
 
 def aggregate(recs: list[dict]) -> dict:

@@ -31,7 +31,7 @@ class SuiteConfig:
     tab_codebook: int = 16
     collision_rate: float = 0.25  # fraction of items merged into another item's ID (counter-example a)
     neural_items: int = 300
-    neural_users: tuple[int, ...] = (500, 2000, 8000, 32000)
+    neural_users: tuple[int, ...] = (500, 2000, 8000)
     neural_epochs: int = 25
     seed: int = 0
     tol_identity: float = 1e-5
