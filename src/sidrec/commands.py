@@ -84,28 +84,23 @@ def _config(a: argparse.Namespace) -> dict:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from sidrec.pipeline import ensure_codebook, ensure_data, head_config, train_one
+    import torch.distributed as dist
+
+    from sidrec.pipeline import ensure_inputs, head_config, train_one
     from sidrec.train.trainer import ddp_setup
 
     distributed = ddp_setup()
-    cfg = _config(a)
-    out = Path(a.out)
-    head = cfg["model"]["head"] if not a.head else a.head
-    cfg = head_config(cfg, head)
-    work = out if not cfg["data"].get("dir") else out
-    import torch.distributed as dist
-
     rank = dist.get_rank() if distributed else 0
-    if rank == 0:
-        data = ensure_data(cfg, work)
-        needs_cb = head != "fv" or cfg["model"]["backbone"]["item_input"] != "id"
-        codebook = ensure_codebook(cfg, data, work) if needs_cb else None
+    cfg = _config(a)
+    head = a.head or cfg["model"]["head"]
+    cfg = head_config(cfg, head)
+    out = Path(a.out)
+    if rank == 0:  # rank 0 prepares and tokenizes; the others then load what it wrote
+        data, codebook = ensure_inputs(cfg, out, [head])
     if distributed:
         dist.barrier()
         if rank != 0:
-            data = ensure_data(cfg, work)
-            needs_cb = head != "fv" or cfg["model"]["backbone"]["item_input"] != "id"
-            codebook = ensure_codebook(cfg, data, work) if needs_cb else None
+            data, codebook = ensure_inputs(cfg, out, [head])
     state = train_one(cfg, data, codebook, out, resume=a.resume)
     if rank == 0:
         print(f"trained {head} into {out}: best validation NDCG@10 {state['best']:.4f} at epoch "

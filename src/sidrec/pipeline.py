@@ -52,13 +52,24 @@ def ensure_codebook(cfg: dict, data: SequenceData, work: Path) -> Codebook:
         if cb.meta.get("method") == t["method"] and cb.meta.get("levels_requested") == t["levels"] \
                 and cb.meta.get("codebook_size") == t["codebook_size"] and cb.n_items == data.n_items:
             return cb
-    emb = get_embeddings(data, t["embeddings"] if not str(t["embeddings"]).endswith(".npy")
-                         else resolve_path(cfg, t["embeddings"]), model=t["text_model"], dim=t["collab_dim"],
-                         seed=t["seed"])
+    source = str(t["embeddings"])
+    if source.endswith(".npy"):
+        source = resolve_path(cfg, source)
+    emb = get_embeddings(data, source, model=t["text_model"], dim=t["collab_dim"], seed=t["seed"])
     cb = fit_codebook(emb, t["method"], t["levels"], t["codebook_size"], resolve_strategy=t["resolve"],
                       seed=t["seed"], embeddings=str(t["embeddings"]))
     cb.save(out)
     return cb
+
+
+def needs_semantic_ids(cfg: dict, heads: list[str]) -> bool:
+    return any(h != "fv" for h in heads) or cfg["model"]["backbone"]["item_input"] != "id"
+
+
+def ensure_inputs(cfg: dict, work: Path, heads: list[str]) -> tuple[SequenceData, Codebook | None]:
+    """The data, and the codebook when a head or the item input needs semantic IDs."""
+    data = ensure_data(cfg, work)
+    return data, ensure_codebook(cfg, data, work) if needs_semantic_ids(cfg, heads) else None
 
 
 def head_config(cfg: dict, head: str) -> dict:
@@ -140,8 +151,7 @@ def run_pipeline(cfg: dict, out: Path, resume: bool = True) -> dict:
     data = ensure_data(cfg, out)
     timings["data"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    needs_cb = any(h != "fv" for h in cfg["heads"]) or cfg["model"]["backbone"]["item_input"] != "id"
-    codebook = ensure_codebook(cfg, data, out) if needs_cb else None
+    codebook = ensure_codebook(cfg, data, out) if needs_semantic_ids(cfg, cfg["heads"]) else None
     timings["tokenize"] = round(time.perf_counter() - t, 1)
     results = {}
     for head in cfg["heads"]:
