@@ -127,3 +127,13 @@ def test_text_embeddings_offline(tmp_path):
     same = w.subcategory[:, None] == w.subcategory[None, :]
     sims = e @ e.T
     assert sims[same].mean() > sims[~same].mean()
+
+
+@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "prepare"], ["data", "synth"], ["data", "stats"],
+                                 ["data", "download"], ["tokenize"], ["train"], ["evaluate"], ["run"],
+                                 ["recommend"], ["verify"]])
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: sidrec" in capsys.readouterr().out
