@@ -53,3 +53,19 @@ def test_overlap():
     a = np.array([[1, 2, 3], [4, 5, 6]])
     b = np.array([[3, 2, 9], [7, 8, 9]])
     assert math.isclose(overlap_at(a, b, 3), (2 / 3 + 0) / 2)
+
+
+def test_popularity_ranking_hand_example():
+    import pandas as pd
+
+    from sidrec.data import SequenceData
+    from sidrec.evaluate import popularity_ranking
+
+    # train prefixes: u0 [0,0,1], u1 [0]; item 0 is most popular, then 1, then 2
+    seqs = [[0, 0, 1, 2, 1], [0, 2, 0]]
+    offsets = np.array([0, 5, 8])
+    data = SequenceData(offsets, np.concatenate(seqs).astype(np.int32), np.array(["a", "b"]),
+                        pd.DataFrame({"item": ["x", "y", "z"]}))
+    m = popularity_ranking(data, "test")  # targets: 1 (rank 2) and 0 (rank 1)
+    assert m["recall@1"] == 0.5 and m["recall@5"] == 1.0
+    assert math.isclose(m["mrr"], (1 / 2 + 1) / 2)

@@ -84,6 +84,20 @@ def evaluate_split(
     return out
 
 
+def popularity_ranking(data: SequenceData, split: str) -> dict:
+    """Metrics of ranking every item by its count in the training prefixes (a sanity baseline;
+    full ranking, same protocol as the models)."""
+    user = np.repeat(np.arange(data.n_users), data.lengths)
+    in_train = np.arange(data.n_interactions) < data.history_end("train")[user]
+    counts = np.bincount(data.items[in_train], minlength=data.n_items).astype(np.float64)
+    order = np.argsort(-counts, kind="stable")
+    rank_of = np.empty(data.n_items, dtype=np.float64)
+    rank_of[order] = np.arange(1, data.n_items + 1)
+    out = metrics_from_ranks(rank_of[data.targets(split)])
+    out["n_users"] = data.n_users
+    return out
+
+
 def overlap_at(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     """Mean |top-k(a) ∩ top-k(b)| / k over users (lists aligned by user)."""
     aa, bb = a[:, :k], b[:, :k]

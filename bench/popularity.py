@@ -1,0 +1,31 @@
+"""Most-popular baseline on a dataset's valid and test splits (shows how hard each split is).
+
+    python -m bench.popularity --dataset beauty   -> bench/results/popularity-<dataset>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from bench.common import RESULTS, write_result
+from bench.quality import DATASETS, prepared
+from sidrec.evaluate import popularity_ranking
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", default="beauty", choices=sorted(DATASETS))
+    ap.add_argument("--results-dir", default=str(RESULTS))
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = prepared(a.dataset, Path(tmp), None)
+        res = {s: popularity_ranking(data, s) for s in ("valid", "test")}
+    write_result(f"popularity-{a.dataset}", {"dataset": a.dataset, **res}, Path(a.results_dir))
+    for s, m in res.items():
+        print(s, {k: round(v, 4) for k, v in m.items()})
+
+
+if __name__ == "__main__":
+    main()
