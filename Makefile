@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the main job: synthetic data -> semantic IDs -> AR-NTP / FV-MLE / parallel heads -> report.md
 run: $(STAMP)
-	$(VENV)/bin/sidrec data synth --out runs/synthetic/data
-	$(VENV)/bin/sidrec data stats runs/synthetic/data
+	$(VENV)/bin/sidrec run --out runs/synthetic
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
