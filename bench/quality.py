@@ -17,17 +17,13 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, ROOT, SHARED, write_result
+from bench.common import RESULTS, ROOT, write_result
 from sidrec import io
-from sidrec.config import load_config
+from sidrec.config import load_config, resolve_path
 from sidrec.data import SequenceData, prepare, read
-from sidrec.pipeline import ensure_codebook, evaluate_run, head_config, train_one
+from sidrec.pipeline import ensure_codebook, ensure_data, evaluate_run, head_config, train_one
 
-DATASETS = {
-    "beauty": ("amazon-beauty/s3rec/Beauty.txt", "amazon-beauty/derived/items.jsonl"),
-    "sports": ("amazon-sports/s3rec/Sports_and_Outdoors.txt", "amazon-sports/derived/items.jsonl"),
-    "yelp": ("yelp/s3rec/Yelp.txt", "yelp/derived/items.jsonl"),
-}
+DATASETS = ("beauty", "sports", "yelp", "ml-100k")  # configs/<name>.yaml says where the data is
 KEYS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr")
 ANCHORS = {
     "beauty": {"TIGER (published)": (0.0648, 0.0384), "ActionPiece (published)": (0.0775, 0.0424),
@@ -36,25 +32,30 @@ ANCHORS = {
 }
 
 
-def prepared(dataset: str, work: Path, max_users: int | None) -> SequenceData:
+def prepared(dataset: str, cfg: dict, work: Path, max_users: int | None) -> SequenceData:
+    """The dataset as its config describes it; or, for plumbing tests, the first users of its file."""
+    if not max_users:
+        return ensure_data(cfg, work)
     out = work / "data"
     if (out / "sequences.npz").exists():
         return SequenceData.load(out)
-    seq, meta = DATASETS[dataset]
-    src = SHARED / seq
-    if max_users:  # a tiny slice for plumbing tests: the first users' lines
-        lines = src.read_text().splitlines()[:max_users]
-        src = work / "slice.txt"
-        io.write_text(src, "\n".join(lines) + "\n")
-    prepare(read("seq", src, SHARED / meta), kcore_k=0 if max_users else 5).save(out)
+    d = cfg["data"]
+    if d["format"] != "seq":
+        raise SystemExit("--max-users slices sequence files only (beauty, sports, yelp)")
+    lines = Path(resolve_path(cfg, d["path"])).read_text().splitlines()[:max_users]
+    src = work / "slice.txt"
+    io.write_text(src, "\n".join(lines) + "\n")
+    prepare(read("seq", src, resolve_path(cfg, d["meta"])), kcore_k=0).save(out)
     return SequenceData.load(out)
 
 
 def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overrides: list[str],
-        max_users: int | None, out_root: Path, results_dir: Path) -> dict:
-    work = out_root / f"quality-{dataset}"
-    data = prepared(dataset, work, max_users)
+        max_users: int | None, out_root: Path, results_dir: Path, tag: str = "") -> dict:
+    work = out_root / f"quality-{dataset}"  # the prepared data (and its embedding cache) is shared by every tag
+    runs_root = work / tag if tag else work
+    name_out = f"quality-{dataset}" + (f"-{tag}" if tag else "")
     base = load_config(ROOT / "configs" / f"{dataset}.yaml", overrides)
+    data = prepared(dataset, base, work, max_users)
     rows: dict[str, list[dict]] = {}
     walls = []
     for seed in range(seeds):
@@ -65,26 +66,25 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
             cfg["tokenizer"]["levels"] = 4 if tok in ("pq", "opq") else cfg["tokenizer"]["levels"]
             cfg["tokenizer"]["seed"] = seed
             cfg["train"]["seed"] = seed
-            cb = ensure_codebook(cfg, data, work / tok)
+            cb = ensure_codebook(cfg, data, runs_root / f"seed{seed}" / tok)  # refitted per seed
             for head in heads:
                 if head == "fv" and tok != tokenizers[0]:
                     continue  # FV-MLE does not use the codebook: once per seed
                 name = f"{head}" if head == "fv" else f"{head}/{tok}"
-                run_dir = work / f"seed{seed}" / name.replace("/", "-")
+                run_dir = runs_root / f"seed{seed}" / name.replace("/", "-")
                 if not (run_dir / "eval.json").exists():
                     train_one(head_config(cfg, head), data, cb, run_dir, resume=True)
                     evaluate_run(run_dir, beam=20, data=data)
-                ev = io.read_json(run_dir / "eval.json")
-                rec = {"seed": seed, "exact": {k: ev["test"]["exact"][k] for k in KEYS},
-                       "valid_exact": {k: ev["valid"]["exact"][k] for k in KEYS}}
-                if "beam" in ev["test"]:
-                    rec["beam"] = {k: ev["test"]["beam"][k] for k in KEYS}
-                    rec["overlap@10"] = ev["test"]["overlap@10"]
+                if not (run_dir / "eval-seen-excluded.json").exists():
+                    evaluate_run(run_dir, beam=20, data=data, exclude_seen=True)
+                rec = {"seed": seed, **records(io.read_json(run_dir / "eval.json"), ""),
+                       **records(io.read_json(run_dir / "eval-seen-excluded.json"), "_seen_excluded")}
                 rows.setdefault(name, []).append(rec)
         walls.append(round(time.perf_counter() - t_seed, 1))
         result = _result(dataset, data, seed + 1, tokenizers, heads, overrides, max_users, walls, base, rows)
-        write_result(f"quality-{dataset}", result, results_dir)  # after every seed: partial results survive
-        io.write_text(results_dir / f"quality-{dataset}.md", markdown(result))
+        result["tag"] = tag
+        write_result(name_out, result, results_dir)  # after every seed: partial results survive
+        io.write_text(results_dir / f"{name_out}.md", markdown(result))
     return result
 
 
@@ -96,29 +96,48 @@ def _result(dataset, data, seeds, tokenizers, heads, overrides, max_users, walls
               "summary": summary, "runs": rows, "comparisons": compare(summary, tokenizers)}
 
 
+def records(ev: dict, suffix: str) -> dict:
+    """Test metrics per decode mode (and valid exact, the selection metric) of one eval file."""
+    rec = {f"valid_exact{suffix}": {k: ev["valid"]["exact"][k] for k in KEYS}}
+    for mode in ("exact", "beam"):
+        if mode in ev["test"]:
+            rec[mode + suffix] = {k: ev["test"][mode][k] for k in KEYS}
+    if "overlap@10" in ev["test"]:
+        rec["overlap@10" + suffix] = ev["test"]["overlap@10"]
+    return rec
+
+
+MODES = ("exact", "beam", "valid_exact", "exact_seen_excluded", "beam_seen_excluded", "valid_exact_seen_excluded")
+
+
 def aggregate(recs: list[dict]) -> dict:
     out = {}
-    for mode in ("exact", "beam", "valid_exact"):
+    for mode in MODES:
         if mode in recs[0]:
             out[mode] = {k: {"mean": statistics.mean(r[mode][k] for r in recs),
                              "std": statistics.stdev(r[mode][k] for r in recs) if len(recs) > 1 else 0.0}
                          for k in KEYS}
-    if "overlap@10" in recs[0]:
-        out["overlap@10"] = statistics.mean(r["overlap@10"] for r in recs)
+    for key in ("overlap@10", "overlap@10_seen_excluded"):
+        if key in recs[0]:
+            out[key] = statistics.mean(r[key] for r in recs)
     return out
 
 
 def compare(summary: dict, tokenizers: list[str]) -> dict:
+    """Relative NDCG@10 gaps (test, mean over seeds): each SID head vs FV-MLE, beam vs exact."""
     out = {}
-    fv = summary.get("fv", {}).get("exact", {}).get("ndcg@10", {}).get("mean")
-    for tok in tokenizers:
-        for head in ("ar", "parallel"):
-            s = summary.get(f"{head}/{tok}")
-            if s and fv:
-                out[f"{head}/{tok}_ndcg10_rel_gap_vs_fv"] = (s["exact"]["ndcg@10"]["mean"] - fv) / fv
-            if s and "beam" in s:
-                out[f"{head}/{tok}_beam_vs_exact_ndcg10_rel"] = (
-                    s["beam"]["ndcg@10"]["mean"] - s["exact"]["ndcg@10"]["mean"]) / s["exact"]["ndcg@10"]["mean"]
+    for sfx in ("", "_seen_excluded"):
+        def ndcg(name, mode):
+            return summary.get(name, {}).get(mode + sfx, {}).get("ndcg@10", {}).get("mean")
+
+        fv = ndcg("fv", "exact")
+        for tok in tokenizers:
+            for head in ("ar", "parallel"):
+                ex, bm = ndcg(f"{head}/{tok}", "exact"), ndcg(f"{head}/{tok}", "beam")
+                if ex and fv:
+                    out[f"{head}/{tok}_ndcg10_rel_gap_vs_fv{sfx}"] = (ex - fv) / fv
+                if ex and bm:
+                    out[f"{head}/{tok}_beam_vs_exact_ndcg10_rel{sfx}"] = (bm - ex) / ex
     return out
 
 
@@ -129,24 +148,27 @@ def markdown(r: dict) -> str:
 
     lines = [f"Test split, full ranking, {r['users']:,} users, {r['items']:,} items, mean ± std over "
              f"{r['seeds']} seed(s); wall time per seed: {r['wall_seconds_per_seed']} s.", "",
-             "| model | decode | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 |", "|---|---|---|---|---|---|"]
-    for name, s in r["summary"].items():
-        for mode in ("exact", "beam"):
-            if mode in s:
-                label = {"fv": "FV-MLE (SASRec-style, full softmax)"}.get(name, name.replace("ar/", "AR-NTP / ")
-                                                                         .replace("parallel/", "Parallel / "))
-                lines.append(f"| {label} | {mode}{' 20' if mode == 'beam' else ''} | " +
-                             " | ".join(cell(s, mode, k) for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20"))
-                             + " |")
+             "| model | decode | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | valid NDCG@10 |",
+             "|---|---|---|---|---|---|---|"]
+    for sfx, note in (("", ""), ("_seen_excluded", ", seen excluded")):
+        for name, s in r["summary"].items():
+            for mode in ("exact", "beam"):
+                if mode + sfx in s:
+                    label = {"fv": "FV-MLE (SASRec-style, full softmax)"}.get(
+                        name, name.replace("ar/", "AR-NTP / ").replace("parallel/", "Parallel / "))
+                    valid = cell(s, "valid_exact" + sfx, "ndcg@10") if mode == "exact" else "—"
+                    lines.append(f"| {label} | {mode}{' 20' if mode == 'beam' else ''}{note} | " + " | ".join(
+                        cell(s, mode + sfx, k) for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20"))
+                        + f" | {valid} |")
     for name, (rec, ndcg) in ANCHORS.get(r["dataset"], {}).items():
-        lines.append(f"| {name} | — | {rec if rec else '—'} | {ndcg} | — | — |")
+        lines.append(f"| {name} | — | {rec if rec else '—'} | {ndcg} | — | — | — |")
     lines += ["", "Relative differences: " + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in r["comparisons"].items())]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dataset", default="beauty", choices=sorted(DATASETS))
+    ap.add_argument("--dataset", default="beauty", choices=DATASETS)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tokenizers", default="rq-kmeans,opq")
     ap.add_argument("--heads", default="fv,ar,parallel")
@@ -154,9 +176,10 @@ def main() -> None:
     ap.add_argument("--max-users", type=int, default=None, help="tiny slice for plumbing tests")
     ap.add_argument("--out-root", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--results-dir", default=str(RESULTS))
+    ap.add_argument("--tag", default="", help="name of an ablation: results go to quality-<dataset>-<tag>.json")
     a = ap.parse_args()
     r = run(a.dataset, a.seeds, a.tokenizers.split(","), a.heads.split(","), a.set, a.max_users,
-            Path(a.out_root), Path(a.results_dir))
+            Path(a.out_root), Path(a.results_dir), a.tag)
     print(markdown(r))
 
 

@@ -24,8 +24,19 @@ def test_quality_bench_tiny_slice(tmp_path):
           "--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path)], tmp_path)
     r = json.loads((tmp_path / "quality-beauty.json").read_text())
     assert set(r["summary"]) == {"fv", "ar/rq-kmeans", "parallel/rq-kmeans"}
-    assert "beam" in r["summary"]["ar/rq-kmeans"] and r["env"]["commit"] is not None
-    assert "AR-NTP / rq-kmeans" in (tmp_path / "quality-beauty.md").read_text()
+    ar = r["summary"]["ar/rq-kmeans"]
+    assert {"exact", "beam", "valid_exact", "exact_seen_excluded", "beam_seen_excluded"} <= set(ar)
+    assert r["env"]["commit"] is not None
+    md = (tmp_path / "quality-beauty.md").read_text()
+    assert "AR-NTP / rq-kmeans" in md and "exact, seen excluded" in md
+    # an ablation tag keeps its own results file and runs, and refits the codebook it asks for
+    _run(["bench.quality", "--dataset", "beauty", "--seeds", "1", "--max-users", "400", "--tokenizers", "rq-kmeans",
+          "--heads", "ar", "--tag", "cb20", "--set", "train.epochs=1", "tokenizer.embeddings=collab",
+          "tokenizer.codebook_size=20", "--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path)], tmp_path)
+    t = json.loads((tmp_path / "quality-beauty-cb20.json").read_text())
+    assert t["tag"] == "cb20" and set(t["summary"]) == {"ar/rq-kmeans"}
+    cb = json.loads((tmp_path / "out/quality-beauty/cb20/seed0/ar-rq-kmeans/codebook/codebook.json").read_text())
+    assert cb["tokenizer"]["codebook_size"] == 20
 
 
 @pytest.mark.slow

@@ -88,3 +88,27 @@ def test_codebook_with_collisions_is_flagged():
     codes = np.array([[0, 0], [0, 0], [1, 1]])
     cb = Codebook(codes, [2, 2], allow_collisions=True)
     assert not cb.bijective
+
+
+@pytest.mark.parametrize("head", ["ar", "parallel"])
+def test_tied_token_vectors_are_the_input_token_table(head):
+    """tied + semantic-token inputs: output token vectors are views of the backbone's input table."""
+    cb = _codebook()
+    m = _model(head, cb, cb.n_items, item_input="both")
+    assert not [n for n, _ in m.head.named_parameters() if n.startswith("tok_out")]
+    table = m.backbone.tok_emb.weight
+    assert m.head.tok_out[1].data_ptr() == table[cb.sizes[0]:].data_ptr()
+    h = torch.randn(6, 16, dtype=torch.float64)
+    lp = m.head.log_prob_all(h).detach()
+    np.testing.assert_allclose(lp.exp().sum(1).numpy(), 1.0, atol=1e-10)
+    items = torch.arange(6) * 11
+    loss = m.head.nll(h, items)
+    if head == "ar":
+        np.testing.assert_allclose(loss.detach().numpy(), -lp[torch.arange(6), items].numpy(), atol=1e-9)
+    loss.sum().backward()
+    assert table.grad is not None and table.grad[: sum(cb.sizes)].abs().sum() > 0
+    fresh = _model(head, cb, cb.n_items, item_input="both")
+    fresh.load_state_dict(m.state_dict())
+    np.testing.assert_allclose(fresh.head.log_prob_all(h).detach().numpy(), lp.numpy(), atol=1e-12)
+    untied = SeqRecModel(ModelConfig(head=head, tied=False, backbone=m.cfg.backbone), cb.n_items, cb)
+    assert [n for n, _ in untied.head.named_parameters() if n.startswith("tok_out")]

@@ -124,13 +124,13 @@ def add_train(sub) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from sidrec.pipeline import evaluate_run
+    from sidrec.pipeline import eval_file, evaluate_run
 
     decodes = (a.decode,) if a.decode else None
     ev = evaluate_run(Path(a.run), decodes=decodes, beam=a.beam, exclude_seen=a.exclude_seen,
                       batch_size=a.batch_size)
     print_eval(ev)
-    print(f"wrote {Path(a.run) / 'eval.json'}")
+    print(f"wrote {Path(a.run) / eval_file(a.exclude_seen)}")
 
 
 def print_eval(ev: dict) -> None:
@@ -152,7 +152,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--decode", choices=["exact", "beam"], default=None,
                    help="exact all-item ranking or beam search (default: both for AR runs, exact otherwise)")
     p.add_argument("--beam", type=int, default=20, help="beam width (default 20)")
-    p.add_argument("--exclude-seen", action="store_true", help="drop items of the input history from rankings")
+    p.add_argument("--exclude-seen", action="store_true", help="drop items of the input history from rankings (written to eval-seen-excluded.json)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.set_defaults(func=cmd_evaluate)
 

@@ -47,10 +47,10 @@ def ensure_codebook(cfg: dict, data: SequenceData, work: Path) -> Codebook:
 
     t = cfg["tokenizer"]
     out = work / "codebook"
-    if (out / "codebook.npz").exists():
+    settings = {k: (str(v) if k == "embeddings" else v) for k, v in t.items()}
+    if (out / "codebook.npz").exists():  # reuse only a codebook fitted with exactly these settings
         cb = Codebook.load(out)
-        if cb.meta.get("method") == t["method"] and cb.meta.get("levels_requested") == t["levels"] \
-                and cb.meta.get("codebook_size") == t["codebook_size"] and cb.n_items == data.n_items:
+        if cb.meta.get("tokenizer") == settings and cb.n_items == data.n_items:
             return cb
     source = str(t["embeddings"])
     if source.endswith(".npy"):
@@ -58,6 +58,7 @@ def ensure_codebook(cfg: dict, data: SequenceData, work: Path) -> Codebook:
     emb = get_embeddings(data, source, model=t["text_model"], dim=t["collab_dim"], seed=t["seed"])
     cb = fit_codebook(emb, t["method"], t["levels"], t["codebook_size"], resolve_strategy=t["resolve"],
                       seed=t["seed"], embeddings=str(t["embeddings"]))
+    cb.meta["tokenizer"] = settings
     cb.save(out)
     return cb
 
@@ -136,8 +137,13 @@ def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int
             out[split][dec] = m
         if "exact" in lists and "beam" in lists:
             out[split]["overlap@10"] = overlap_at(lists["beam"], lists["exact"], 10)
-    io.write_json(run / "eval.json", out)
+    io.write_json(run / eval_file(exclude_seen), out)
     return out
+
+
+def eval_file(exclude_seen: bool) -> str:
+    """The two protocols get their own files, so neither overwrites the other."""
+    return "eval-seen-excluded.json" if exclude_seen else "eval.json"
 
 
 def run_pipeline(cfg: dict, out: Path, resume: bool = True) -> dict:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from sidrec.model.backbone import Backbone, BackboneConfig
-from sidrec.model.heads import AutoregressiveHead, FullSoftmaxHead, ParallelHead, segment_logsumexp
+from sidrec.model.heads import (AutoregressiveHead, FullSoftmaxHead, ParallelHead, SharedTokenVectors,
+                                segment_logsumexp)
 from sidrec.tokenize.codebook import Codebook
 
 HEADS = ("fv", "ar", "parallel")
@@ -18,7 +19,7 @@ HEADS = ("fv", "ar", "parallel")
 class ModelConfig:
     head: str = "ar"  # fv | ar | parallel
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    tied: bool = True  # fv: share the output item vectors with the input item-ID embedding
+    tied: bool = True  # output vectors = input embeddings: fv the item-ID table, ar/parallel the token tables
     constrained: bool = True  # ar: normalise over valid trie children
     head_hidden: int | None = None  # hidden width of the head MLPs (default 2 * d_model)
     fv_chunk: int | None = 1024  # fv: items per chunk of the streamed softmax loss (None: one pass)
@@ -52,10 +53,12 @@ class SeqRecModel(nn.Module):
         if cfg.head == "fv":
             tied = self.backbone.item_emb.weight if (cfg.tied and self.backbone.item_emb is not None) else None
             self.head = FullSoftmaxHead(d, n_items, tied, cfg.fv_chunk)
-        elif cfg.head == "ar":
-            self.head = AutoregressiveHead(d, codebook, cfg.constrained, cfg.head_hidden)
-        else:
-            self.head = ParallelHead(d, codebook, cfg.head_hidden)
+        else:  # tied token vectors need semantic-token inputs (item_input sid or both)
+            shared = self.backbone.tok_emb if cfg.tied else None
+            if cfg.head == "ar":
+                self.head = AutoregressiveHead(d, codebook, cfg.constrained, cfg.head_hidden, shared)
+            else:
+                self.head = ParallelHead(d, codebook, cfg.head_hidden, shared)
 
     def forward(self, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.nll(items, targets)
@@ -72,7 +75,9 @@ class SeqRecModel(nn.Module):
 
     def output_parameters(self) -> int:
         """Parameters of the output layer alone (FV's tied item vectors count as output)."""
-        return sum(p.numel() for p in self.head.parameters())
+        shared = sum(w.numel() for w in self.head.tok_out) if isinstance(
+            getattr(self.head, "tok_out", None), SharedTokenVectors) else 0
+        return sum(p.numel() for p in self.head.parameters()) + shared
 
 
 __all__ = ["ModelConfig", "BackboneConfig", "SeqRecModel", "FullSoftmaxHead", "AutoregressiveHead",

@@ -56,6 +56,35 @@ def segment_logsumexp(scores: torch.Tensor, seg: torch.Tensor, n_seg: int) -> to
     return torch.log(s) + mx_safe
 
 
+class SharedTokenVectors:
+    """Per-level views [V_j, d] of the backbone's flat semantic-token input table.
+
+    Tied output vectors for the AR and parallel heads, the analogue of FV-MLE's tied item vectors:
+    a token's output vector is its input embedding. A plain object, not a Module, so the table is
+    registered, trained and saved once, in the backbone.
+    """
+
+    def __init__(self, table: nn.Embedding, sizes: list[int]):
+        self.table = table
+        self.bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self.table.weight[self.bounds[j]:self.bounds[j + 1]]
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+
+def token_vectors(sizes: list[int], d: int, shared: nn.Embedding | None):
+    """Output token vectors per level: own parameters, or (tied) views of the input token table."""
+    if shared is not None:
+        return SharedTokenVectors(shared, sizes)
+    return nn.ParameterList([nn.Parameter(torch.randn(v, d) * 0.02) for v in sizes])
+
+
 class FullSoftmaxHead(nn.Module):
     """FV-MLE: P(i | h) = softmax_i(<h, w_i> + b_i) over all N items."""
 
@@ -89,7 +118,8 @@ class AutoregressiveHead(nn.Module):
 
     kind = "ar"
 
-    def __init__(self, d: int, codebook: Codebook, constrained: bool = True, hidden: int | None = None):
+    def __init__(self, d: int, codebook: Codebook, constrained: bool = True, hidden: int | None = None,
+                 shared_tokens: nn.Embedding | None = None):
         super().__init__()
         self.cb = codebook
         self.trie = codebook.trie
@@ -101,7 +131,7 @@ class AutoregressiveHead(nn.Module):
         self.ctx = nn.ModuleList([ContextMLP(d, hidden) for _ in range(k)])
         self.tok_in = nn.ModuleList([nn.Embedding(v, d) for v in self.sizes[:-1]])
         self.film = nn.ModuleList([_mlp(d, hidden, 2 * d) for _ in range(k - 1)])
-        self.tok_out = nn.ParameterList([nn.Parameter(torch.randn(v, d) * 0.02) for v in self.sizes])
+        self.tok_out = token_vectors(self.sizes, d, shared_tokens)
         self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
         for m in self.film:  # start as the identity modulation
             nn.init.zeros_(m[-1].weight)
@@ -220,13 +250,14 @@ class ParallelHead(nn.Module):
 
     kind = "parallel"
 
-    def __init__(self, d: int, codebook: Codebook, hidden: int | None = None):
+    def __init__(self, d: int, codebook: Codebook, hidden: int | None = None,
+                 shared_tokens: nn.Embedding | None = None):
         super().__init__()
         self.sizes = codebook.sizes
         self.register_buffer("codes", torch.as_tensor(codebook.codes), persistent=False)
         hidden = hidden or 2 * d
         self.ctx = nn.ModuleList([ContextMLP(d, hidden) for _ in self.sizes])
-        self.tok_out = nn.ParameterList([nn.Parameter(torch.randn(v, d) * 0.02) for v in self.sizes])
+        self.tok_out = token_vectors(self.sizes, d, shared_tokens)
         self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
 
     def level_log_probs_all(self, h: torch.Tensor) -> list[torch.Tensor]:
