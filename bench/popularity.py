@@ -6,22 +6,23 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
-from bench.common import RESULTS, write_result
+from bench.common import RESULTS, ROOT, write_result
 from bench.quality import DATASETS, prepared
+from sidrec.config import load_config
 from sidrec.evaluate import popularity_ranking
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dataset", default="beauty", choices=sorted(DATASETS))
+    ap.add_argument("--dataset", default="beauty", choices=DATASETS)
+    ap.add_argument("--out-root", default=str(ROOT / "bench" / "out"), help="shares bench.quality's prepared data")
     ap.add_argument("--results-dir", default=str(RESULTS))
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        data = prepared(a.dataset, Path(tmp), None)
-        res = {s: popularity_ranking(data, s) for s in ("valid", "test")}
+    cfg = load_config(ROOT / "configs" / f"{a.dataset}.yaml")
+    data = prepared(a.dataset, cfg, Path(a.out_root) / f"quality-{a.dataset}", None)
+    res = {s: popularity_ranking(data, s) for s in ("valid", "test")}
     write_result(f"popularity-{a.dataset}", {"dataset": a.dataset, **res}, Path(a.results_dir))
     for s, m in res.items():
         print(s, {k: round(v, 4) for k, v in m.items()})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def prepared(dataset: str, cfg: dict, work: Path, max_users: int | None) -> Sequ
         return SequenceData.load(out)
     d = cfg["data"]
     if d["format"] != "seq":
-        raise SystemExit("--max-users slices sequence files only (beauty, sports, yelp)")
+        print("--max-users slices sequence files only (beauty, sports, yelp)", file=sys.stderr)
+        raise SystemExit(2)
     lines = Path(resolve_path(cfg, d["path"])).read_text().splitlines()[:max_users]
     src = work / "slice.txt"
     io.write_text(src, "\n".join(lines) + "\n")
@@ -125,19 +127,18 @@ def aggregate(recs: list[dict]) -> dict:
 
 def compare(summary: dict, tokenizers: list[str]) -> dict:
     """Relative NDCG@10 gaps (test, mean over seeds): each SID head vs FV-MLE, beam vs exact."""
+    def ndcg(name: str, mode: str) -> float | None:
+        return summary.get(name, {}).get(mode, {}).get("ndcg@10", {}).get("mean")
+
     out = {}
     for sfx in ("", "_seen_excluded"):
-        def ndcg(name, mode):
-            return summary.get(name, {}).get(mode + sfx, {}).get("ndcg@10", {}).get("mean")
-
-        fv = ndcg("fv", "exact")
-        for tok in tokenizers:
-            for head in ("ar", "parallel"):
-                ex, bm = ndcg(f"{head}/{tok}", "exact"), ndcg(f"{head}/{tok}", "beam")
-                if ex and fv:
-                    out[f"{head}/{tok}_ndcg10_rel_gap_vs_fv{sfx}"] = (ex - fv) / fv
-                if ex and bm:
-                    out[f"{head}/{tok}_beam_vs_exact_ndcg10_rel{sfx}"] = (bm - ex) / ex
+        fv = ndcg("fv", "exact" + sfx)
+        for name in (f"{head}/{tok}" for tok in tokenizers for head in ("ar", "parallel")):
+            ex, bm = ndcg(name, "exact" + sfx), ndcg(name, "beam" + sfx)
+            if ex and fv:
+                out[f"{name}_ndcg10_rel_gap_vs_fv{sfx}"] = (ex - fv) / fv
+            if ex and bm:
+                out[f"{name}_beam_vs_exact_ndcg10_rel{sfx}"] = (bm - ex) / ex
     return out
 
 

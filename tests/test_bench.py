@@ -48,3 +48,10 @@ def test_scale_bench_smallest_size(tmp_path):
         assert row[key]["step_seconds"] > 0, row[key]
     assert row["infer_ar"]["beam20_seconds"] > 0 and row["infer_fv"]["exact_seconds"] > 0
     assert (tmp_path / "scale.png").exists() and "| 3,000 |" in (tmp_path / "scale.md").read_text()
+
+
+def test_popularity_bench(tmp_path):
+    _run(["bench.popularity", "--dataset", "beauty", "--out-root", str(tmp_path / "out"),
+          "--results-dir", str(tmp_path)], tmp_path)
+    r = json.loads((tmp_path / "popularity-beauty.json").read_text())
+    assert r["valid"]["n_users"] == 22363 and 0 < r["test"]["recall@10"] < r["valid"]["recall@10"]

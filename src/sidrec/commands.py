@@ -152,7 +152,8 @@ def add_evaluate(sub) -> None:
     p.add_argument("--decode", choices=["exact", "beam"], default=None,
                    help="exact all-item ranking or beam search (default: both for AR runs, exact otherwise)")
     p.add_argument("--beam", type=int, default=20, help="beam width (default 20)")
-    p.add_argument("--exclude-seen", action="store_true", help="drop items of the input history from rankings (written to eval-seen-excluded.json)")
+    p.add_argument("--exclude-seen", action="store_true",
+                   help="drop items of the input history from rankings (written to eval-seen-excluded.json)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.set_defaults(func=cmd_evaluate)
 
