@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import statistics
 import sys
 import time
@@ -52,10 +53,10 @@ def prepared(dataset: str, cfg: dict, work: Path, max_users: int | None) -> Sequ
 
 
 def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overrides: list[str],
-        max_users: int | None, out_root: Path, results_dir: Path, tag: str = "") -> dict:
+        max_users: int | None, out_root: Path, results_dir: Path, tag: str = "", name: str = "") -> dict:
     work = out_root / f"quality-{dataset}"  # the prepared data (and its embedding cache) is shared by every tag
     runs_root = work / tag if tag else work
-    name_out = f"quality-{dataset}" + (f"-{tag}" if tag else "")
+    name_out = f"quality-{dataset}" + (f"-{name or tag}" if name or tag else "")
     base = load_config(ROOT / "configs" / f"{dataset}.yaml", overrides)
     data = prepared(dataset, base, work, max_users)
     rows: dict[str, list[dict]] = {}
@@ -74,12 +75,8 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
                     continue  # FV-MLE does not use the codebook: once per seed
                 name = f"{head}" if head == "fv" else f"{head}/{tok}"
                 run_dir = runs_root / f"seed{seed}" / name.replace("/", "-")
-                if not (run_dir / "eval.json").exists():
-                    train_one(head_config(cfg, head), data, cb, run_dir, resume=True)
-                    evaluate_run(run_dir, beam=20, data=data)
-                if not (run_dir / "eval-seen-excluded.json").exists():
-                    evaluate_run(run_dir, beam=20, data=data, exclude_seen=True)
-                rec = {"seed": seed, **records(io.read_json(run_dir / "eval.json"), ""),
+                wall = trained(head_config(cfg, head), data, cb, run_dir)
+                rec = {"seed": seed, "wall_s": wall, **records(io.read_json(run_dir / "eval.json"), ""),
                        **records(io.read_json(run_dir / "eval-seen-excluded.json"), "_seen_excluded")}
                 rows.setdefault(name, []).append(rec)
         walls.append(round(time.perf_counter() - t_seed, 1))
@@ -88,6 +85,29 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
         write_result(name_out, result, results_dir)  # after every seed: partial results survive
         io.write_text(results_dir / f"{name_out}.md", markdown(result))
     return result
+
+
+def trained(hc: dict, data: SequenceData, cb, run_dir: Path) -> float:
+    """Train and evaluate (both protocols) one run; a finished run is reused only if it was made
+    with this very config (bench.json records it), otherwise it is trained again from scratch.
+    Returns the run's wall time (training + both evaluations), as measured when it was made (for a
+    resumed run: since the resume)."""
+    want = {k: v for k, v in hc.items() if not k.startswith("_")}
+    marker = run_dir / "bench.json"
+    same = marker.exists() and io.read_json(marker)["config"] == want
+    if same and io.read_json(marker).get("wall_s") is not None:
+        return io.read_json(marker)["wall_s"]
+    if run_dir.exists() and not same:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    io.write_json(marker, {"config": want, "wall_s": None})  # a killed run resumes from its checkpoint
+    t = time.perf_counter()
+    train_one(hc, data, cb, run_dir, resume=True)
+    for excl in (False, True):
+        evaluate_run(run_dir, beam=20, data=data, exclude_seen=excl)
+    wall = round(time.perf_counter() - t, 1)
+    io.write_json(marker, {"config": want, "wall_s": wall})
+    return wall
 
 
 def _result(dataset, data, seeds, tokenizers, heads, overrides, max_users, walls, base, rows) -> dict:
@@ -119,7 +139,7 @@ def aggregate(recs: list[dict]) -> dict:
             out[mode] = {k: {"mean": statistics.mean(r[mode][k] for r in recs),
                              "std": statistics.stdev(r[mode][k] for r in recs) if len(recs) > 1 else 0.0}
                          for k in KEYS}
-    for key in ("overlap@10", "overlap@10_seen_excluded"):
+    for key in ("overlap@10", "overlap@10_seen_excluded", "wall_s"):
         if key in recs[0]:
             out[key] = statistics.mean(r[key] for r in recs)
     return out
@@ -148,7 +168,9 @@ def markdown(r: dict) -> str:
         return f"{m['mean']:.4f} ± {m['std']:.4f}" if m else "—"
 
     lines = [f"Test split, full ranking, {r['users']:,} users, {r['items']:,} items, mean ± std over "
-             f"{r['seeds']} seed(s); wall time per seed: {r['wall_seconds_per_seed']} s.", "",
+             f"{r['seeds']} seed(s); wall time per seed: {r['wall_seconds_per_seed']} s; per run (train + both "
+             "evaluations, mean over seeds): " + ", ".join(f"{n} {s['wall_s']:.0f} s" for n, s in r["summary"].items()
+                                                              if "wall_s" in s) + ".", "",
              "| model | decode | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | valid NDCG@10 |",
              "|---|---|---|---|---|---|---|"]
     for sfx, note in (("", ""), ("_seen_excluded", ", seen excluded")):
@@ -178,9 +200,11 @@ def main() -> None:
     ap.add_argument("--out-root", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--results-dir", default=str(RESULTS))
     ap.add_argument("--tag", default="", help="name of an ablation: results go to quality-<dataset>-<tag>.json")
+    ap.add_argument("--name", default="", help="results file quality-<dataset>-<name>.json instead (runs are "
+                    "still shared by tag: a finished run with the same config is reused, not retrained)")
     a = ap.parse_args()
     r = run(a.dataset, a.seeds, a.tokenizers.split(","), a.heads.split(","), a.set, a.max_users,
-            Path(a.out_root), Path(a.results_dir), a.tag)
+            Path(a.out_root), Path(a.results_dir), a.tag, a.name)
     print(markdown(r))
 
 

@@ -10,13 +10,14 @@ from sidrec.model import BackboneConfig, ModelConfig, SeqRecModel
 from sidrec.tokenize import Codebook
 
 
-def _head(codes, sizes, seed, constrained=True, scale=1.0):
+def _head(codes, sizes, seed, constrained=True, scale=1.0, item_vectors="none"):
     cb = Codebook(codes, sizes)
-    cfg = ModelConfig(head="ar", constrained=constrained, backbone=BackboneConfig(d_model=8, n_heads=2, max_len=4))
+    cfg = ModelConfig(head="ar", constrained=constrained, item_vectors=item_vectors,
+                      backbone=BackboneConfig(d_model=8, n_heads=2, max_len=4))
     torch.manual_seed(seed)
     m = SeqRecModel(cfg, len(codes), cb).double()
     with torch.no_grad():
-        for p in m.head.parameters():
+        for p in [*m.head.parameters(), m.backbone.item_emb.weight]:
             p.normal_(0, scale)
     return m.head
 
@@ -30,11 +31,11 @@ def _random_codes(rng, n, sizes):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 60), beam=st.integers(1, 12),
-       sizes=st.sampled_from([[4, 4], [3, 5, 2], [8, 2, 3], [2, 2, 2, 2]]))
-def test_beam_returns_distinct_valid_items(seed, n, beam, sizes):
+       sizes=st.sampled_from([[4, 4], [3, 5, 2], [8, 2, 3], [2, 2, 2, 2]]), iv=st.sampled_from(["none", "leaf", "all"]))
+def test_beam_returns_distinct_valid_items(seed, n, beam, sizes, iv):
     rng = np.random.default_rng(seed)
     codes = _random_codes(rng, n, sizes)
-    head = _head(codes, sizes, seed)
+    head = _head(codes, sizes, seed, item_vectors=iv)
     h = torch.randn(6, 8, dtype=torch.float64)
     k = min(beam, len(codes))
     r = beam_search(head, h, beam=beam, k=k)
@@ -52,11 +53,12 @@ def test_beam_returns_distinct_valid_items(seed, n, beam, sizes):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(2, 40), sizes=st.sampled_from([[4, 4], [3, 5, 2], [6, 7]]))
-def test_full_beam_equals_exhaustive_search(seed, n, sizes):
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 40), sizes=st.sampled_from([[4, 4], [3, 5, 2], [6, 7]]),
+       iv=st.sampled_from(["none", "leaf", "all"]))
+def test_full_beam_equals_exhaustive_search(seed, n, sizes, iv):
     rng = np.random.default_rng(seed)
     codes = _random_codes(rng, n, sizes)
-    head = _head(codes, sizes, seed)
+    head = _head(codes, sizes, seed, item_vectors=iv)
     h = torch.randn(5, 8, dtype=torch.float64)
     k = len(codes)
     r = beam_search(head, h, beam=int(np.prod(sizes)), k=k)

@@ -13,8 +13,8 @@ def _codebook(n=200, seed=0, levels=3, size=8):
     return fit_codebook(x, "rq-kmeans", levels, size, seed=seed)
 
 
-def _model(head, cb, n, constrained=True, scale=0.3, item_input="id", dtype=torch.float64):
-    cfg = ModelConfig(head=head, constrained=constrained,
+def _model(head, cb, n, constrained=True, scale=0.3, item_input="id", dtype=torch.float64, **kw):
+    cfg = ModelConfig(head=head, constrained=constrained, **kw,
                       backbone=BackboneConfig(d_model=16, n_heads=2, d_ff=32, max_len=8, item_input=item_input))
     torch.manual_seed(0)
     m = SeqRecModel(cfg, n, cb).to(dtype)
@@ -112,3 +112,36 @@ def test_tied_token_vectors_are_the_input_token_table(head):
     np.testing.assert_allclose(fresh.head.log_prob_all(h).detach().numpy(), lp.numpy(), atol=1e-12)
     untied = SeqRecModel(ModelConfig(head=head, tied=False, backbone=m.cfg.backbone), cb.n_items, cb)
     assert [n for n, _ in untied.head.named_parameters() if n.startswith("tok_out")]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("item_vectors", ["leaf", "all"])
+def test_item_vectors_keep_the_identities(tied, item_vectors):
+    """item_vectors: nodes score with token + (mean) item vectors; Q still sums to 1, the loss is
+    -log Q(target), the item table learns, and (tied) it is the backbone's input table."""
+    cb = _codebook(300, levels=2, size=32)  # 32 first tokens for 300 items: ~9 siblings each
+    m = _model("ar", cb, cb.n_items, item_vectors=item_vectors, tied=tied)
+    with torch.no_grad():
+        m.backbone.item_emb.weight.normal_(0, 0.3)
+    table = m.backbone.item_emb.weight if tied else m.head.items.weight
+    assert any(n.startswith("items") for n, _ in m.head.named_parameters()) != tied
+    h = torch.randn(8, 16, dtype=torch.float64)
+    lp = m.head.log_prob_all(h)
+    np.testing.assert_allclose(lp.detach().exp().sum(1).numpy(), 1.0, atol=1e-10)
+    items = torch.arange(8) * 37
+    loss = m.head.nll(h, items)
+    np.testing.assert_allclose(loss.detach().numpy(), -lp.detach()[torch.arange(8), items].numpy(), atol=1e-9)
+    loss.sum().backward()
+    assert table.grad is not None and table.grad[items].abs().sum() > 0
+    if item_vectors == "all":  # upper levels see the items' mean: non-target items get gradient too
+        assert (table.grad[: cb.n_items].abs().sum(1) > 0).sum() > 2 * len(items)
+    plain = _model("ar", cb, cb.n_items)  # same seed, no item vectors: a different distribution
+    assert not torch.allclose(plain.head.log_prob_all(h), lp)
+    fresh = _model("ar", cb, cb.n_items, item_vectors=item_vectors, tied=tied)
+    fresh.load_state_dict(m.state_dict())
+    np.testing.assert_allclose(fresh.head.log_prob_all(h).detach().numpy(), lp.detach().numpy(), atol=1e-12)
+
+
+def test_item_vectors_refuse_unconstrained():
+    with pytest.raises(ValueError, match="constrained"):
+        _model("ar", _codebook(), 200, constrained=False, item_vectors="leaf")

@@ -77,8 +77,9 @@ def head_config(cfg: dict, head: str) -> dict:
     """The single-model config of one head of a multi-head run."""
     c = copy.deepcopy(cfg)
     c["model"]["head"] = "ar" if head.startswith("ar") else head
-    if head == "ar-unconstrained":
-        c["model"]["constrained"] = False
+    if head == "ar-unconstrained":  # token-level softmax over the whole vocabulary: no item vectors
+        c["model"].update(constrained=False, item_vectors="none")
+    c["train"]["exclude_seen"] = c["eval"]["exclude_seen"]  # select on the protocol we report
     c["heads"] = [head]
     return c
 

@@ -41,7 +41,7 @@ def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained:
         v = head.sizes[j]
         flat_nodes = nodes.reshape(-1)
         live = flat_nodes >= 0
-        s = head.level_scores(j, q.repeat_interleave(w, 0), codes.reshape(b * w, j))
+        s = head.level_scores(j, q.repeat_interleave(w, 0), codes.reshape(b * w, j), flat_nodes)
         if cons:
             mask = torch.zeros_like(s, dtype=torch.bool)
             mask[live] = trie.valid_mask(j, flat_nodes[live])

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sidrec.model.backbone import Backbone, BackboneConfig
-from sidrec.model.heads import (AutoregressiveHead, FullSoftmaxHead, ParallelHead, SharedTokenVectors,
+from sidrec.model.heads import (AutoregressiveHead, FullSoftmaxHead, ItemVectors, ParallelHead, SharedTokenVectors,
                                 segment_logsumexp)
 from sidrec.tokenize.codebook import Codebook
 
@@ -21,6 +21,7 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     tied: bool = True  # output vectors = input embeddings: fv the item-ID table, ar/parallel the token tables
     constrained: bool = True  # ar: normalise over valid trie children
+    item_vectors: str = "none"  # ar: none | leaf | all: node vector += mean item vector below (tied: input table)
     head_hidden: int | None = None  # hidden width of the head MLPs (default 2 * d_model)
     fv_chunk: int | None = 1024  # fv: items per chunk of the streamed softmax loss (None: one pass)
 
@@ -56,7 +57,9 @@ class SeqRecModel(nn.Module):
         else:  # tied token vectors need semantic-token inputs (item_input sid or both)
             shared = self.backbone.tok_emb if cfg.tied else None
             if cfg.head == "ar":
-                self.head = AutoregressiveHead(d, codebook, cfg.constrained, cfg.head_hidden, shared)
+                table = self.backbone.item_emb if cfg.tied else None
+                self.head = AutoregressiveHead(d, codebook, cfg.constrained, cfg.head_hidden, shared,
+                                               cfg.item_vectors, table if cfg.item_vectors != "none" else None)
             else:
                 self.head = ParallelHead(d, codebook, cfg.head_hidden, shared)
 
@@ -77,6 +80,8 @@ class SeqRecModel(nn.Module):
         """Parameters of the output layer alone (FV's tied item vectors count as output)."""
         shared = sum(w.numel() for w in self.head.tok_out) if isinstance(
             getattr(self.head, "tok_out", None), SharedTokenVectors) else 0
+        if isinstance(getattr(self.head, "items", None), ItemVectors):
+            shared += self.head.items.weight.numel()
         return sum(p.numel() for p in self.head.parameters()) + shared
 
 

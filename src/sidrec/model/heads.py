@@ -10,8 +10,12 @@ AR parameterisation. The level-j conditional scores token v after prefix p as
     s_j(v | p, h) = < q_j(h) * (1 + gamma_j(p)) + beta_j(p),  E_j[v] > + b_j[v]
 
 where q_j is a per-level context MLP and (gamma_j, beta_j) = MLP_j(sum of the prefix's token
-embeddings): the prefix modulates the context (FiLM). All parameters are per token, never per
-item, so the output layer is O(k * V * d). Because the prefix enters through context-free
+embeddings): the prefix modulates the context (FiLM). By default all parameters are per token,
+never per item, so the output layer is O(k * V * d). With `item_vectors` a node's output vector
+becomes E_j[tok] + (mean item vector below the node): at the leaves ("leaf") or at every level
+("all"), the item vectors tied to the backbone's item-ID input table as FV-MLE's tied vectors are.
+That adds item-level capacity where the tokens run out; each step still scores only the prefix's
+children, never all N items. Because the prefix enters through context-free
 vectors, scores over *all* trie nodes of a level are one GEMM: s = q_j(h) @ W_j^T + c_j with
 W_j[child] = (1 + gamma(parent)) * E_j[tok] and c_j[child] = <beta(parent), E_j[tok]> + b_j[tok];
 exact scoring of all N items costs about what FV-MLE's softmax costs.
@@ -19,6 +23,7 @@ exact scoring of all N items costs about what FV-MLE's softmax costs.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +32,7 @@ from sidrec.model.softmax_ce import softmax_ce
 from sidrec.tokenize.codebook import Codebook
 
 NEG_INF = float("-inf")
+ITEM_VECTORS = ("none", "leaf", "all")
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -85,6 +91,17 @@ def token_vectors(sizes: list[int], d: int, shared: nn.Embedding | None):
     return nn.ParameterList([nn.Parameter(torch.randn(v, d) * 0.02) for v in sizes])
 
 
+class ItemVectors:
+    """A plain (unregistered) view of the backbone's item-ID input table: registered and saved once."""
+
+    def __init__(self, table: nn.Embedding, n_items: int):
+        self.table, self.n_items = table, n_items
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.weight[: self.n_items]
+
+
 class FullSoftmaxHead(nn.Module):
     """FV-MLE: P(i | h) = softmax_i(<h, w_i> + b_i) over all N items."""
 
@@ -119,8 +136,13 @@ class AutoregressiveHead(nn.Module):
     kind = "ar"
 
     def __init__(self, d: int, codebook: Codebook, constrained: bool = True, hidden: int | None = None,
-                 shared_tokens: nn.Embedding | None = None):
+                 shared_tokens: nn.Embedding | None = None, item_vectors: str = "none",
+                 item_table: nn.Embedding | None = None):
         super().__init__()
+        if item_vectors not in ITEM_VECTORS:
+            raise ValueError(f"item_vectors must be one of {ITEM_VECTORS}, not {item_vectors!r}")
+        if item_vectors != "none" and not constrained:
+            raise ValueError("item vectors need the constrained head (they exist only for valid IDs)")
         self.cb = codebook
         self.trie = codebook.trie
         self.sizes = codebook.sizes
@@ -133,6 +155,14 @@ class AutoregressiveHead(nn.Module):
         self.film = nn.ModuleList([_mlp(d, hidden, 2 * d) for _ in range(k - 1)])
         self.tok_out = token_vectors(self.sizes, d, shared_tokens)
         self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
+        if isinstance(item_table, nn.Embedding):  # tied: the backbone's item-ID table
+            self.items = ItemVectors(item_table, codebook.n_items)
+        elif item_vectors != "none":
+            self.items = nn.Embedding(codebook.n_items, d)
+            nn.init.normal_(self.items.weight, std=0.02)
+        else:
+            self.items = None
+        self.item_levels = {"none": (), "leaf": (k - 1,), "all": tuple(range(k))}[item_vectors]
         for m in self.film:  # start as the identity modulation
             nn.init.zeros_(m[-1].weight)
             nn.init.zeros_(m[-1].bias)
@@ -146,17 +176,68 @@ class AutoregressiveHead(nn.Module):
         g, b = self.film[j - 1](e).chunk(2, dim=-1)
         return g, b
 
-    def level_scores(self, j: int, q: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
-        """Raw scores [B, V_j] of every level-j token after each row's prefix (teacher forcing/beam)."""
+    def level_scores(self, j: int, q: torch.Tensor, prefix_codes: torch.Tensor,
+                     nodes: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw scores [B, V_j] of every level-j token after each row's prefix (teacher forcing/beam).
+
+        `nodes` [B]: the rows' depth-j prefix nodes (-1: dead beam); needed with leaf item vectors.
+        """
         film = self._film(j, prefix_codes)
         if film is not None:
             q = q * (1 + film[0]) + film[1]
-        return q @ self.tok_out[j].T + self.tok_bias[j]
+        s = q @ self.tok_out[j].T + self.tok_bias[j]
+        if j in self.item_levels:
+            s = s + self._item_scores(j, q, nodes, s.shape[1])
+        return s
+
+    def node_item_vectors(self, j: int, device) -> torch.Tensor:
+        """[P_{j+1}, d] item part of the depth-(j+1) node vectors: the item's own vector at the
+        leaves, the mean vector of the items below the node above them."""
+        w = self.items.weight
+        if j == len(self.sizes) - 1:
+            return torch.index_select(w, 0, self.trie.torch("first_item", j + 1, device))
+        node = self.trie.torch("item_node", None, device)[j + 1]
+        n = self.trie.n_nodes(j + 1)
+        total = w.new_zeros(n, w.shape[1]).index_add(0, node, w)
+        count = torch.bincount(node, minlength=n).clamp(min=1).to(w.dtype)
+        return total / count[:, None]
+
+    def _item_scores(self, j: int, q: torch.Tensor, nodes: torch.Tensor, v: int) -> torch.Tensor:
+        """<q, item part> of each row's valid level-j children, scattered to their tokens [B, V]."""
+        nv = self.node_item_vectors(j, q.device)
+        tok, child = self._children(j, q.device)
+        if len(tok) == 1:  # the root: every row has the same children, one GEMM
+            return q.new_zeros(len(q), v).index_add(1, tok[0], q @ nv[child[0]].T)
+        tok, child = tok[nodes.clamp(min=0)], child[nodes.clamp(min=0)]  # [B, F], -1 = padding
+        step = max(1, (1 << 24) // (child.shape[1] * q.shape[1]))  # bound the [rows, F, d] gather
+        parts = []
+        for i in range(0, len(q), step):  # index_select: its backward is a fast index_add
+            c = child[i:i + step]
+            e = torch.index_select(nv, 0, c.clamp(min=0).reshape(-1)).view(*c.shape, -1)
+            parts.append(torch.einsum("bd,bfd->bf", q[i:i + step], e))
+        add = torch.cat(parts) * (child >= 0)
+        return q.new_zeros(len(q), v).scatter_add(1, tok.clamp(min=0), add)
+
+    def _children(self, j: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Children of every depth-j node, padded to the largest fan-out: (tokens, depth-(j+1)
+        node ids) [P_j, F], -1 = padding."""
+        key = ("children", j, str(device))
+        cache = self.trie._t
+        if key not in cache:
+            ptr = self.trie.child_ptr[j]
+            counts = np.diff(ptr)
+            idx = ptr[:-1, None] + np.arange(counts.max())[None, :]
+            ok = idx < ptr[1:, None]
+            idx = np.where(ok, idx, 0)
+            tok = np.where(ok, self.trie.node_tok[j + 1][idx], -1)
+            child = np.where(ok, idx, -1)
+            cache[key] = (torch.as_tensor(tok).to(device), torch.as_tensor(child).to(device))
+        return cache[key]
 
     def level_log_probs(self, j: int, q: torch.Tensor, prefix_codes: torch.Tensor,
                         nodes: torch.Tensor) -> torch.Tensor:
         """log P(c_j = v | prefix, h) for all v: [B, V_j]; -inf on invalid tokens if constrained."""
-        s = self.level_scores(j, q, prefix_codes)
+        s = self.level_scores(j, q, prefix_codes, nodes)
         if self.constrained:
             s = s.masked_fill(~self.trie.valid_mask(j, nodes), NEG_INF)
         return torch.log_softmax(s, dim=-1)
@@ -218,6 +299,8 @@ class AutoregressiveHead(nn.Module):
     def _node_vectors(self, j, parent, tok, device) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.tok_out[j][tok]
         b = self.tok_bias[j][tok]
+        if j in self.item_levels:
+            e = e + self.node_item_vectors(j, device)
         if j == 0:
             return e, b
         pcodes = self._node_codes(j, device)  # [P_j, j]

@@ -48,6 +48,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     eval_batch_size: int = 1024
     eval_users: int = 0  # 0: all users; else a fixed random subset for faster validation
+    exclude_seen: bool = False  # validation protocol (the pipeline sets it from eval.exclude_seen)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA
@@ -225,7 +226,8 @@ class Trainer:
                 rec = {"epoch": ep, "step": st["step"], "train_loss": float(np.mean(losses)) if losses else None}
                 if (ep + 1) % cfg.eval_every == 0 or st["epoch"] >= cfg.epochs:
                     m = evaluate_split(self.model, self.data, "valid", batch_size=cfg.eval_batch_size,
-                                       device=self.device, users=self.eval_users)
+                                       device=self.device, users=self.eval_users,
+                                       exclude_seen=cfg.exclude_seen)
                     rec["valid"] = {k: v for k, v in m.items() if not k.startswith("_")}
                     if m["ndcg@10"] > st["best"]:
                         st.update(best=m["ndcg@10"], best_epoch=ep, bad_epochs=0)
