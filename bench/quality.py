@@ -173,7 +173,10 @@ def markdown(r: dict) -> str:
                                                               if "wall_s" in s) + ".", "",
              "| model | decode | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | valid NDCG@10 |",
              "|---|---|---|---|---|---|---|"]
-    for sfx, note in (("", ""), ("_seen_excluded", ", seen excluded")):
+    protocols = [("", ""), ("_seen_excluded", ", seen excluded")]
+    if r["config"]["eval"]["exclude_seen"]:  # the protocol the config selects checkpoints on comes first
+        protocols.reverse()
+    for sfx, note in protocols:
         for name, s in r["summary"].items():
             for mode in ("exact", "beam"):
                 if mode + sfx in s:

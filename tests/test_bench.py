@@ -29,6 +29,19 @@ def test_quality_bench_tiny_slice(tmp_path):
     assert r["env"]["commit"] is not None
     md = (tmp_path / "quality-beauty.md").read_text()
     assert "AR-NTP / rq-kmeans" in md and "exact, seen excluded" in md
+    # a finished run is reused only with the identical config; --name writes its own results file
+    weights = tmp_path / "out/quality-beauty/seed0/ar-rq-kmeans/model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    base = ["bench.quality", "--dataset", "beauty", "--seeds", "1", "--max-users", "400", "--tokenizers", "rq-kmeans",
+            "--heads", "ar", "--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path)]
+    _run([*base, "--name", "again", "--set", "train.epochs=1", "tokenizer.embeddings=collab",
+          "tokenizer.codebook_size=16"], tmp_path)
+    again = json.loads((tmp_path / "quality-beauty-again.json").read_text())
+    assert weights.stat().st_mtime_ns == stamp
+    assert again["runs"]["ar/rq-kmeans"][0]["wall_s"] == r["runs"]["ar/rq-kmeans"][0]["wall_s"]
+    _run([*base, "--name", "changed", "--set", "train.epochs=1", "tokenizer.embeddings=collab",
+          "tokenizer.codebook_size=16", "train.lr=0.002"], tmp_path)
+    assert weights.stat().st_mtime_ns != stamp
     # an ablation tag keeps its own results file and runs, and refits the codebook it asks for
     _run(["bench.quality", "--dataset", "beauty", "--seeds", "1", "--max-users", "400", "--tokenizers", "rq-kmeans",
           "--heads", "ar", "--tag", "cb20", "--set", "train.epochs=1", "tokenizer.embeddings=collab",
