@@ -82,6 +82,18 @@ def test_movielens_prepare_tokenize_train_evaluate(tmp_path, capsys):
     ev = json.loads((run / "eval.json").read_text())
     assert ev["n_users"] == 943 and ev["n_items"] == 1682
     assert ev["test"]["exact"]["recall@20"] > 0.03  # 3 epochs beat random ranking (20/1682 = 0.012)
+    # AR with tied item vectors at every level, selected and evaluated with seen items excluded
+    run2 = tmp_path / "run-items"
+    assert main(["train", "configs/ml-100k.yaml", "--out", str(run2), "--set", f"data.dir={data}",
+                 "tokenizer.embeddings=collab", "tokenizer.codebook_size=16", "train.epochs=2",
+                 "train.warmup_steps=5", "train.lr=0.003", "model.backbone.max_len=50",
+                 "model.backbone.d_model=32", "model.item_vectors=all", "eval.exclude_seen=true"]) == 0
+    assert main(["evaluate", str(run2), "--decode", "exact"]) == 0  # the run's own protocol by default
+    assert "eval-seen-excluded.json" in capsys.readouterr().out and not (run2 / "eval.json").exists()
+    ex = json.loads((run2 / "eval-seen-excluded.json").read_text())
+    assert ex["exclude_seen"] is True and ex["test"]["exact"]["recall@20"] > 0.03
+    assert main(["evaluate", str(run2), "--decode", "exact", "--no-exclude-seen"]) == 0
+    assert json.loads((run2 / "eval.json").read_text())["exclude_seen"] is False
 
 
 def test_tokenize_beauty_from_cli(tmp_path, capsys, beauty_data):

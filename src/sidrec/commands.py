@@ -130,7 +130,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     ev = evaluate_run(Path(a.run), decodes=decodes, beam=a.beam, exclude_seen=a.exclude_seen,
                       batch_size=a.batch_size)
     print_eval(ev)
-    print(f"wrote {Path(a.run) / eval_file(a.exclude_seen)}")
+    print(f"wrote {Path(a.run) / eval_file(ev['exclude_seen'])}")
 
 
 def print_eval(ev: dict) -> None:
@@ -152,8 +152,9 @@ def add_evaluate(sub) -> None:
     p.add_argument("--decode", choices=["exact", "beam"], default=None,
                    help="exact all-item ranking or beam search (default: both for AR runs, exact otherwise)")
     p.add_argument("--beam", type=int, default=20, help="beam width (default 20)")
-    p.add_argument("--exclude-seen", action="store_true",
-                   help="drop items of the input history from rankings (written to eval-seen-excluded.json)")
+    p.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop items of the input history from rankings (written to eval-seen-excluded.json); "
+                        "--no-exclude-seen keeps them (eval.json); default: the run config's eval.exclude_seen")
     p.add_argument("--batch-size", type=int, default=1024)
     p.set_defaults(func=cmd_evaluate)
 

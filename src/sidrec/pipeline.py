@@ -107,14 +107,20 @@ def train_one(cfg: dict, data: SequenceData, codebook: Codebook | None, run: Pat
     return state
 
 
-def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int = 20, exclude_seen: bool = False,
+def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int = 20,
+                 exclude_seen: bool | None = None,
                  batch_size: int = 1024, splits=("valid", "test"), device: str = "cpu",
                  data: SequenceData | None = None) -> dict:
-    """Evaluate a trained run on valid and test; AR runs get exact and beam plus their overlap."""
+    """Evaluate a trained run on valid and test; AR runs get exact and beam plus their overlap.
+
+    exclude_seen None: the protocol of the run's own config (the one its checkpoint was selected on).
+    """
     from sidrec.evaluate import evaluate_split, overlap_at
     from sidrec.train.trainer import load_model
 
     model, cfg = load_model(run, device)
+    if exclude_seen is None:
+        exclude_seen = bool(cfg.get("eval", {}).get("exclude_seen", False))
     data = data or SequenceData.load(cfg["data"]["dir"])
     is_ar = model.cfg.head == "ar"
     decodes = decodes or (("exact", "beam") if is_ar else ("exact",))
@@ -165,12 +171,13 @@ def run_pipeline(cfg: dict, out: Path, resume: bool = True) -> dict:
         run = out / head
         hc = head_config(cfg, head)
         t = time.perf_counter()
-        if not (run / "eval.json").exists():
+        done = run / eval_file(cfg["eval"]["exclude_seen"])
+        if not done.exists():
             train_one(hc, data, codebook, run, resume=resume)
             ev = evaluate_run(run, beam=cfg["eval"]["beam"], exclude_seen=cfg["eval"]["exclude_seen"],
                               batch_size=cfg["eval"]["batch_size"], data=data)
         else:
-            ev = io.read_json(run / "eval.json")
+            ev = io.read_json(done)
         timings[head] = round(time.perf_counter() - t, 1)
         results[head] = ev
     summary = {"results": results, "timings_s": timings, "data": data.stats()}
