@@ -123,8 +123,8 @@ def test_item_vectors_keep_the_identities(tied, item_vectors):
     m = _model("ar", cb, cb.n_items, item_vectors=item_vectors, tied=tied)
     with torch.no_grad():
         m.backbone.item_emb.weight.normal_(0, 0.3)
-    table = m.backbone.item_emb.weight if tied else m.head.items.weight
-    assert any(n.startswith("items") for n, _ in m.head.named_parameters()) != tied
+    table = m.backbone.item_emb.weight if tied else m.head.item_emb.weight
+    assert any(n.startswith("item_emb") for n, _ in m.head.named_parameters()) != tied
     h = torch.randn(8, 16, dtype=torch.float64)
     lp = m.head.log_prob_all(h)
     np.testing.assert_allclose(lp.detach().exp().sum(1).numpy(), 1.0, atol=1e-10)
@@ -145,3 +145,15 @@ def test_item_vectors_keep_the_identities(tied, item_vectors):
 def test_item_vectors_refuse_unconstrained():
     with pytest.raises(ValueError, match="constrained"):
         _model("ar", _codebook(), 200, constrained=False, item_vectors="leaf")
+
+
+@pytest.mark.parametrize("item_vectors", ["none", "leaf", "all"])
+def test_ar_trains_under_bf16_autocast(item_vectors):
+    """Mixed precision (train.amp on CUDA; CPU autocast here) must not mix dtypes in the head."""
+    cb = _codebook()
+    m = _model("ar", cb, cb.n_items, item_vectors=item_vectors, dtype=torch.float32, scale=0.1)
+    items, targets = torch.randint(0, cb.n_items, (4, 6)), torch.randint(0, cb.n_items, (4, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m.nll(items, targets).float().sum()
+    loss.backward()
+    assert torch.isfinite(loss) and m.backbone.item_emb.weight.grad is not None

@@ -80,8 +80,8 @@ class SeqRecModel(nn.Module):
         """Parameters of the output layer alone (FV's tied item vectors count as output)."""
         shared = sum(w.numel() for w in self.head.tok_out) if isinstance(
             getattr(self.head, "tok_out", None), SharedTokenVectors) else 0
-        if isinstance(getattr(self.head, "items", None), ItemVectors):
-            shared += self.head.items.weight.numel()
+        if isinstance(getattr(self.head, "item_emb", None), ItemVectors):
+            shared += self.head.item_emb.weight.numel()
         return sum(p.numel() for p in self.head.parameters()) + shared
 
 

@@ -156,12 +156,12 @@ class AutoregressiveHead(nn.Module):
         self.tok_out = token_vectors(self.sizes, d, shared_tokens)
         self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
         if isinstance(item_table, nn.Embedding):  # tied: the backbone's item-ID table
-            self.items = ItemVectors(item_table, codebook.n_items)
-        elif item_vectors != "none":
-            self.items = nn.Embedding(codebook.n_items, d)
-            nn.init.normal_(self.items.weight, std=0.02)
+            self.item_emb = ItemVectors(item_table, codebook.n_items)
+        elif item_vectors != "none":  # own table ("emb" in its name: no weight decay, like every embedding)
+            self.item_emb = nn.Embedding(codebook.n_items, d)
+            nn.init.normal_(self.item_emb.weight, std=0.02)
         else:
-            self.items = None
+            self.item_emb = None
         self.item_levels = {"none": (), "leaf": (k - 1,), "all": tuple(range(k))}[item_vectors]
         for m in self.film:  # start as the identity modulation
             nn.init.zeros_(m[-1].weight)
@@ -187,13 +187,15 @@ class AutoregressiveHead(nn.Module):
             q = q * (1 + film[0]) + film[1]
         s = q @ self.tok_out[j].T + self.tok_bias[j]
         if j in self.item_levels:
+            if nodes is None and j > 0:
+                raise ValueError("item vectors need the rows' prefix nodes (level_scores(..., nodes))")
             s = s + self._item_scores(j, q, nodes, s.shape[1])
         return s
 
     def node_item_vectors(self, j: int, device) -> torch.Tensor:
         """[P_{j+1}, d] item part of the depth-(j+1) node vectors: the item's own vector at the
         leaves, the mean vector of the items below the node above them."""
-        w = self.items.weight
+        w = self.item_emb.weight
         if j == len(self.sizes) - 1:
             return torch.index_select(w, 0, self.trie.torch("first_item", j + 1, device))
         node = self.trie.torch("item_node", None, device)[j + 1]
@@ -207,7 +209,8 @@ class AutoregressiveHead(nn.Module):
         nv = self.node_item_vectors(j, q.device)
         tok, child = self._children(j, q.device)
         if len(tok) == 1:  # the root: every row has the same children, one GEMM
-            return q.new_zeros(len(q), v).index_add(1, tok[0], q @ nv[child[0]].T)
+            x = q @ nv[child[0]].T
+            return x.new_zeros(len(q), v).index_add(1, tok[0], x)  # x's dtype: bf16 under autocast
         tok, child = tok[nodes.clamp(min=0)], child[nodes.clamp(min=0)]  # [B, F], -1 = padding
         step = max(1, (1 << 24) // (child.shape[1] * q.shape[1]))  # bound the [rows, F, d] gather
         parts = []
@@ -215,8 +218,8 @@ class AutoregressiveHead(nn.Module):
             c = child[i:i + step]
             e = torch.index_select(nv, 0, c.clamp(min=0).reshape(-1)).view(*c.shape, -1)
             parts.append(torch.einsum("bd,bfd->bf", q[i:i + step], e))
-        add = torch.cat(parts) * (child >= 0)
-        return q.new_zeros(len(q), v).scatter_add(1, tok.clamp(min=0), add)
+        add = torch.cat(parts) * ((child >= 0) & (nodes >= 0)[:, None])  # padding, dead beams: 0
+        return add.new_zeros(len(q), v).scatter_add(1, tok.clamp(min=0), add)
 
     def _children(self, j: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Children of every depth-j node, padded to the largest fan-out: (tokens, depth-(j+1)
