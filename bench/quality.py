@@ -94,9 +94,10 @@ def trained(hc: dict, data: SequenceData, cb, run_dir: Path) -> float:
     resumed run: since the resume)."""
     want = {k: v for k, v in hc.items() if not k.startswith("_")}
     marker = run_dir / "bench.json"
-    same = marker.exists() and io.read_json(marker)["config"] == want
-    if same and io.read_json(marker).get("wall_s") is not None:
-        return io.read_json(marker)["wall_s"]
+    made = io.read_json(marker) if marker.exists() else {}
+    same = made.get("config") == want
+    if same and made.get("wall_s") is not None:
+        return made["wall_s"]
     if run_dir.exists() and not same:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import yaml
 
 from sidrec.errors import UserError
 from sidrec.model import BackboneConfig, ModelConfig
+from sidrec.model.heads import ITEM_VECTORS
 from sidrec.train.trainer import TrainConfig
 
 DEFAULTS: dict[str, Any] = {
@@ -115,8 +116,8 @@ def model_config(cfg: dict) -> ModelConfig:
         raise UserError(f"bad model config: {e}") from None
     if mc.head not in ("ar", "fv", "parallel"):
         raise UserError(f"model.head must be ar, fv or parallel, not {mc.head!r}")
-    if mc.item_vectors not in ("none", "leaf", "all"):
-        raise UserError(f"model.item_vectors must be none, leaf or all, not {mc.item_vectors!r}")
+    if mc.item_vectors not in ITEM_VECTORS:
+        raise UserError(f"model.item_vectors must be one of {', '.join(ITEM_VECTORS)}, not {mc.item_vectors!r}")
     if mc.item_vectors != "none" and not mc.constrained:
         raise UserError("model.item_vectors needs model.constrained: true (item vectors exist only for valid IDs)")
     b = mc.backbone

@@ -59,7 +59,7 @@ class SeqRecModel(nn.Module):
             if cfg.head == "ar":
                 table = self.backbone.item_emb if cfg.tied else None
                 self.head = AutoregressiveHead(d, codebook, cfg.constrained, cfg.head_hidden, shared,
-                                               cfg.item_vectors, table if cfg.item_vectors != "none" else None)
+                                               cfg.item_vectors, table)
             else:
                 self.head = ParallelHead(d, codebook, cfg.head_hidden, shared)
 

@@ -23,7 +23,6 @@ exact scoring of all N items costs about what FV-MLE's softmax costs.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -155,13 +154,13 @@ class AutoregressiveHead(nn.Module):
         self.film = nn.ModuleList([_mlp(d, hidden, 2 * d) for _ in range(k - 1)])
         self.tok_out = token_vectors(self.sizes, d, shared_tokens)
         self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
-        if isinstance(item_table, nn.Embedding):  # tied: the backbone's item-ID table
+        if item_vectors == "none":
+            self.item_emb = None
+        elif item_table is not None:  # tied: the backbone's item-ID table
             self.item_emb = ItemVectors(item_table, codebook.n_items)
-        elif item_vectors != "none":  # own table ("emb" in its name: no weight decay, like every embedding)
+        else:  # own table ("emb" in its name: no weight decay, like every embedding)
             self.item_emb = nn.Embedding(codebook.n_items, d)
             nn.init.normal_(self.item_emb.weight, std=0.02)
-        else:
-            self.item_emb = None
         self.item_levels = {"none": (), "leaf": (k - 1,), "all": tuple(range(k))}[item_vectors]
         for m in self.film:  # start as the identity modulation
             nn.init.zeros_(m[-1].weight)
@@ -207,7 +206,7 @@ class AutoregressiveHead(nn.Module):
     def _item_scores(self, j: int, q: torch.Tensor, nodes: torch.Tensor, v: int) -> torch.Tensor:
         """<q, item part> of each row's valid level-j children, scattered to their tokens [B, V]."""
         nv = self.node_item_vectors(j, q.device)
-        tok, child = self._children(j, q.device)
+        tok, child = self.trie.children_padded(j, q.device)
         if len(tok) == 1:  # the root: every row has the same children, one GEMM
             x = q @ nv[child[0]].T
             return x.new_zeros(len(q), v).index_add(1, tok[0], x)  # x's dtype: bf16 under autocast
@@ -220,22 +219,6 @@ class AutoregressiveHead(nn.Module):
             parts.append(torch.einsum("bd,bfd->bf", q[i:i + step], e))
         add = torch.cat(parts) * ((child >= 0) & (nodes >= 0)[:, None])  # padding, dead beams: 0
         return add.new_zeros(len(q), v).scatter_add(1, tok.clamp(min=0), add)
-
-    def _children(self, j: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Children of every depth-j node, padded to the largest fan-out: (tokens, depth-(j+1)
-        node ids) [P_j, F], -1 = padding."""
-        key = ("children", j, str(device))
-        cache = self.trie._t
-        if key not in cache:
-            ptr = self.trie.child_ptr[j]
-            counts = np.diff(ptr)
-            idx = ptr[:-1, None] + np.arange(counts.max())[None, :]
-            ok = idx < ptr[1:, None]
-            idx = np.where(ok, idx, 0)
-            tok = np.where(ok, self.trie.node_tok[j + 1][idx], -1)
-            child = np.where(ok, idx, -1)
-            cache[key] = (torch.as_tensor(tok).to(device), torch.as_tensor(child).to(device))
-        return cache[key]
 
     def level_log_probs(self, j: int, q: torch.Tensor, prefix_codes: torch.Tensor,
                         nodes: torch.Tensor) -> torch.Tensor:

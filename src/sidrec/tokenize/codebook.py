@@ -101,6 +101,18 @@ class Trie:
             self._t[key] = groups
         return self._t[key]
 
+    def children_padded(self, j: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Children of every depth-j node padded to the largest fan-out: (tokens, depth-(j+1) node
+        ids), each [P_j, F], -1 = padding (cached). Lets a batch of rows gather their own children."""
+        key = ("children", j, str(device))
+        if key not in self._t:
+            ptr = self.child_ptr[j]
+            idx = ptr[:-1, None] + np.arange(np.diff(ptr).max())[None, :]
+            ok = idx < ptr[1:, None]
+            tok = np.where(ok, self.node_tok[j + 1][np.where(ok, idx, 0)], -1)
+            self._t[key] = (torch.as_tensor(tok).to(device), torch.as_tensor(np.where(ok, idx, -1)).to(device))
+        return self._t[key]
+
     def valid_mask(self, j: int, nodes: torch.Tensor) -> torch.Tensor:
         """Boolean [B, V_j]: which tokens extend each depth-j prefix node to a valid prefix."""
         dev = nodes.device
