@@ -53,7 +53,8 @@ def prepared(dataset: str, cfg: dict, work: Path, max_users: int | None) -> Sequ
 
 
 def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overrides: list[str],
-        max_users: int | None, out_root: Path, results_dir: Path, tag: str = "", name: str = "") -> dict:
+        max_users: int | None, out_root: Path, results_dir: Path, tag: str = "", name: str = "",
+        only_seed: int | None = None) -> dict:
     work = out_root / f"quality-{dataset}"  # the prepared data (and its embedding cache) is shared by every tag
     runs_root = work / tag if tag else work
     name_out = f"quality-{dataset}" + (f"-{name or tag}" if name or tag else "")
@@ -61,8 +62,8 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
     data = prepared(dataset, base, work, max_users)
     rows: dict[str, list[dict]] = {}
     walls = []
-    for seed in range(seeds):
-        t_seed = time.perf_counter()
+    for seed in range(seeds) if only_seed is None else [only_seed]:
+        seed_wall = 0.0  # the runs' own wall times: also right when runs were made apart or in parallel
         for tok in tokenizers:
             cfg = copy.deepcopy(base)
             cfg["tokenizer"]["method"] = tok
@@ -76,14 +77,16 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
                 name = f"{head}" if head == "fv" else f"{head}/{tok}"
                 run_dir = runs_root / f"seed{seed}" / name.replace("/", "-")
                 wall = trained(head_config(cfg, head), data, cb, run_dir)
+                seed_wall += wall
                 rec = {"seed": seed, "wall_s": wall, **records(io.read_json(run_dir / "eval.json"), ""),
                        **records(io.read_json(run_dir / "eval-seen-excluded.json"), "_seen_excluded")}
                 rows.setdefault(name, []).append(rec)
-        walls.append(round(time.perf_counter() - t_seed, 1))
+        walls.append(round(seed_wall, 1))
         result = _result(dataset, data, seed + 1, tokenizers, heads, overrides, max_users, walls, base, rows)
         result["tag"] = tag
-        write_result(name_out, result, results_dir)  # after every seed: partial results survive
-        io.write_text(results_dir / f"{name_out}.md", markdown(result))
+        if only_seed is None:  # one seed of a split-up run: the final call without it aggregates
+            write_result(name_out, result, results_dir)  # after every seed: partial results survive
+            io.write_text(results_dir / f"{name_out}.md", markdown(result))
     return result
 
 
@@ -169,7 +172,7 @@ def markdown(r: dict) -> str:
         return f"{m['mean']:.4f} ± {m['std']:.4f}" if m else "—"
 
     lines = [f"Test split, full ranking, {r['users']:,} users, {r['items']:,} items, mean ± std over "
-             f"{r['seeds']} seed(s); wall time per seed: {r['wall_seconds_per_seed']} s; per run (train + both "
+             f"{r['seeds']} seed(s); wall time per seed (sum of its runs): {r['wall_seconds_per_seed']} s; per run (train + both "
              "evaluations, mean over seeds): " + ", ".join(f"{n} {s['wall_s']:.0f} s" for n, s in r["summary"].items()
                                                               if "wall_s" in s) + ".", "",
              "| model | decode | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | valid NDCG@10 |",
@@ -206,9 +209,11 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="name of an ablation: results go to quality-<dataset>-<tag>.json")
     ap.add_argument("--name", default="", help="results file quality-<dataset>-<name>.json instead (runs are "
                     "still shared by tag: a finished run with the same config is reused, not retrained)")
+    ap.add_argument("--only-seed", type=int, default=None, help="train/evaluate this seed alone and write no "
+                    "results (run seeds as parallel processes, then once without it to aggregate)")
     a = ap.parse_args()
     r = run(a.dataset, a.seeds, a.tokenizers.split(","), a.heads.split(","), a.set, a.max_users,
-            Path(a.out_root), Path(a.results_dir), a.tag, a.name)
+            Path(a.out_root), Path(a.results_dir), a.tag, a.name, a.only_seed)
     print(markdown(r))
 
 

@@ -53,6 +53,31 @@ def test_quality_bench_tiny_slice(tmp_path):
 
 
 @pytest.mark.slow
+def test_sweep_and_split_seeds(tmp_path):
+    """bench.sweep runs its variants side by side and ranks them; --only-seed runs one seed alone and
+    a later call without it reuses those runs and aggregates."""
+    tiny = ["tokenizer.embeddings=collab", "tokenizer.codebook_size=16", "train.epochs=1"]
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(json.dumps({"dataset": "beauty", "max_users": 300, "set": tiny, "variants": [
+        {"tag": "a", "heads": "fv,ar"}, {"tag": "b", "heads": "ar", "set": ["model.node_bias=true"]}]}))
+    out = ["--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path)]
+    _run(["bench.sweep", str(spec), "--jobs", "2", "--threads", "1", *out], tmp_path)
+    rows = json.loads((tmp_path / "sweep-tiny.json").read_text())["rows"]
+    assert {(r["tag"], r["model"]) for r in rows} == {("a", "fv"), ("a", "ar/rq-kmeans"), ("b", "ar/rq-kmeans")}
+    assert all(0 <= r["valid_ndcg@10"] <= 1 for r in rows)
+    assert "| ar/rq-kmeans | b | model.node_bias=true |" in (tmp_path / "sweep-tiny.md").read_text()
+    q = ["bench.quality", "--dataset", "beauty", "--seeds", "2", "--max-users", "300", "--tokenizers", "rq-kmeans",
+         "--heads", "ar", "--set", *tiny, *out]
+    _run([*q, "--only-seed", "1"], tmp_path)
+    assert not (tmp_path / "quality-beauty.json").exists()  # one seed alone writes no aggregate
+    weights = tmp_path / "out/quality-beauty/seed1/ar-rq-kmeans/model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    _run(q, tmp_path)
+    r = json.loads((tmp_path / "quality-beauty.json").read_text())
+    assert r["seeds"] == 2 and weights.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
 def test_scale_bench_smallest_size(tmp_path):
     _run(["bench.scale", "--sizes", "3000", "--repeats", "1", "--out-dir", str(tmp_path)], tmp_path)
     r = json.loads((tmp_path / "scale.json").read_text())

@@ -114,13 +114,13 @@ def test_tied_token_vectors_are_the_input_token_table(head):
     assert [n for n, _ in untied.head.named_parameters() if n.startswith("tok_out")]
 
 
-@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("tied,node_bias", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("item_vectors", ["leaf", "all"])
-def test_item_vectors_keep_the_identities(tied, item_vectors):
+def test_item_vectors_keep_the_identities(tied, item_vectors, node_bias):
     """item_vectors: nodes score with token + (mean) item vectors; Q still sums to 1, the loss is
     -log Q(target), the item table learns, and (tied) it is the backbone's input table."""
     cb = _codebook(300, levels=2, size=32)  # 32 first tokens for 300 items: ~9 siblings each
-    m = _model("ar", cb, cb.n_items, item_vectors=item_vectors, tied=tied)
+    m = _model("ar", cb, cb.n_items, item_vectors=item_vectors, tied=tied, node_bias=node_bias)
     with torch.no_grad():
         m.backbone.item_emb.weight.normal_(0, 0.3)
     table = m.backbone.item_emb.weight if tied else m.head.item_emb.weight
@@ -137,9 +137,31 @@ def test_item_vectors_keep_the_identities(tied, item_vectors):
         assert (table.grad[: cb.n_items].abs().sum(1) > 0).sum() > 2 * len(items)
     plain = _model("ar", cb, cb.n_items)  # same seed, no item vectors: a different distribution
     assert not torch.allclose(plain.head.log_prob_all(h), lp)
-    fresh = _model("ar", cb, cb.n_items, item_vectors=item_vectors, tied=tied)
+    fresh = _model("ar", cb, cb.n_items, item_vectors=item_vectors, tied=tied, node_bias=node_bias)
     fresh.load_state_dict(m.state_dict())
     np.testing.assert_allclose(fresh.head.log_prob_all(h).detach().numpy(), lp.detach().numpy(), atol=1e-12)
+
+
+def test_node_bias_starts_uniform_over_items_and_learns():
+    """node_bias: one bias per trie node, started at log(#items below). With every other output
+    parameter at zero, Q is then 1/N for every item (uniform over items, as FV-MLE starts), not
+    uniform over children; the biases get gradient, and the identities hold with them."""
+    cb = _codebook(300, levels=3, size=8)
+    cfg = ModelConfig(head="ar", node_bias=True,
+                      backbone=BackboneConfig(d_model=16, n_heads=2, d_ff=32, max_len=8))
+    m = SeqRecModel(cfg, cb.n_items, cb).double()
+    with torch.no_grad():
+        for name, p in m.head.named_parameters():
+            if not name.startswith("node_bias"):
+                p.zero_()
+    h = torch.randn(5, 16, dtype=torch.float64)
+    np.testing.assert_allclose(m.head.log_prob_all(h).detach().numpy(), -np.log(cb.n_items), atol=1e-12)
+    items = torch.arange(5) * 50
+    np.testing.assert_allclose(m.head.nll(h, items).detach().numpy(), np.log(cb.n_items), atol=1e-12)
+    m.head.nll(h, items).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.head.node_bias)
+    with pytest.raises(ValueError, match="constrained"):
+        SeqRecModel(ModelConfig(head="ar", node_bias=True, constrained=False, backbone=cfg.backbone), cb.n_items, cb)
 
 
 def test_item_vectors_refuse_unconstrained():
@@ -157,3 +179,25 @@ def test_ar_trains_under_bf16_autocast(item_vectors):
         loss = m.nll(items, targets).float().sum()
     loss.backward()
     assert torch.isfinite(loss) and m.backbone.item_emb.weight.grad is not None
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_streamed_softmax_ce_matches_cross_entropy(chunk):
+    """FV's loss: value and gradients equal F.cross_entropy (float64), also streamed in chunks; under
+    bf16 autocast (train.amp) it runs (a custom Function sees mixed dtypes there) and stays close."""
+    from sidrec.model.softmax_ce import softmax_ce
+
+    g = torch.Generator().manual_seed(0)
+    h, w, b = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in [(9, 8), (300, 8), (300,)])
+    y = torch.randint(0, 300, (9,), generator=g)
+    ref = torch.nn.functional.cross_entropy(h @ w.T + b, y, reduction="none")
+    out = softmax_ce(h, w, b, y, chunk)
+    np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), atol=1e-12)
+    for got, want in zip(torch.autograd.grad(out.sum(), (h, w, b)), torch.autograd.grad(ref.sum(), (h, w, b))):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-12)
+    h32, w32, b32 = (t.detach().float().requires_grad_() for t in (h, w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = softmax_ce(h32, w32, b32, y, chunk)
+    amp.sum().backward()
+    assert amp.dtype == torch.float32 and w32.grad.dtype == torch.float32
+    np.testing.assert_allclose(amp.detach().numpy(), ref.detach().numpy(), rtol=0.05, atol=0.05)

@@ -128,7 +128,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
     decodes = (a.decode,) if a.decode else None
     ev = evaluate_run(Path(a.run), decodes=decodes, beam=a.beam, exclude_seen=a.exclude_seen,
-                      batch_size=a.batch_size)
+                      batch_size=a.batch_size, device=a.device)
     print_eval(ev)
     print(f"wrote {Path(a.run) / eval_file(ev['exclude_seen'])}")
 
@@ -156,6 +156,8 @@ def add_evaluate(sub) -> None:
                    help="drop items of the input history from rankings (written to eval-seen-excluded.json); "
                         "--no-exclude-seen keeps them (eval.json); default: the run config's eval.exclude_seen")
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to score (auto: the GPU when there is one)")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -24,7 +24,8 @@ DEFAULTS: dict[str, Any] = {
         "method": "rq-kmeans", "levels": 3, "codebook_size": 256, "embeddings": "text",
         "text_model": "all-MiniLM-L6-v2", "collab_dim": 64, "resolve": "reassign", "seed": 0,
     },
-    "model": {"head": "ar", "tied": True, "constrained": True, "item_vectors": "none", "head_hidden": None, "fv_chunk": 1024,
+    "model": {"head": "ar", "tied": True, "constrained": True, "item_vectors": "none", "node_bias": False,
+              "head_hidden": None, "fv_chunk": 1024,
               "backbone": {f.name: f.default for f in fields(BackboneConfig)}},
     "train": {f.name: f.default for f in fields(TrainConfig)},
     "heads": ["ar", "fv"],
@@ -120,6 +121,8 @@ def model_config(cfg: dict) -> ModelConfig:
         raise UserError(f"model.item_vectors must be one of {', '.join(ITEM_VECTORS)}, not {mc.item_vectors!r}")
     if mc.item_vectors != "none" and not mc.constrained:
         raise UserError("model.item_vectors needs model.constrained: true (item vectors exist only for valid IDs)")
+    if mc.node_bias and not mc.constrained:
+        raise UserError("model.node_bias needs model.constrained: true (trie nodes exist only for valid IDs)")
     b = mc.backbone
     if b.item_input not in ("id", "sid", "both"):
         raise UserError("model.backbone.item_input must be id, sid or both")

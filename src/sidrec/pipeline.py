@@ -78,7 +78,7 @@ def head_config(cfg: dict, head: str) -> dict:
     c = copy.deepcopy(cfg)
     c["model"]["head"] = "ar" if head.startswith("ar") else head
     if head == "ar-unconstrained":  # token-level softmax over the whole vocabulary: no item vectors
-        c["model"].update(constrained=False, item_vectors="none")
+        c["model"].update(constrained=False, item_vectors="none", node_bias=False)
     c["train"]["exclude_seen"] = c["eval"]["exclude_seen"]  # select on the protocol we report
     c["heads"] = [head]
     return c
@@ -109,15 +109,17 @@ def train_one(cfg: dict, data: SequenceData, codebook: Codebook | None, run: Pat
 
 def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int = 20,
                  exclude_seen: bool | None = None,
-                 batch_size: int = 1024, splits=("valid", "test"), device: str = "cpu",
+                 batch_size: int = 1024, splits=("valid", "test"), device: str = "auto",
                  data: SequenceData | None = None) -> dict:
     """Evaluate a trained run on valid and test; AR runs get exact and beam plus their overlap.
 
     exclude_seen None: the protocol of the run's own config (the one its checkpoint was selected on).
+    device "auto": the GPU when there is one (as training does).
     """
     from sidrec.evaluate import evaluate_split, overlap_at
-    from sidrec.train.trainer import load_model
+    from sidrec.train.trainer import load_model, pick_device
 
+    device = pick_device(device)
     model, cfg = load_model(run, device)
     if exclude_seen is None:
         exclude_seen = bool(cfg.get("eval", {}).get("exclude_seen", False))

@@ -22,6 +22,7 @@ class ModelConfig:
     tied: bool = True  # output vectors = input embeddings: fv the item-ID table, ar/parallel the token tables
     constrained: bool = True  # ar: normalise over valid trie children
     item_vectors: str = "none"  # ar: none | leaf | all: node vector += mean item vector below (tied: input table)
+    node_bias: bool = False  # ar: a bias per trie node, started at log(#items below it)
     head_hidden: int | None = None  # hidden width of the head MLPs (default 2 * d_model)
     fv_chunk: int | None = 1024  # fv: items per chunk of the streamed softmax loss (None: one pass)
 
@@ -59,7 +60,7 @@ class SeqRecModel(nn.Module):
             if cfg.head == "ar":
                 table = self.backbone.item_emb if cfg.tied else None
                 self.head = AutoregressiveHead(d, codebook, cfg.constrained, cfg.head_hidden, shared,
-                                               cfg.item_vectors, table)
+                                               cfg.item_vectors, table, cfg.node_bias)
             else:
                 self.head = ParallelHead(d, codebook, cfg.head_hidden, shared)
 

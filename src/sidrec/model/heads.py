@@ -136,12 +136,12 @@ class AutoregressiveHead(nn.Module):
 
     def __init__(self, d: int, codebook: Codebook, constrained: bool = True, hidden: int | None = None,
                  shared_tokens: nn.Embedding | None = None, item_vectors: str = "none",
-                 item_table: nn.Embedding | None = None):
+                 item_table: nn.Embedding | None = None, node_bias: bool = False):
         super().__init__()
         if item_vectors not in ITEM_VECTORS:
             raise ValueError(f"item_vectors must be one of {ITEM_VECTORS}, not {item_vectors!r}")
-        if item_vectors != "none" and not constrained:
-            raise ValueError("item vectors need the constrained head (they exist only for valid IDs)")
+        if (item_vectors != "none" or node_bias) and not constrained:
+            raise ValueError("item vectors and node biases need the constrained head (they exist only for valid IDs)")
         self.cb = codebook
         self.trie = codebook.trie
         self.sizes = codebook.sizes
@@ -162,6 +162,10 @@ class AutoregressiveHead(nn.Module):
             self.item_emb = nn.Embedding(codebook.n_items, d)
             nn.init.normal_(self.item_emb.weight, std=0.02)
         self.item_levels = {"none": (), "leaf": (k - 1,), "all": tuple(range(k))}[item_vectors]
+        # One bias per trie node, started at log(#items below it): Q starts uniform over items (as
+        # FV-MLE does) instead of uniform over children, and the leaves get FV's per-item bias.
+        self.node_bias = nn.ParameterList([nn.Parameter(torch.log(torch.as_tensor(
+            self.trie.n_items_below(j + 1), dtype=torch.float32))) for j in range(k)]) if node_bias else None
         for m in self.film:  # start as the identity modulation
             nn.init.zeros_(m[-1].weight)
             nn.init.zeros_(m[-1].bias)
@@ -185,10 +189,10 @@ class AutoregressiveHead(nn.Module):
         if film is not None:
             q = q * (1 + film[0]) + film[1]
         s = q @ self.tok_out[j].T + self.tok_bias[j]
-        if j in self.item_levels:
+        if j in self.item_levels or self.node_bias is not None:
             if nodes is None and j > 0:
                 raise ValueError("item vectors need the rows' prefix nodes (level_scores(..., nodes))")
-            s = s + self._item_scores(j, q, nodes, s.shape[1])
+            s = s + self._node_scores(j, q, nodes, s.shape[1])
         return s
 
     def node_item_vectors(self, j: int, device) -> torch.Tensor:
@@ -203,21 +207,31 @@ class AutoregressiveHead(nn.Module):
         count = torch.bincount(node, minlength=n).clamp(min=1).to(w.dtype)
         return total / count[:, None]
 
-    def _item_scores(self, j: int, q: torch.Tensor, nodes: torch.Tensor, v: int) -> torch.Tensor:
-        """<q, item part> of each row's valid level-j children, scattered to their tokens [B, V]."""
-        nv = self.node_item_vectors(j, q.device)
+    def _node_scores(self, j: int, q: torch.Tensor, nodes: torch.Tensor, v: int) -> torch.Tensor:
+        """The node-specific part of each row's valid level-j children's scores, scattered to their
+        tokens [B, V]: <q, item part> (item levels) + the node bias (with node_bias)."""
+        items = j in self.item_levels
+        nv = self.node_item_vectors(j, q.device) if items else None
+        nb = self.node_bias[j] if self.node_bias is not None else None
         tok, child = self.trie.children_padded(j, q.device)
         if len(tok) == 1:  # the root: every row has the same children, one GEMM
-            x = q @ nv[child[0]].T
+            x = q @ nv[child[0]].T if items else q.new_zeros(len(q), child.shape[1])
+            x = x + nb[child[0]].to(x.dtype) if nb is not None else x
             return x.new_zeros(len(q), v).index_add(1, tok[0], x)  # x's dtype: bf16 under autocast
         tok, child = tok[nodes.clamp(min=0)], child[nodes.clamp(min=0)]  # [B, F], -1 = padding
-        step = max(1, (1 << 24) // (child.shape[1] * q.shape[1]))  # bound the [rows, F, d] gather
-        parts = []
-        for i in range(0, len(q), step):  # index_select: its backward is a fast index_add
-            c = child[i:i + step]
-            e = torch.index_select(nv, 0, c.clamp(min=0).reshape(-1)).view(*c.shape, -1)
-            parts.append(torch.einsum("bd,bfd->bf", q[i:i + step], e))
-        add = torch.cat(parts) * ((child >= 0) & (nodes >= 0)[:, None])  # padding, dead beams: 0
+        c0 = child.clamp(min=0)
+        if items:
+            step = max(1, (1 << 24) // (child.shape[1] * q.shape[1]))  # bound the [rows, F, d] gather
+            parts = []
+            for i in range(0, len(q), step):  # index_select: its backward is a fast index_add
+                e = torch.index_select(nv, 0, c0[i:i + step].reshape(-1)).view(*c0[i:i + step].shape, -1)
+                parts.append(torch.einsum("bd,bfd->bf", q[i:i + step], e))
+            add = torch.cat(parts)
+        else:
+            add = q.new_zeros(child.shape)
+        if nb is not None:
+            add = add + torch.index_select(nb, 0, c0.reshape(-1)).view(c0.shape).to(add.dtype)
+        add = add * ((child >= 0) & (nodes >= 0)[:, None])  # padding, dead beams: 0
         return add.new_zeros(len(q), v).scatter_add(1, tok.clamp(min=0), add)
 
     def level_log_probs(self, j: int, q: torch.Tensor, prefix_codes: torch.Tensor,
@@ -287,6 +301,8 @@ class AutoregressiveHead(nn.Module):
         b = self.tok_bias[j][tok]
         if j in self.item_levels:
             e = e + self.node_item_vectors(j, device)
+        if self.node_bias is not None:
+            b = b + self.node_bias[j]
         if j == 0:
             return e, b
         pcodes = self._node_codes(j, device)  # [P_j, j]

@@ -77,6 +77,10 @@ class Trie:
     def n_nodes(self, j: int) -> int:
         return len(self.keys[j])
 
+    def n_items_below(self, j: int) -> np.ndarray:
+        """[P_j] how many items lie below each depth-j node (1 at the leaves of a bijection)."""
+        return np.bincount(self.item_node[j], minlength=self.n_nodes(j))
+
     def torch(self, name: str, j: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """Cached torch copy of a trie array on `device`."""
         key = (name, j, str(device))

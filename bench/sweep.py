@@ -1,0 +1,102 @@
+"""Validation sweep: many one-seed `bench.quality` variants, run side by side, ranked on validation.
+
+    python -m bench.sweep bench/sweeps/beauty.yaml --jobs 8
+
+The YAML names the dataset, the seed and a list of variants, each a `bench.quality` call:
+`{tag, heads, tokenizers, set: [key=value, ...]}`. Variants run as separate processes (`--jobs` at
+a time: one per core pair on a CPU, several per GPU); a finished variant is reused (bench.quality
+reuses any run whose config is unchanged), so a killed sweep resumes. The ranking uses the
+validation NDCG@10 under the config's protocol only; test metrics are listed beside it for the
+record, never used to choose. Writes bench/results/sweep-<name>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from bench.common import RESULTS, ROOT, write_result
+from sidrec import io
+
+
+def command(spec: dict, v: dict, out_root: Path, results: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "bench.quality", "--dataset", spec["dataset"], "--seeds", str(spec.get("seeds", 1)),
+           "--tokenizers", v.get("tokenizers", "rq-kmeans"), "--heads", v.get("heads", "ar"), "--tag", v["tag"],
+           "--out-root", str(out_root), "--results-dir", str(results)]
+    if spec.get("max_users"):  # plumbing tests: a slice of the dataset
+        cmd += ["--max-users", str(spec["max_users"])]
+    return cmd + (["--set", *spec.get("set", []), *v.get("set", [])] if spec.get("set") or v.get("set") else [])
+
+
+def run_variant(cmd: list[str], tag: str, threads: int, logs: Path) -> tuple[str, int, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t = time.perf_counter()
+    with open(logs / f"{tag}.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    return tag, rc, round(time.perf_counter() - t, 1)
+
+
+def rows(dataset: str, variants: list[dict], results: Path) -> list[dict]:
+    """One row per (variant, model): validation NDCG@10 (the selection metric) and test metrics."""
+    out = []
+    for v in variants:
+        f = results / f"quality-{dataset}-{v['tag']}.json"
+        if not f.exists():
+            continue
+        r = io.read_json(f)
+        sfx = "_seen_excluded" if r["config"]["eval"]["exclude_seen"] else ""
+        for name, s in r["summary"].items():
+            get = lambda mode, k: s.get(mode + sfx, {}).get(k, {}).get("mean")  # noqa: E731
+            out.append({"tag": v["tag"], "model": name, "set": v.get("set", []), "note": v.get("note", ""),
+                        "valid_ndcg@10": get("valid_exact", "ndcg@10"), "test_recall@10": get("exact", "recall@10"),
+                        "test_ndcg@10": get("exact", "ndcg@10"), "beam_ndcg@10": get("beam", "ndcg@10"),
+                        "wall_s": s.get("wall_s"), "device": r["env"].get("cuda") or "cpu"})
+    return sorted(out, key=lambda x: (x["model"], -(x["valid_ndcg@10"] or 0)))
+
+
+def markdown(rs: list[dict]) -> str:
+    lines = ["| model | variant | overrides | valid NDCG@10 | test R@10 | test NDCG@10 | beam-20 NDCG@10 | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    f = lambda x: f"{x:.4f}" if isinstance(x, float) else "—"  # noqa: E731
+    for r in rs:
+        lines.append(f"| {r['model']} | {r['tag']} | {' '.join(r['set']) or '(config)'} | {f(r['valid_ndcg@10'])} | "
+                     f"{f(r['test_recall@10'])} | {f(r['test_ndcg@10'])} | {f(r['beam_ndcg@10'])} | "
+                     f"{r['wall_s'] or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("spec", help="YAML: dataset, seeds (default 1), variants: [{tag, heads, tokenizers, set}]")
+    ap.add_argument("--jobs", type=int, default=1, help="variants run at once")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per variant (default: cores / jobs)")
+    ap.add_argument("--only", default="", help="comma-separated tags to run (the table still lists all)")
+    ap.add_argument("--out-root", default=str(ROOT / "bench" / "out"))
+    ap.add_argument("--results-dir", default=str(RESULTS))
+    a = ap.parse_args()
+    spec = yaml.safe_load(Path(a.spec).read_text())
+    out_root, results = Path(a.out_root), Path(a.results_dir)
+    todo = [v for v in spec["variants"] if not a.only or v["tag"] in a.only.split(",")]
+    threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
+    logs = out_root / "sweep-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(a.jobs) as pool:
+        done = pool.map(lambda v: run_variant(command(spec, v, out_root, results), v["tag"], threads, logs), todo)
+        for tag, rc, wall in done:
+            print(f"{tag}: {'ok' if rc == 0 else f'FAILED (exit {rc}, see {logs / tag}.log)'} in {wall} s", flush=True)
+    name = f"sweep-{Path(a.spec).stem}"
+    rs = rows(spec["dataset"], spec["variants"], results)
+    write_result(name, {"spec": spec, "rows": rs}, results)
+    io.write_text(results / f"{name}.md", markdown(rs))
+    print(markdown(rs))
+
+
+if __name__ == "__main__":
+    main()
