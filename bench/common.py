@@ -22,8 +22,8 @@ def environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "bench",
+                                "configs", ":!bench/results"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         commit += "+uncommitted" if commit and dirty else ""  # the code that ran is not exactly that commit
     except OSError:
         commit = ""

@@ -82,7 +82,7 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
                        **records(io.read_json(run_dir / "eval-seen-excluded.json"), "_seen_excluded")}
                 rows.setdefault(name, []).append(rec)
         walls.append(round(seed_wall, 1))
-        result = _result(dataset, data, seed + 1, tokenizers, heads, overrides, max_users, walls, base, rows)
+        result = _result(dataset, data, len(walls), tokenizers, heads, overrides, max_users, walls, base, rows)
         result["tag"] = tag
         if only_seed is None:  # one seed of a split-up run: the final call without it aggregates
             write_result(name_out, result, results_dir)  # after every seed: partial results survive

@@ -43,12 +43,13 @@ def run_variant(cmd: list[str], tag: str, threads: int, logs: Path) -> tuple[str
     return tag, rc, round(time.perf_counter() - t, 1)
 
 
-def rows(dataset: str, variants: list[dict], results: Path) -> list[dict]:
-    """One row per (variant, model): validation NDCG@10 (the selection metric) and test metrics."""
+def rows(dataset: str, variants: list[dict], results: Path, failed: set[str] = frozenset()) -> list[dict]:
+    """One row per (variant, model): validation NDCG@10 (the selection metric) and test metrics.
+    Variants that failed in this call are left out (their results file, if any, is older)."""
     out = []
     for v in variants:
         f = results / f"quality-{dataset}-{v['tag']}.json"
-        if not f.exists():
+        if v["tag"] in failed or not f.exists():
             continue
         r = io.read_json(f)
         sfx = "_seen_excluded" if r["config"]["eval"]["exclude_seen"] else ""
@@ -72,6 +73,16 @@ def markdown(rs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prepare_once(spec: dict, out_root: Path) -> None:
+    """Prepare the dataset before the variants start: parallel processes would all build (and
+    replace) the same shared data directory at once."""
+    from bench.quality import prepared
+    from sidrec.config import load_config
+
+    cfg = load_config(ROOT / "configs" / f"{spec['dataset']}.yaml", list(spec.get("set", [])))
+    prepared(spec["dataset"], cfg, out_root / f"quality-{spec['dataset']}", spec.get("max_users"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("spec", help="YAML: dataset, seeds (default 1), variants: [{tag, heads, tokenizers, set}]")
@@ -87,12 +98,15 @@ def main() -> None:
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
     logs = out_root / "sweep-logs"
     logs.mkdir(parents=True, exist_ok=True)
+    prepare_once(spec, out_root)
+    failed = set()
     with ThreadPoolExecutor(a.jobs) as pool:
         done = pool.map(lambda v: run_variant(command(spec, v, out_root, results), v["tag"], threads, logs), todo)
         for tag, rc, wall in done:
             print(f"{tag}: {'ok' if rc == 0 else f'FAILED (exit {rc}, see {logs / tag}.log)'} in {wall} s", flush=True)
+            failed |= {tag} if rc else set()
     name = f"sweep-{Path(a.spec).stem}"
-    rs = rows(spec["dataset"], spec["variants"], results)
+    rs = rows(spec["dataset"], spec["variants"], results, failed)
     write_result(name, {"spec": spec, "rows": rs}, results)
     io.write_text(results / f"{name}.md", markdown(rs))
     print(markdown(rs))

@@ -216,7 +216,7 @@ class AutoregressiveHead(nn.Module):
         tok, child = self.trie.children_padded(j, q.device)
         if len(tok) == 1:  # the root: every row has the same children, one GEMM
             x = q @ nv[child[0]].T if items else q.new_zeros(len(q), child.shape[1])
-            x = x + nb[child[0]].to(x.dtype) if nb is not None else x
+            x = x.to(torch.promote_types(x.dtype, nb.dtype)) + nb[child[0]] if nb is not None else x
             return x.new_zeros(len(q), v).index_add(1, tok[0], x)  # x's dtype: bf16 under autocast
         tok, child = tok[nodes.clamp(min=0)], child[nodes.clamp(min=0)]  # [B, F], -1 = padding
         c0 = child.clamp(min=0)
@@ -230,7 +230,7 @@ class AutoregressiveHead(nn.Module):
         else:
             add = q.new_zeros(child.shape)
         if nb is not None:
-            add = add + torch.index_select(nb, 0, c0.reshape(-1)).view(c0.shape).to(add.dtype)
+            add = add.to(torch.promote_types(add.dtype, nb.dtype)) + torch.index_select(nb, 0, c0.reshape(-1)).view(c0.shape)
         add = add * ((child >= 0) & (nodes >= 0)[:, None])  # padding, dead beams: 0
         return add.new_zeros(len(q), v).scatter_add(1, tok.clamp(min=0), add)
 
