@@ -83,6 +83,22 @@ def prepare_once(spec: dict, out_root: Path) -> None:
     prepared(spec["dataset"], cfg, out_root / f"quality-{spec['dataset']}", spec.get("max_users"))
 
 
+def load_spec(path: str) -> dict:
+    """The sweep YAML, checked: a bad spec is one message and exit 2, not a traceback."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        spec, why = None, f"cannot read it ({e})"
+    else:
+        why = "needs 'dataset' and 'variants: [{tag, heads, tokenizers, set}, ...]'"
+    variants = spec.get("variants") if isinstance(spec, dict) else None
+    if not (isinstance(spec, dict) and isinstance(spec.get("dataset"), str) and isinstance(variants, list)
+            and all(isinstance(v, dict) and v.get("tag") for v in variants)):
+        print(f"bench.sweep: {path}: {why}", file=sys.stderr)
+        raise SystemExit(2)
+    return spec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("spec", help="YAML: dataset, seeds (default 1), variants: [{tag, heads, tokenizers, set}]")
@@ -92,7 +108,7 @@ def main() -> None:
     ap.add_argument("--out-root", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--results-dir", default=str(RESULTS))
     a = ap.parse_args()
-    spec = yaml.safe_load(Path(a.spec).read_text())
+    spec = load_spec(a.spec)
     out_root, results = Path(a.out_root), Path(a.results_dir)
     todo = [v for v in spec["variants"] if not a.only or v["tag"] in a.only.split(",")]
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)

@@ -93,3 +93,14 @@ def test_popularity_bench(tmp_path):
           "--results-dir", str(tmp_path)], tmp_path)
     r = json.loads((tmp_path / "popularity-beauty.json").read_text())
     assert r["valid"]["n_users"] == 22363 and 0 < r["test"]["recall@10"] < r["valid"]["recall@10"]
+
+
+@pytest.mark.parametrize("text", ["dataset: beauty\n", "variants: [{heads: ar}]\n", "dataset: [\n"])
+def test_sweep_rejects_a_bad_spec(tmp_path, text):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(text)
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "bench.sweep", str(spec), "--out-root", str(tmp_path / "out")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "bad.yaml" in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -108,6 +108,10 @@ def test_tokenize_beauty_from_cli(tmp_path, capsys, beauty_data):
 def test_config_errors_are_user_errors(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "--set", "train.nope=1"]) == 2
     assert "unknown config key 'train.nope'" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--set", "model.node_bias=maybe"]) == 2
+    assert "model.node_bias must be true or false" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--set", "model.node_bias=true", "model.constrained=false"]) == 2
+    assert "model.node_bias needs model.constrained: true" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     assert main(["run", str(bad), "--out", str(tmp_path / "r")]) == 2

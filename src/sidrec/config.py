@@ -117,6 +117,9 @@ def model_config(cfg: dict) -> ModelConfig:
         raise UserError(f"bad model config: {e}") from None
     if mc.head not in ("ar", "fv", "parallel"):
         raise UserError(f"model.head must be ar, fv or parallel, not {mc.head!r}")
+    for name in ("tied", "constrained", "node_bias"):
+        if not isinstance(getattr(mc, name), bool):
+            raise UserError(f"model.{name} must be true or false, not {getattr(mc, name)!r}")
     if mc.item_vectors not in ITEM_VECTORS:
         raise UserError(f"model.item_vectors must be one of {', '.join(ITEM_VECTORS)}, not {mc.item_vectors!r}")
     if mc.item_vectors != "none" and not mc.constrained:

@@ -191,7 +191,7 @@ class AutoregressiveHead(nn.Module):
         s = q @ self.tok_out[j].T + self.tok_bias[j]
         if j in self.item_levels or self.node_bias is not None:
             if nodes is None and j > 0:
-                raise ValueError("item vectors need the rows' prefix nodes (level_scores(..., nodes))")
+                raise ValueError("item vectors and node biases need the rows' prefix nodes (level_scores(..., nodes))")
             s = s + self._node_scores(j, q, nodes, s.shape[1])
         return s
 
@@ -217,7 +217,7 @@ class AutoregressiveHead(nn.Module):
         if len(tok) == 1:  # the root: every row has the same children, one GEMM
             x = q @ nv[child[0]].T if items else q.new_zeros(len(q), child.shape[1])
             x = x.to(torch.promote_types(x.dtype, nb.dtype)) + nb[child[0]] if nb is not None else x
-            return x.new_zeros(len(q), v).index_add(1, tok[0], x)  # x's dtype: bf16 under autocast
+            return x.new_zeros(len(q), v).index_add(1, tok[0], x)  # x's dtype (bf16 under autocast)
         tok, child = tok[nodes.clamp(min=0)], child[nodes.clamp(min=0)]  # [B, F], -1 = padding
         c0 = child.clamp(min=0)
         if items:
