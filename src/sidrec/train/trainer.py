@@ -199,7 +199,7 @@ class Trainer:
         t_log, n_tgt = time.perf_counter(), 0
         while not st["done"] and st["epoch"] < cfg.epochs:
             order = self.batches.order(st["epoch"])
-            losses = []
+            losses, t_epoch = [], time.perf_counter()
             for bi in range(st["batch"], n_batches):
                 rows = order[bi]
                 loss = self.step(rows)
@@ -223,12 +223,15 @@ class Trainer:
             if epoch_done:
                 ep = st["epoch"]
                 st["epoch"], st["batch"] = ep + 1, 0
-                rec = {"epoch": ep, "step": st["step"], "train_loss": float(np.mean(losses)) if losses else None}
+                rec = {"epoch": ep, "step": st["step"], "train_loss": float(np.mean(losses)) if losses else None,
+                       "train_s": round(time.perf_counter() - t_epoch, 2)}
                 if (ep + 1) % cfg.eval_every == 0 or st["epoch"] >= cfg.epochs:
+                    t_valid = time.perf_counter()
                     m = evaluate_split(self.model, self.data, "valid", batch_size=cfg.eval_batch_size,
                                        device=self.device, users=self.eval_users,
                                        exclude_seen=cfg.exclude_seen)
                     rec["valid"] = {k: v for k, v in m.items() if not k.startswith("_")}
+                    rec["valid_s"] = round(time.perf_counter() - t_valid, 2)
                     if m["ndcg@10"] > st["best"]:
                         st.update(best=m["ndcg@10"], best_epoch=ep, bad_epochs=0)
                         self.save_best()
