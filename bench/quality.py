@@ -54,7 +54,7 @@ def prepared(dataset: str, cfg: dict, work: Path, max_users: int | None) -> Sequ
 
 def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overrides: list[str],
         max_users: int | None, out_root: Path, results_dir: Path, tag: str = "", name: str = "",
-        only_seed: int | None = None) -> dict:
+        only_seed: int | None = None, parallel_levels: int = 4) -> dict:
     work = out_root / f"quality-{dataset}"  # the prepared data (and its embedding cache) is shared by every tag
     runs_root = work / tag if tag else work
     name_out = f"quality-{dataset}" + (f"-{name or tag}" if name or tag else "")
@@ -67,7 +67,7 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
         for tok in tokenizers:
             cfg = copy.deepcopy(base)
             cfg["tokenizer"]["method"] = tok
-            cfg["tokenizer"]["levels"] = 4 if tok in ("pq", "opq") else cfg["tokenizer"]["levels"]
+            cfg["tokenizer"]["levels"] = parallel_levels if tok in ("pq", "opq") else cfg["tokenizer"]["levels"]
             cfg["tokenizer"]["seed"] = seed
             cfg["train"]["seed"] = seed
             cb = ensure_codebook(cfg, data, runs_root / f"seed{seed}" / tok)  # refitted per seed
@@ -211,9 +211,11 @@ def main() -> None:
                     "still shared by tag: a finished run with the same config is reused, not retrained)")
     ap.add_argument("--only-seed", type=int, default=None, help="train/evaluate this seed alone and write no "
                     "results (run seeds as parallel processes, then once without it to aggregate)")
+    ap.add_argument("--parallel-levels", type=int, default=4, help="sub-spaces (tokens) of PQ/OPQ codes "
+                    "(cascaded tokenizers take tokenizer.levels from the config)")
     a = ap.parse_args()
     r = run(a.dataset, a.seeds, a.tokenizers.split(","), a.heads.split(","), a.set, a.max_users,
-            Path(a.out_root), Path(a.results_dir), a.tag, a.name, a.only_seed)
+            Path(a.out_root), Path(a.results_dir), a.tag, a.name, a.only_seed, a.parallel_levels)
     print(markdown(r))
 
 

@@ -3,7 +3,7 @@
     python -m bench.sweep bench/sweeps/beauty.yaml --jobs 8
 
 The YAML names the dataset, the seed and a list of variants, each a `bench.quality` call:
-`{tag, heads, tokenizers, set: [key=value, ...]}`. Variants run as separate processes (`--jobs` at
+`{tag, heads, tokenizers, set: [key=value, ...], parallel_levels}`. Variants run as separate processes (`--jobs` at
 a time: one per core pair on a CPU, several per GPU); a finished variant is reused (bench.quality
 reuses any run whose config is unchanged), so a killed sweep resumes. The ranking uses the
 validation NDCG@10 under the config's protocol only; test metrics are listed beside it for the
@@ -30,6 +30,8 @@ def command(spec: dict, v: dict, out_root: Path, results: Path) -> list[str]:
     cmd = [sys.executable, "-m", "bench.quality", "--dataset", spec["dataset"], "--seeds", str(spec.get("seeds", 1)),
            "--tokenizers", v.get("tokenizers", "rq-kmeans"), "--heads", v.get("heads", "ar"), "--tag", v["tag"],
            "--out-root", str(out_root), "--results-dir", str(results)]
+    if v.get("parallel_levels"):
+        cmd += ["--parallel-levels", str(v["parallel_levels"])]
     if spec.get("max_users"):  # plumbing tests: a slice of the dataset
         cmd += ["--max-users", str(spec["max_users"])]
     return cmd + (["--set", *spec.get("set", []), *v.get("set", [])] if spec.get("set") or v.get("set") else [])

@@ -69,3 +69,27 @@ def test_popularity_ranking_hand_example():
     m = popularity_ranking(data, "test")  # targets: 1 (rank 2) and 0 (rank 1)
     assert m["recall@1"] == 0.5 and m["recall@5"] == 1.0
     assert math.isclose(m["mrr"], (1 / 2 + 1) / 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_items=st.integers(2, 40), n_users=st.integers(1, 12), hist_len=st.integers(1, 8), seed=st.integers(0, 10_000))
+def test_exact_ranks_match_masking_the_history(n_items, n_users, hist_len, seed):
+    """Subtracting the history's items from the count equals masking them out of the score matrix,
+    with ties, repeated history items, padding, -inf scores and targets inside the history."""
+    import torch
+
+    from sidrec.evaluate import _exact_ranks, _history_mask
+
+    rng = np.random.default_rng(seed)
+    s = torch.from_numpy(rng.integers(-3, 3, (n_users, n_items)).astype(np.float32))  # many ties
+    s[torch.from_numpy(rng.random((n_users, n_items)) < 0.1)] = float("-inf")
+    hist = torch.from_numpy(rng.integers(0, n_items + 1, (n_users, hist_len)))  # n_items = padding
+    tgt = torch.from_numpy(rng.integers(0, n_items, n_users))
+    masked = s.masked_fill(_history_mask(hist, n_items, n_items), float("-inf"))
+    for scores, history in ((s, None), (s, hist)):
+        ref = masked if history is not None else scores
+        ts = ref.gather(1, tgt[:, None])
+        want = np.where(np.isfinite(ts.squeeze(1).numpy()), (ref > ts).sum(1).numpy() + 1.0, np.inf)
+        got = _exact_ranks(scores, tgt, history, n_items).numpy()
+        np.testing.assert_array_equal(got, want)
+        assert np.array_equal(_exact_ranks(scores.T.contiguous().T, tgt, history, n_items).numpy(), want)

@@ -6,10 +6,19 @@ import torch
 
 
 @torch.no_grad()
-def exact_scores(head, h: torch.Tensor, tables=None) -> torch.Tensor:
-    """[B, N] exact log-probabilities (AR heads reuse precomputed trie-node tables if given)."""
-    if getattr(head, "kind", "") == "ar":
+def exact_scores(head, h: torch.Tensor, tables=None, normalized: bool = True) -> torch.Tensor:
+    """[B, N] exact log-probabilities (AR heads reuse precomputed trie-node tables if given).
+
+    normalized=False may leave out a per-row constant (FV-MLE's and the parallel head's log-partition
+    over items): the same ranking for one pass less over [B, N], which is what evaluation needs.
+    """
+    kind = getattr(head, "kind", "")
+    if kind == "ar":
         return head.log_prob_all(h, tables)
+    if not normalized and kind == "fv":
+        return head.logits(h)
+    if not normalized and kind == "parallel":
+        return head.log_prob_all(h, renormalize=False)
     return head.log_prob_all(h)
 
 

@@ -21,6 +21,24 @@ def _history_mask(items: torch.Tensor, pad_id: int, n_items: int) -> torch.Tenso
     return m[:, :n_items]
 
 
+def _exact_ranks(s: torch.Tensor, tgt: torch.Tensor, history: torch.Tensor | None, pad_id: int) -> torch.Tensor:
+    """1 + the number of items scored above the target [B] (inf if the target cannot be ranked).
+
+    With a history [B, L], its items leave the ranking (and a target among them gets rank inf). They are
+    subtracted from the count rather than masked out of s: L gathers instead of a pass over [B, N]."""
+    ts = s.gather(1, tgt[:, None])
+    above = (s > ts).sum(1, dtype=torch.int32)
+    ok = torch.isfinite(ts.squeeze(1))
+    if history is not None:
+        hist, _ = torch.sort(history, 1)
+        real = hist != pad_id
+        real[:, 1:] &= hist[:, 1:] != hist[:, :-1]  # each distinct history item once
+        above -= ((s.gather(1, hist.clamp(max=s.shape[1] - 1)) > ts) & real).sum(1, dtype=torch.int32)
+        ok &= ~((hist == tgt[:, None]) & real).any(1)
+    r = above.double() + 1
+    return torch.where(ok, r, torch.full_like(r, float("inf")))
+
+
 @torch.no_grad()
 def evaluate_split(
     model, data: SequenceData, split: str, *, decode: str = "exact", beam: int = 20, batch_size: int = 512,
@@ -47,13 +65,12 @@ def evaluate_split(
         h = model.encode(items, lengths)
         tgt = torch.from_numpy(targets_all[u].astype(np.int64)).to(device)
         if decode == "exact":
-            s = exact_scores(head, h, tables).float()
-            if exclude_seen:
-                s = s.masked_fill(_history_mask(items, data.n_items, data.n_items), float("-inf"))
-            ts = s.gather(1, tgt[:, None])
-            r = (s > ts).sum(1).double() + 1
-            r = torch.where(torch.isfinite(ts.squeeze(1)), r, torch.full_like(r, float("inf")))
-            top = torch.topk(s, min(LIST_K, s.shape[1]), dim=1).indices
+            s = exact_scores(head, h, tables, normalized=False).float()  # ranks need no normaliser
+            r = _exact_ranks(s, tgt, items if exclude_seen else None, data.n_items)
+            if return_lists:  # training's per-epoch validation needs ranks only
+                if exclude_seen:
+                    s = s.masked_fill(_history_mask(items, data.n_items, data.n_items), float("-inf"))
+                lists.append(torch.topk(s, min(LIST_K, s.shape[1]), dim=1).indices.cpu().numpy())
             ranks.append(r.cpu().numpy())
         else:
             res = beam_search(head, h, beam=beam, k=min(beam, LIST_K + (items.shape[1] if exclude_seen else 0)))
@@ -65,7 +82,7 @@ def evaluate_split(
                 top = torch.where(torch.gather(seen, 1, order_k), -1, torch.gather(top, 1, order_k))
             top = top[:, :LIST_K]
             ranks.append(ranks_in_lists(top.cpu().numpy(), tgt.cpu().numpy()))
-        lists.append(top.cpu().numpy())
+            lists.append(top.cpu().numpy())
         order.append(u)
     order = np.concatenate(order)
     ranks_arr = np.concatenate(ranks)
