@@ -39,6 +39,12 @@ def test_quality_bench_tiny_slice(tmp_path):
     again = json.loads((tmp_path / "quality-beauty-again.json").read_text())
     assert weights.stat().st_mtime_ns == stamp
     assert again["runs"]["ar/rq-kmeans"][0]["wall_s"] == r["runs"]["ar/rq-kmeans"][0]["wall_s"]
+    # FV-MLE on item IDs does not read the codebook: a call naming another tokenizer reuses its run
+    fv = tmp_path / "out/quality-beauty/seed0/fv/model.safetensors"
+    fv_stamp = fv.stat().st_mtime_ns
+    _run([*base[:-8], "--tokenizers", "opq", "--heads", "fv", *base[-4:], "--name", "fv-opq", "--set",
+          "train.epochs=1", "tokenizer.embeddings=collab", "tokenizer.codebook_size=16"], tmp_path)
+    assert fv.stat().st_mtime_ns == fv_stamp
     _run([*base, "--name", "changed", "--set", "train.epochs=1", "tokenizer.embeddings=collab",
           "tokenizer.codebook_size=16", "train.lr=0.002"], tmp_path)
     assert weights.stat().st_mtime_ns != stamp
@@ -59,11 +65,16 @@ def test_sweep_and_split_seeds(tmp_path):
     tiny = ["tokenizer.embeddings=collab", "tokenizer.codebook_size=16", "train.epochs=1"]
     spec = tmp_path / "tiny.yaml"
     spec.write_text(json.dumps({"dataset": "beauty", "max_users": 300, "set": tiny, "variants": [
-        {"tag": "a", "heads": "fv,ar"}, {"tag": "b", "heads": "ar", "set": ["model.node_bias=true"]}]}))
+        {"tag": "a", "heads": "fv,ar"}, {"tag": "b", "heads": "ar", "set": ["model.node_bias=true"]},
+        {"tag": "c", "heads": "ar", "tokenizers": "opq", "parallel_levels": 3}]}))
     out = ["--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path)]
     _run(["bench.sweep", str(spec), "--jobs", "2", "--threads", "1", *out], tmp_path)
     rows = json.loads((tmp_path / "sweep-tiny.json").read_text())["rows"]
-    assert {(r["tag"], r["model"]) for r in rows} == {("a", "fv"), ("a", "ar/rq-kmeans"), ("b", "ar/rq-kmeans")}
+    assert {(r["tag"], r["model"]) for r in rows} == {("a", "fv"), ("a", "ar/rq-kmeans"), ("b", "ar/rq-kmeans"),
+                                                    ("c", "ar/opq")}
+    assert json.loads((tmp_path / "quality-beauty-c.json").read_text())["parallel_levels"] == 3
+    cb = json.loads((tmp_path / "out/quality-beauty/c/seed0/ar-opq/codebook/codebook.json").read_text())
+    assert cb["tokenizer"]["method"] == "opq" and cb["tokenizer"]["levels"] == 3
     assert all(0 <= r["valid_ndcg@10"] <= 1 for r in rows)
     assert "| ar/rq-kmeans | b | model.node_bias=true |" in (tmp_path / "sweep-tiny.md").read_text()
     q = ["bench.quality", "--dataset", "beauty", "--seeds", "2", "--max-users", "300", "--tokenizers", "rq-kmeans",
