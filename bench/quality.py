@@ -24,6 +24,7 @@ from bench.common import RESULTS, ROOT, write_result
 from sidrec import io
 from sidrec.config import load_config, resolve_path
 from sidrec.data import SequenceData, prepare, read
+from sidrec.errors import UserError
 from sidrec.pipeline import ensure_codebook, ensure_data, evaluate_run, head_config, train_one
 
 DATASETS = ("beauty", "sports", "yelp", "ml-100k")  # configs/<name>.yaml says where the data is
@@ -227,8 +228,14 @@ def main() -> None:
     ap.add_argument("--parallel-levels", type=int, default=4, help="sub-spaces (tokens) of PQ/OPQ codes "
                     "(cascaded tokenizers take tokenizer.levels from the config)")
     a = ap.parse_args()
-    r = run(a.dataset, a.seeds, a.tokenizers.split(","), a.heads.split(","), a.set, a.max_users,
-            Path(a.out_root), Path(a.results_dir), a.tag, a.name, a.only_seed, a.parallel_levels)
+    if a.parallel_levels < 1:
+        ap.error("--parallel-levels must be >= 1")
+    try:
+        r = run(a.dataset, a.seeds, a.tokenizers.split(","), a.heads.split(","), a.set, a.max_users,
+                Path(a.out_root), Path(a.results_dir), a.tag, a.name, a.only_seed, a.parallel_levels)
+    except UserError as e:  # a bad --set, a code too short for the catalogue, ...: one line, exit 2
+        print(f"bench.quality: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(markdown(r))
 
 

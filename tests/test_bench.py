@@ -115,3 +115,16 @@ def test_sweep_rejects_a_bad_spec(tmp_path, text):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "bad.yaml" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--parallel-levels", "0"], "--parallel-levels must be >= 1"),
+    (["--tokenizers", "opq", "--parallel-levels", "1", "--set", "tokenizer.codebook_size=4"], "cannot get distinct IDs"),
+    (["--set", "model.no_such_key=1"], "unknown config key"),
+])
+def test_quality_bench_bad_input_is_exit_2(tmp_path, args, message):
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-m", "bench.quality", "--dataset", "beauty", "--seeds", "1", "--max-users", "100",
+                        "--heads", "ar", "--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path), *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
