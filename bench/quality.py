@@ -93,11 +93,17 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
     return result
 
 
+#: Model keys added after runs were recorded, with the value that reproduces those runs.
+NEUTRAL_DEFAULTS = {"head_dropout": 0.0, "head_film": True, "head_context": True}
+
+
 def identity(config: dict) -> dict:
     """The part of a head config its results depend on: FV-MLE on item-ID inputs never reads the
-    codebook, so its run is the same whichever tokenizer the call names."""
-    m = config["model"]
-    if m["head"] == "fv" and m["backbone"]["item_input"] == "id":
+    codebook, so its run is the same whichever tokenizer the call names; a key added later at its
+    neutral default (a run made before it existed) is the same run."""
+    model = {k: v for k, v in config["model"].items() if NEUTRAL_DEFAULTS.get(k, object()) != v}
+    config = {**config, "model": model}
+    if model["head"] == "fv" and model["backbone"]["item_input"] == "id":
         return {k: v for k, v in config.items() if k != "tokenizer"}
     return config
 

@@ -128,3 +128,15 @@ def test_quality_bench_bad_input_is_exit_2(tmp_path, args, message):
                         "--heads", "ar", "--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path), *args],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_identity_ignores_keys_added_at_their_neutral_default():
+    """A run recorded before model.head_dropout existed is the same run as one at head_dropout 0,
+    and a different one at any other value (it is reused, not retrained, and never confused)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.quality import identity
+    from sidrec.config import DEFAULTS
+    old = {"model": {k: v for k, v in DEFAULTS["model"].items() if k != "head_dropout"}, "tokenizer": {}}
+    new = {**old, "model": {**old["model"], "head_dropout": 0.0}}
+    assert identity(old) == identity(new)
+    assert identity({**old, "model": {**old["model"], "head_dropout": 0.2}}) != identity(old)

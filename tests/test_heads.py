@@ -201,3 +201,51 @@ def test_streamed_softmax_ce_matches_cross_entropy(chunk):
     amp.sum().backward()
     assert amp.dtype == torch.float32 and w32.grad.dtype == torch.float32
     np.testing.assert_allclose(amp.detach().numpy(), ref.detach().numpy(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("head", ["ar", "parallel"])
+def test_head_dropout_trains_noisy_and_evaluates_exactly(head):
+    """head_dropout regularises the head's MLPs in training only: in eval mode the model is the
+    p = 0 model with the same weights (same parameter names, so old checkpoints load), and Q stays
+    a distribution over items."""
+    cb = _codebook()
+    plain = _model(head, cb, cb.n_items, item_vectors="all" if head == "ar" else "none")
+    drop = _model(head, cb, cb.n_items, item_vectors="all" if head == "ar" else "none", head_dropout=0.5)
+    assert plain.state_dict().keys() == drop.state_dict().keys()
+    drop.load_state_dict(plain.state_dict())
+    h = torch.randn(6, 16, dtype=torch.float64)
+    plain.eval(), drop.eval()
+    np.testing.assert_allclose(drop.head.log_prob_all(h).detach().numpy(),
+                               plain.head.log_prob_all(h).detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(drop.head.log_prob_all(h).exp().sum(1).detach().numpy(), 1.0, atol=1e-10)
+    drop.train()
+    items = torch.randint(0, cb.n_items, (6,))
+    assert not torch.allclose(drop.head.nll(h, items), plain.head.nll(h, items))
+
+
+def test_head_dropout_is_validated():
+    from sidrec.config import DEFAULTS, model_config
+    from sidrec.errors import UserError
+    with pytest.raises(UserError, match="head_dropout"):
+        model_config({"model": {**DEFAULTS["model"], "head_dropout": 1.5}})
+
+
+@pytest.mark.parametrize("film,context", [(False, True), (True, False), (False, False)])
+def test_ar_head_ablations_keep_the_identities(film, context):
+    """Without FiLM and/or the per-level context MLPs the AR head is still a distribution over
+    items whose loss is -log Q(i*), exactly; the beam still emits only valid IDs, and every
+    remaining parameter is trained (none is left dangling)."""
+    from sidrec.decode import beam_search
+    cb = _codebook()
+    m = _model("ar", cb, cb.n_items, item_vectors="all", node_bias=True, head_film=film, head_context=context)
+    assert (m.head.film is None) != film and all(isinstance(c, torch.nn.Identity) != context for c in m.head.ctx)
+    h = torch.randn(7, 16, dtype=torch.float64)
+    lp = m.head.log_prob_all(h).detach()
+    np.testing.assert_allclose(lp.exp().sum(1).numpy(), 1.0, atol=1e-10)
+    items = torch.randint(0, cb.n_items, (7,))
+    np.testing.assert_allclose(m.head.nll(h, items).detach().numpy(), -lp[torch.arange(7), items].numpy(), atol=1e-9)
+    r = beam_search(m.head, h, beam=5, k=5)
+    assert r.n_invalid == 0 and ((r.items >= 0) & (r.items < cb.n_items)).all()
+    np.testing.assert_allclose(r.log_probs.detach().numpy(), lp.gather(1, r.items).numpy(), atol=1e-9)
+    m.nll(torch.randint(0, cb.n_items, (4, 6)), torch.randint(0, cb.n_items, (4, 6))).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in m.named_parameters())

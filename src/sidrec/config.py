@@ -25,7 +25,8 @@ DEFAULTS: dict[str, Any] = {
         "text_model": "all-MiniLM-L6-v2", "collab_dim": 64, "resolve": "reassign", "seed": 0,
     },
     "model": {"head": "ar", "tied": True, "constrained": True, "item_vectors": "none", "node_bias": False,
-              "head_hidden": None, "fv_chunk": 1024,
+              "head_hidden": None, "head_dropout": 0.0, "head_film": True,
+              "head_context": True, "fv_chunk": 1024,
               "backbone": {f.name: f.default for f in fields(BackboneConfig)}},
     "train": {f.name: f.default for f in fields(TrainConfig)},
     "heads": ["ar", "fv"],
@@ -117,7 +118,7 @@ def model_config(cfg: dict) -> ModelConfig:
         raise UserError(f"bad model config: {e}") from None
     if mc.head not in ("ar", "fv", "parallel"):
         raise UserError(f"model.head must be ar, fv or parallel, not {mc.head!r}")
-    for name in ("tied", "constrained", "node_bias"):
+    for name in ("tied", "constrained", "node_bias", "head_film", "head_context"):
         if not isinstance(getattr(mc, name), bool):
             raise UserError(f"model.{name} must be true or false, not {getattr(mc, name)!r}")
     if mc.item_vectors not in ITEM_VECTORS:
@@ -126,6 +127,8 @@ def model_config(cfg: dict) -> ModelConfig:
         raise UserError("model.item_vectors needs model.constrained: true (item vectors exist only for valid IDs)")
     if mc.node_bias and not mc.constrained:
         raise UserError("model.node_bias needs model.constrained: true (trie nodes exist only for valid IDs)")
+    if not isinstance(mc.head_dropout, (int, float)) or not 0 <= mc.head_dropout < 1:
+        raise UserError(f"model.head_dropout must be a number in [0, 1), not {mc.head_dropout!r}")
     b = mc.backbone
     if b.item_input not in ("id", "sid", "both"):
         raise UserError("model.backbone.item_input must be id, sid or both")

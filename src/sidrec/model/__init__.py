@@ -24,6 +24,9 @@ class ModelConfig:
     item_vectors: str = "none"  # ar: none | leaf | all: node vector += mean item vector below (tied: input table)
     node_bias: bool = False  # ar: a bias per trie node, started at log(#items below it)
     head_hidden: int | None = None  # hidden width of the head MLPs (default 2 * d_model)
+    head_dropout: float = 0.0  # ar/parallel: dropout on the head MLPs' hidden units
+    head_film: bool = True  # ar: the prefix modulates the context (FiLM); false: no modulation
+    head_context: bool = True  # ar: a context MLP per level; false: every level scores the backbone state
     fv_chunk: int | None = 1024  # fv: items per chunk of the streamed softmax loss (None: one pass)
 
     def to_dict(self) -> dict:
@@ -60,9 +63,10 @@ class SeqRecModel(nn.Module):
             if cfg.head == "ar":
                 table = self.backbone.item_emb if cfg.tied else None
                 self.head = AutoregressiveHead(d, codebook, cfg.constrained, cfg.head_hidden, shared,
-                                               cfg.item_vectors, table, cfg.node_bias)
+                                               cfg.item_vectors, table, cfg.node_bias, cfg.head_dropout,
+                                               cfg.head_film, cfg.head_context)
             else:
-                self.head = ParallelHead(d, codebook, cfg.head_hidden, shared)
+                self.head = ParallelHead(d, codebook, cfg.head_hidden, shared, cfg.head_dropout)
 
     def forward(self, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.nll(items, targets)

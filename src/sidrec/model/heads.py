@@ -34,17 +34,20 @@ NEG_INF = float("-inf")
 ITEM_VECTORS = ("none", "leaf", "all")
 
 
-def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0) -> nn.Sequential:
+    """Two layers; dropout on the hidden units regularises the head's own capacity, which grows
+    with d while the data does not (the AR head over-fits before the backbone does at d = 128)."""
+    act = nn.Sequential(nn.GELU(), nn.Dropout(dropout))  # one slot: parameter names stay 0.* and 2.*
+    return nn.Sequential(nn.Linear(d_in, d_hidden), act, nn.Linear(d_hidden, d_out))
 
 
 class ContextMLP(nn.Module):
     """q(h) = h + MLP(LN(h)): a per-level view of the backbone state."""
 
-    def __init__(self, d: int, hidden: int):
+    def __init__(self, d: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.ln = nn.LayerNorm(d)
-        self.mlp = _mlp(d, hidden, d)
+        self.mlp = _mlp(d, hidden, d, dropout)
 
     def forward(self, h):
         return h + self.mlp(self.ln(h))
@@ -136,7 +139,8 @@ class AutoregressiveHead(nn.Module):
 
     def __init__(self, d: int, codebook: Codebook, constrained: bool = True, hidden: int | None = None,
                  shared_tokens: nn.Embedding | None = None, item_vectors: str = "none",
-                 item_table: nn.Embedding | None = None, node_bias: bool = False):
+                 item_table: nn.Embedding | None = None, node_bias: bool = False, dropout: float = 0.0,
+                 film: bool = True, context: bool = True):
         super().__init__()
         if item_vectors not in ITEM_VECTORS:
             raise ValueError(f"item_vectors must be one of {ITEM_VECTORS}, not {item_vectors!r}")
@@ -149,9 +153,12 @@ class AutoregressiveHead(nn.Module):
         hidden = hidden or 2 * d
         k = len(self.sizes)
         self.register_buffer("codes", torch.as_tensor(codebook.codes), persistent=False)
-        self.ctx = nn.ModuleList([ContextMLP(d, hidden) for _ in range(k)])
-        self.tok_in = nn.ModuleList([nn.Embedding(v, d) for v in self.sizes[:-1]])
-        self.film = nn.ModuleList([_mlp(d, hidden, 2 * d) for _ in range(k - 1)])
+        # context=False: q_j = h at every level; film=False: the prefix enters only through which
+        # children it has (ablations of the head's own capacity beyond FV-MLE's dot product)
+        self.d = d
+        self.ctx = nn.ModuleList([ContextMLP(d, hidden, dropout) if context else nn.Identity() for _ in range(k)])
+        self.tok_in = nn.ModuleList([nn.Embedding(v, d) for v in self.sizes[:-1]]) if film else None
+        self.film = nn.ModuleList([_mlp(d, hidden, 2 * d, dropout) for _ in range(k - 1)]) if film else None
         self.tok_out = token_vectors(self.sizes, d, shared_tokens)
         self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
         if item_vectors == "none":
@@ -166,7 +173,7 @@ class AutoregressiveHead(nn.Module):
         # FV-MLE does) instead of uniform over children, and the leaves get FV's per-item bias.
         self.node_bias = nn.ParameterList([nn.Parameter(torch.log(torch.as_tensor(
             self.trie.n_items_below(j + 1), dtype=torch.float32))) for j in range(k)]) if node_bias else None
-        for m in self.film:  # start as the identity modulation
+        for m in self.film or ():  # start as the identity modulation
             nn.init.zeros_(m[-1].weight)
             nn.init.zeros_(m[-1].bias)
 
@@ -175,6 +182,9 @@ class AutoregressiveHead(nn.Module):
         """(gamma, beta) [M, d] for prefixes given as their first j tokens [M, j]; None at the root."""
         if j == 0:
             return None
+        if self.film is None:  # no modulation: (gamma, beta) = 0
+            z = torch.zeros(len(prefix_codes), self.d, dtype=self.tok_bias[j].dtype, device=prefix_codes.device)
+            return z, z
         e = sum(self.tok_in[l](prefix_codes[:, l]) for l in range(j))
         g, b = self.film[j - 1](e).chunk(2, dim=-1)
         return g, b
@@ -336,14 +346,14 @@ class ParallelHead(nn.Module):
     kind = "parallel"
 
     def __init__(self, d: int, codebook: Codebook, hidden: int | None = None,
-                 shared_tokens: nn.Embedding | None = None):
+                 shared_tokens: nn.Embedding | None = None, dropout: float = 0.0):
         super().__init__()
         self.sizes = codebook.sizes
         self.register_buffer("codes", torch.as_tensor(codebook.codes), persistent=False)
         offsets = torch.cumsum(torch.tensor([0, *self.sizes[:-1]]), 0)  # token j of an item -> row of the
         self.register_buffer("flat_codes", (self.codes + offsets).reshape(-1), persistent=False)  # stacked tables
         hidden = hidden or 2 * d
-        self.ctx = nn.ModuleList([ContextMLP(d, hidden) for _ in self.sizes])
+        self.ctx = nn.ModuleList([ContextMLP(d, hidden, dropout) for _ in self.sizes])
         self.tok_out = token_vectors(self.sizes, d, shared_tokens)
         self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
 
