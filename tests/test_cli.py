@@ -60,6 +60,26 @@ def test_evaluate_and_verify_cli(synthetic_run, capsys):
     assert "Verification" in (synthetic_run / "parallel" / "report.md").read_text()
 
 
+def test_export_items_feeds_tokenize(synthetic_run, tmp_path, capsys):
+    """A trained run's item table round-trips to .npy and a codebook can be fitted on it."""
+    import numpy as np
+    import yaml
+
+    from sidrec.train.trainer import load_model
+
+    npy = tmp_path / "items.npy"
+    assert main(["export-items", str(synthetic_run / "fv"), "--out", str(npy)]) == 0
+    w = np.load(npy, allow_pickle=False)
+    model, cfg = load_model(synthetic_run / "fv")
+    np.testing.assert_array_equal(w, model.backbone.item_emb.weight[:200].detach().numpy())
+    data_dir = yaml.safe_load((synthetic_run / "fv" / "config.yaml").read_text())["data"]["dir"]
+    assert main(["tokenize", data_dir, "--embeddings", str(npy), "--codebook-size", "8", "--out",
+                 str(tmp_path / "cb")]) == 0
+    assert json.loads((tmp_path / "cb" / "codebook.json").read_text())["bijective"] is True
+    assert main(["export-items", str(tmp_path / "nope"), "--out", str(npy)]) == 2
+    assert main(["export-items", str(synthetic_run / "fv"), "--out", str(tmp_path / "x.txt")]) == 2
+
+
 def test_evaluate_beam_on_fv_run_is_user_error(synthetic_run, capsys):
     assert main(["evaluate", str(synthetic_run / "fv"), "--decode", "beam"]) == 2
     assert "beam search needs an AR-NTP run" in capsys.readouterr().err
@@ -147,7 +167,7 @@ def test_text_embeddings_offline(tmp_path):
 
 @pytest.mark.parametrize("cmd", [[], ["data"], ["data", "prepare"], ["data", "synth"], ["data", "stats"],
                                  ["data", "download"], ["tokenize"], ["train"], ["evaluate"], ["run"],
-                                 ["recommend"], ["verify"]])
+                                 ["recommend"], ["export-items"], ["verify"]])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])

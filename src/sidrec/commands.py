@@ -1,4 +1,4 @@
-"""Subcommands beyond `data`: tokenize, train, evaluate, run, recommend, verify."""
+"""Subcommands beyond `data`: tokenize, train, evaluate, run, recommend, export-items, verify."""
 
 from __future__ import annotations
 
@@ -231,6 +231,40 @@ def add_recommend(sub) -> None:
 
 
 REGISTER += [add_train, add_evaluate, add_run, add_recommend]
+
+
+def cmd_export_items(a: argparse.Namespace) -> None:
+    """The trained item-ID table as [items, d] float32 .npy: embeddings a later `tokenize
+    --embeddings FILE.npy` (or `tokenizer.embeddings: FILE.npy`) can fit semantic IDs on, the
+    two-stage recipe of IDs from a trained sequential model's item vectors."""
+    import numpy as np
+
+    from sidrec import io
+    from sidrec.errors import UserError
+    from sidrec.train.trainer import load_model
+
+    model, _ = load_model(a.run)
+    table = model.backbone.item_emb
+    if table is None:
+        raise UserError("this run has no item-ID table (model.backbone.item_input: sid)", a.run)
+    w = table.weight[: model.n_items].detach().float().numpy()
+    out = Path(a.out)
+    if out.suffix != ".npy":
+        raise UserError("--out must end in .npy", str(out))
+    with io.atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, w, allow_pickle=False)
+    print(f"wrote {out}: {w.shape[0]} items x {w.shape[1]} dims")
+
+
+def add_export_items(sub) -> None:
+    p = sub.add_parser("export-items", help="save a trained run's item vectors as .npy (embeddings for tokenize)")
+    p.add_argument("run", help="trained run directory (any head with item-ID inputs)")
+    p.add_argument("--out", required=True, help="output FILE.npy, [items, d] float32")
+    p.set_defaults(func=cmd_export_items)
+
+
+REGISTER.append(add_export_items)
 
 
 # ---------------------------------------------------------------------------------------- verify
