@@ -25,6 +25,7 @@ from sidrec import io
 from sidrec.config import load_config, resolve_path
 from sidrec.data import SequenceData, prepare, read
 from sidrec.errors import UserError
+from sidrec.model import ModelConfig
 from sidrec.pipeline import ensure_codebook, ensure_data, evaluate_run, head_config, train_one
 
 DATASETS = ("beauty", "sports", "yelp", "ml-100k")  # configs/<name>.yaml says where the data is
@@ -94,7 +95,7 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
 
 
 #: Model keys added after runs were recorded, with the value that reproduces those runs.
-NEUTRAL_DEFAULTS = {"head_dropout": 0.0, "head_film": True, "head_context": True}
+NEUTRAL_DEFAULTS = {k: getattr(ModelConfig(), k) for k in ("head_dropout", "head_film", "head_context")}
 
 
 def identity(config: dict) -> dict:

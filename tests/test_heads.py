@@ -249,3 +249,15 @@ def test_ar_head_ablations_keep_the_identities(film, context):
     np.testing.assert_allclose(r.log_probs.detach().numpy(), lp.gather(1, r.items).numpy(), atol=1e-9)
     m.nll(torch.randint(0, cb.n_items, (4, 6)), torch.randint(0, cb.n_items, (4, 6))).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in m.named_parameters())
+
+
+def test_unconstrained_ar_without_film_shares_one_normaliser():
+    """Without FiLM every prefix of a level has the same unconstrained normaliser; the loss is
+    still -log of the (leaking) item mass, and the mass is below one."""
+    cb = _codebook()
+    m = _model("ar", cb, cb.n_items, constrained=False, head_film=False)
+    h = torch.randn(5, 16, dtype=torch.float64)
+    lp = m.head.log_prob_all(h).detach()
+    assert (lp.exp().sum(1) < 1).all()
+    items = torch.randint(0, cb.n_items, (5,))
+    np.testing.assert_allclose(m.head.nll(h, items).detach().numpy(), -lp[torch.arange(5), items].numpy(), atol=1e-9)

@@ -243,14 +243,14 @@ def cmd_export_items(a: argparse.Namespace) -> None:
     from sidrec.errors import UserError
     from sidrec.train.trainer import load_model
 
+    out = Path(a.out)
+    if out.suffix != ".npy":
+        raise UserError("--out must end in .npy", str(out))
     model, _ = load_model(a.run)
     table = model.backbone.item_emb
     if table is None:
         raise UserError("this run has no item-ID table (model.backbone.item_input: sid)", a.run)
     w = table.weight[: model.n_items].detach().float().numpy()
-    out = Path(a.out)
-    if out.suffix != ".npy":
-        raise UserError("--out must end in .npy", str(out))
     with io.atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, w, allow_pickle=False)

@@ -155,7 +155,6 @@ class AutoregressiveHead(nn.Module):
         self.register_buffer("codes", torch.as_tensor(codebook.codes), persistent=False)
         # context=False: q_j = h at every level; film=False: the prefix enters only through which
         # children it has (ablations of the head's own capacity beyond FV-MLE's dot product)
-        self.d = d
         self.ctx = nn.ModuleList([ContextMLP(d, hidden, dropout) if context else nn.Identity() for _ in range(k)])
         self.tok_in = nn.ModuleList([nn.Embedding(v, d) for v in self.sizes[:-1]]) if film else None
         self.film = nn.ModuleList([_mlp(d, hidden, 2 * d, dropout) for _ in range(k - 1)]) if film else None
@@ -178,13 +177,11 @@ class AutoregressiveHead(nn.Module):
             nn.init.zeros_(m[-1].bias)
 
     # -- prefix modulation --------------------------------------------------------------------
-    def _film(self, j: int, prefix_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(gamma, beta) [M, d] for prefixes given as their first j tokens [M, j]; None at the root."""
-        if j == 0:
+    def _film(self, j: int, prefix_codes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gamma, beta) [M, d] for prefixes given as their first j tokens [M, j]; None at the root
+        and without FiLM (no modulation)."""
+        if j == 0 or self.film is None:
             return None
-        if self.film is None:  # no modulation: (gamma, beta) = 0
-            z = torch.zeros(len(prefix_codes), self.d, dtype=self.tok_bias[j].dtype, device=prefix_codes.device)
-            return z, z
         e = sum(self.tok_in[l](prefix_codes[:, l]) for l in range(j))
         g, b = self.film[j - 1](e).chunk(2, dim=-1)
         return g, b
@@ -313,10 +310,10 @@ class AutoregressiveHead(nn.Module):
             e = e + self.node_item_vectors(j, device)
         if self.node_bias is not None:
             b = b + self.node_bias[j]
-        if j == 0:
+        film = self._film(j, self._node_codes(j, device)) if j else None  # over the [P_j, j] parents
+        if film is None:
             return e, b
-        pcodes = self._node_codes(j, device)  # [P_j, j]
-        g, be = self._film(j, pcodes)
+        g, be = film
         return (1 + g[parent]) * e, (be[parent] * e).sum(-1) + b
 
     def _node_codes(self, j: int, device) -> torch.Tensor:
@@ -330,9 +327,12 @@ class AutoregressiveHead(nn.Module):
 
     def _full_vocab_lse(self, j: int, q: torch.Tensor, device) -> torch.Tensor:
         """Unconstrained normaliser of every depth-j prefix: logsumexp over all V_j tokens [B, P_j]."""
-        if j == 0:
-            return torch.logsumexp(q @ self.tok_out[0].T + self.tok_bias[0], -1, keepdim=True)
-        g, be = self._film(j, self._node_codes(j, device))
+        codes = self._node_codes(j, device) if j else None
+        film = self._film(j, codes)
+        if film is None:  # root, or no FiLM: every prefix shares one normaliser
+            lse = torch.logsumexp(q @ self.tok_out[j].T + self.tok_bias[j], -1, keepdim=True)
+            return lse if j == 0 else lse.expand(-1, len(codes))
+        g, be = film
         out = []
         for qb in q:  # one context at a time: [P_j, V_j] scores (used by the verifier only)
             s = (qb * (1 + g) + be) @ self.tok_out[j].T + self.tok_bias[j]
