@@ -76,6 +76,9 @@ def test_split_never_leaks(seqs):
             hist = data.items[data.offsets[u] : end[u]]
             assert len(hist) == len(seq) - back  # history is exactly the prefix before the target
             assert tgt[u] == seq[-back]
+        # the repeat statistic counts exactly the users whose target is in that history
+        want = np.mean([tgt[u] in data.items[data.offsets[u]: end[u]] for u in range(data.n_users)])
+        assert data.stats()[f"{split}_target_in_history"] == round(want, 4)
     # train prefix ends before the validation target, which precedes the test target
     assert np.all(data.history_end("train") < data.history_end("test"))
     assert np.all(data.history_end("train") - data.offsets[:-1] >= 1)

@@ -122,10 +122,21 @@ def compute_stats(d: SequenceData) -> dict:
         "seq_len_median": float(np.median(lens)),
         "seq_len_p90": float(np.percentile(lens, 90)),
         "density": round(d.n_interactions / max(1, d.n_users * d.n_items), 6),
+        "valid_target_in_history": round(target_in_history(d, "valid"), 4),
+        "test_target_in_history": round(target_in_history(d, "test"), 4),
         "has_timestamps": bool(d.meta.get("has_time", d.timestamps is not None)),
         "item_fields": [c for c in d.item_table.columns if c != "item"],
         "source": d.meta.get("source", ""),
     }
+
+
+def target_in_history(d: SequenceData, split: str) -> float:
+    """Share of users whose held-out `split` target already occurs in their own history: the
+    repeats that a seen-excluded protocol can never score."""
+    user = np.repeat(np.arange(d.n_users), d.lengths)
+    end, target = d.history_end(split), d.targets(split)
+    hit = (np.arange(d.n_interactions) < end[user]) & (d.items == target[user])
+    return float(np.bincount(user[hit], minlength=d.n_users).astype(bool).mean()) if d.n_users else 0.0
 
 
 def _id_order(raw: np.ndarray) -> np.ndarray:
