@@ -80,6 +80,36 @@ def test_export_items_feeds_tokenize(synthetic_run, tmp_path, capsys):
     assert main(["export-items", str(synthetic_run / "fv"), "--out", str(tmp_path / "x.txt")]) == 2
 
 
+def test_compare_ar_and_fv_level_by_level(synthetic_run, tmp_path, capsys):
+    """compare splits each run's likelihood per ID level; the split adds up to the run's own -log Q."""
+    import numpy as np
+    import torch
+
+    from sidrec.data import SequenceData
+    from sidrec.data.batching import eval_batches
+    from sidrec.train.trainer import load_model
+
+    out = tmp_path / "cmp.json"
+    assert main(["compare", str(synthetic_run / "ar"), str(synthetic_run / "fv"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "NLL per level" in capsys.readouterr().out
+    k = res["levels"]
+    assert set(res["ranking"]) == {"A", "B", "ensemble", *[f"{x}{j}+{y}" for j in range(1, k)
+                                                         for x, y in (("A", "B"), ("B", "A"))]}
+    model, cfg = load_model(synthetic_run / "fv")
+    data = SequenceData.load(cfg["data"]["dir"])
+    nll = []
+    with torch.no_grad():
+        for u, items, lengths in eval_batches(data, "valid", model.cfg.backbone.max_len, 512):
+            tgt = torch.from_numpy(data.targets("valid")[u].astype(np.int64))
+            nll.append(model.head.nll(model.encode(items, lengths), tgt))
+    assert abs(res["level_nll"]["B"]["total"] - torch.cat(nll).mean().item()) < 1e-3
+    assert res["n_users"] == data.n_users and all(x > 0 for x in res["level_nll"]["A"]["per_level"])
+    assert main(["compare", str(synthetic_run / "fv"), str(synthetic_run / "fv")]) == 2  # no trie
+    assert "semantic IDs" in capsys.readouterr().err
+    assert main(["compare", str(synthetic_run / "ar"), str(tmp_path)]) == 2
+
+
 def test_evaluate_beam_on_fv_run_is_user_error(synthetic_run, capsys):
     assert main(["evaluate", str(synthetic_run / "fv"), "--decode", "beam"]) == 2
     assert "beam search needs an AR-NTP run" in capsys.readouterr().err
@@ -167,7 +197,7 @@ def test_text_embeddings_offline(tmp_path):
 
 @pytest.mark.parametrize("cmd", [[], ["data"], ["data", "prepare"], ["data", "synth"], ["data", "stats"],
                                  ["data", "download"], ["tokenize"], ["train"], ["evaluate"], ["run"],
-                                 ["recommend"], ["export-items"], ["verify"]])
+                                 ["recommend"], ["export-items"], ["compare"], ["verify"]])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])

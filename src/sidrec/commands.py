@@ -1,4 +1,4 @@
-"""Subcommands beyond `data`: tokenize, train, evaluate, run, recommend, export-items, verify."""
+"""Subcommands beyond `data`: tokenize, train, evaluate, run, recommend, export-items, compare, verify."""
 
 from __future__ import annotations
 
@@ -265,6 +265,39 @@ def add_export_items(sub) -> None:
 
 
 REGISTER.append(add_export_items)
+
+
+def cmd_compare(a: argparse.Namespace) -> None:
+    from sidrec import io
+    from sidrec.errors import UserError
+    from sidrec.evaluate.compare import compare_runs, format_comparison
+
+    if a.split not in ("valid", "test"):
+        raise UserError("--split must be valid or test", a.split)
+    seen = {"config": None, "excluded": True, "kept": False}[a.seen]
+    res = compare_runs(a.run_a, a.run_b, split=a.split, exclude_seen=seen, batch_size=a.batch_size)
+    print(format_comparison(res))
+    if a.out:
+        io.write_json(Path(a.out), res)
+        print(f"wrote {a.out}")
+
+
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="where two trained runs differ, level by level of the semantic-ID trie",
+                       description="Splits each run's -log Q(target) into one term per ID level (any head: FV-MLE "
+                       "is marginalised over the trie) and ranks with level-swapped hybrids (A's first j tokens, "
+                       "B's rest). The trie comes from whichever run has semantic IDs.")
+    p.add_argument("run_a", help="trained run directory (A)")
+    p.add_argument("run_b", help="trained run directory (B), same data directory")
+    p.add_argument("--split", default="valid", help="valid (default) or test")
+    p.add_argument("--seen", choices=["config", "excluded", "kept"], default="config",
+                   help="history items in the ranking: as A's config says (default), excluded or kept")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--out", help="also write the result as JSON")
+    p.set_defaults(func=cmd_compare)
+
+
+REGISTER.append(add_compare)
 
 
 # ---------------------------------------------------------------------------------------- verify
