@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sidrec.model import BackboneConfig, ModelConfig, SeqRecModel
+from sidrec.model import AutoregressiveHead, BackboneConfig, ModelConfig, SeqRecModel
 from sidrec.tokenize import Codebook, fit_codebook
 
 
@@ -261,3 +261,45 @@ def test_unconstrained_ar_without_film_shares_one_normaliser():
     assert (lp.exp().sum(1) < 1).all()
     items = torch.randint(0, cb.n_items, (5,))
     np.testing.assert_allclose(m.head.nll(h, items).detach().numpy(), -lp[torch.arange(5), items].numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_root_lse_scores_first_level_nodes_by_their_items(tied):
+    """root_score lse: a first-level node's item part is log sum_i exp(<q, e_i>) over its items (the
+    exact marginal of a softmax over them); Q stays a distribution with loss = -log Q, the beam
+    exact, and under bf16 autocast training still runs."""
+    from sidrec.decode import beam_search
+    from sidrec.model.heads import segment_logsumexp
+    cb = _codebook(300, levels=2, size=32)
+    m = _model("ar", cb, cb.n_items, item_vectors="all", node_bias=True, tied=tied, root_score="lse")
+    head = m.head
+    fresh = AutoregressiveHead(16, cb, item_vectors="all", node_bias=True, root_score="lse")
+    assert torch.all(fresh.node_bias[0] == 0) and torch.all(fresh.node_bias[1] >= 0)  # lse counts the items
+    with torch.no_grad():
+        m.backbone.item_emb.weight.normal_(0, 0.3)
+        if not tied:
+            head.item_emb.weight.normal_(0, 0.3)
+    h = torch.randn(6, 16, dtype=torch.float64)
+    q = head.contexts(h)[0]
+    node = torch.as_tensor(cb.trie.item_node[1])
+    lse = segment_logsumexp(q @ head.item_emb.weight.T, node, cb.trie.n_nodes(1))
+    tok = torch.as_tensor(cb.trie.node_tok[1])
+    want = torch.log_softmax(q @ head.tok_out[0][tok].T + head.tok_bias[0][tok] + head.node_bias[0] + lse, -1)
+    roots = torch.zeros(6, dtype=torch.long)
+    got = head.level_log_probs(0, q, torch.zeros(6, 0, dtype=torch.long), roots)[:, tok]
+    np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), atol=1e-10)
+    lp = head.log_prob_all(h).detach()
+    np.testing.assert_allclose(lp.exp().sum(1).numpy(), 1.0, atol=1e-10)
+    items = torch.arange(6) * 41
+    np.testing.assert_allclose(head.nll(h, items).detach().numpy(), -lp[torch.arange(6), items].numpy(), atol=1e-9)
+    r = beam_search(head, h, beam=5, k=5)
+    assert r.n_invalid == 0
+    np.testing.assert_allclose(r.log_probs.detach().numpy(), lp.gather(1, r.items).numpy(), atol=1e-9)
+    m32 = _model("ar", cb, cb.n_items, item_vectors="all", node_bias=True, tied=tied, root_score="lse",
+                 dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m32.nll(torch.randint(0, cb.n_items, (4, 6)), torch.randint(0, cb.n_items, (4, 6))).sum()
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="item_vectors 'all'"):
+        _model("ar", cb, cb.n_items, item_vectors="leaf", root_score="lse")

@@ -27,6 +27,7 @@ class ModelConfig:
     head_dropout: float = 0.0  # ar/parallel: dropout on the head MLPs' hidden units
     head_film: bool = True  # ar: the prefix modulates the context (FiLM); false: no modulation
     head_context: bool = True  # ar: a context MLP per level; false: every level scores the backbone state
+    root_score: str = "mean"  # ar, item_vectors all: first-level node's item part <q, mean e_i> | lse (O(N))
     fv_chunk: int | None = 1024  # fv: items per chunk of the streamed softmax loss (None: one pass)
 
     def to_dict(self) -> dict:
@@ -64,7 +65,7 @@ class SeqRecModel(nn.Module):
                 table = self.backbone.item_emb if cfg.tied else None
                 self.head = AutoregressiveHead(d, codebook, cfg.constrained, cfg.head_hidden, shared,
                                                cfg.item_vectors, table, cfg.node_bias, cfg.head_dropout,
-                                               cfg.head_film, cfg.head_context)
+                                               cfg.head_film, cfg.head_context, cfg.root_score)
             else:
                 self.head = ParallelHead(d, codebook, cfg.head_hidden, shared, cfg.head_dropout)
 
