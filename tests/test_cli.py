@@ -162,6 +162,10 @@ def test_config_errors_are_user_errors(tmp_path, capsys):
     assert "model.node_bias must be true or false" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "r"), "--set", "model.node_bias=true", "model.constrained=false"]) == 2
     assert "model.node_bias needs model.constrained: true" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--set", "model.root_score=lse", "model.item_vectors=leaf"]) == 2
+    assert "needs model.item_vectors: all" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--set", "model.root_score=max"]) == 2
+    assert "model.root_score must be mean, lse or lse-all" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     assert main(["run", str(bad), "--out", str(tmp_path / "r")]) == 2

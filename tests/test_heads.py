@@ -303,3 +303,20 @@ def test_root_lse_scores_first_level_nodes_by_their_items(tied):
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="item_vectors 'all'"):
         _model("ar", cb, cb.n_items, item_vectors="leaf", root_score="lse")
+
+
+def test_lse_all_levels_equals_fv_mle_without_token_terms():
+    """root_score lse-all with the token terms and node biases at zero and no context/FiLM: every
+    conditional is a ratio of FV-MLE's own marginals, so Q is exactly FV-MLE's softmax over items."""
+    cb = _codebook(200, levels=3, size=8)
+    m = _model("ar", cb, cb.n_items, item_vectors="all", root_score="lse-all", head_film=False, head_context=False)
+    with torch.no_grad():
+        for w in (*m.head.tok_out, *m.head.tok_bias):
+            w.zero_()
+        m.backbone.item_emb.weight.normal_(0, 0.5)
+    h = torch.randn(5, 16, dtype=torch.float64)
+    fv = torch.log_softmax(h @ m.backbone.item_emb.weight[: cb.n_items].T, -1)
+    np.testing.assert_allclose(m.head.log_prob_all(h).detach().numpy(), fv.detach().numpy(), atol=1e-10)
+    items = torch.arange(5) * 13
+    np.testing.assert_allclose(m.head.nll(h, items).detach().numpy(), -fv[torch.arange(5), items].detach().numpy(),
+                               atol=1e-10)

@@ -123,9 +123,9 @@ def model_config(cfg: dict) -> ModelConfig:
         raise UserError(f"model.item_vectors must be one of {', '.join(ITEM_VECTORS)}, not {mc.item_vectors!r}")
     if mc.item_vectors != "none" and not mc.constrained:
         raise UserError("model.item_vectors needs model.constrained: true (item vectors exist only for valid IDs)")
-    if mc.root_score not in ("mean", "lse"):
-        raise UserError(f"model.root_score must be mean or lse, not {mc.root_score!r}")
-    if mc.root_score == "lse" and mc.item_vectors != "all":
+    if mc.root_score not in ("mean", "lse", "lse-all"):
+        raise UserError(f"model.root_score must be mean, lse or lse-all, not {mc.root_score!r}")
+    if mc.root_score != "mean" and mc.item_vectors != "all":
         raise UserError("model.root_score: lse scores first-level nodes by their items: it needs model.item_vectors: all")
     if mc.node_bias and not mc.constrained:
         raise UserError("model.node_bias needs model.constrained: true (trie nodes exist only for valid IDs)")

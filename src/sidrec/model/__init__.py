@@ -27,7 +27,8 @@ class ModelConfig:
     head_dropout: float = 0.0  # ar/parallel: dropout on the head MLPs' hidden units
     head_film: bool = True  # ar: the prefix modulates the context (FiLM); false: no modulation
     head_context: bool = True  # ar: a context MLP per level; false: every level scores the backbone state
-    root_score: str = "mean"  # ar, item_vectors all: first-level node's item part <q, mean e_i> | lse (O(N))
+    root_score: str = "mean"  # ar, item_vectors all: node item part <q, mean e_i> | lse: log-sum-exp of its
+    # items' scores at the first level (O(N)) | lse-all: at every level above the leaves (O(kN)); ablations
     fv_chunk: int | None = 1024  # fv: items per chunk of the streamed softmax loss (None: one pass)
 
     def to_dict(self) -> dict:

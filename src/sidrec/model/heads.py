@@ -32,7 +32,7 @@ from sidrec.tokenize.codebook import Codebook
 
 NEG_INF = float("-inf")
 ITEM_VECTORS = ("none", "leaf", "all")
-ROOT_SCORES = ("mean", "lse")
+ROOT_SCORES = ("mean", "lse", "lse-all")
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0) -> nn.Sequential:
@@ -147,7 +147,7 @@ class AutoregressiveHead(nn.Module):
             raise ValueError(f"item_vectors must be one of {ITEM_VECTORS}, not {item_vectors!r}")
         if root_score not in ROOT_SCORES:
             raise ValueError(f"root_score must be one of {ROOT_SCORES}, not {root_score!r}")
-        if root_score == "lse" and item_vectors != "all":
+        if root_score != "mean" and item_vectors != "all":
             raise ValueError("root_score 'lse' scores first-level nodes by their items: it needs item_vectors 'all'")
         if (item_vectors != "none" or node_bias) and not constrained:
             raise ValueError("item vectors and node biases need the constrained head (they exist only for valid IDs)")
@@ -176,12 +176,14 @@ class AutoregressiveHead(nn.Module):
         # root_score "lse": a first-level node's item part is log sum_{i below} exp(<q, e_i>), the exact
         # marginal of a softmax over its items, instead of <q, mean e_i>. Every item vector then meets
         # every context at the first level, as in FV-MLE, at FV-MLE's O(N d) cost (an ablation).
-        self.root_lse = root_score == "lse"
+        # "lse-all": every level above the leaves (a leaf's log-sum-exp is its own item's score), so the
+        # conditionals are FV-MLE's own marginals plus the head's token terms, at k times that cost.
+        self.lse_levels = {"mean": (), "lse": (0,), "lse-all": tuple(range(k - 1))}[root_score]
         # One bias per trie node, started at log(#items below it): Q starts uniform over items (as
         # FV-MLE does) instead of uniform over children, and the leaves get FV's per-item bias.
         # (With root_score "lse" the first level's log-sum-exp already counts its items: it starts at 0.)
         self.node_bias = nn.ParameterList([nn.Parameter(torch.log(torch.as_tensor(
-            self.trie.n_items_below(j + 1), dtype=torch.float32)) * (j > 0 or not self.root_lse))
+            self.trie.n_items_below(j + 1), dtype=torch.float32)) * (j not in self.lse_levels))
             for j in range(k)]) if node_bias else None
         for m in self.film or ():  # start as the identity modulation
             nn.init.zeros_(m[-1].weight)
@@ -225,30 +227,47 @@ class AutoregressiveHead(nn.Module):
         count = torch.bincount(node, minlength=n).clamp(min=1).to(w.dtype)
         return total / count[:, None]
 
-    def _root_lse_scores(self, q: torch.Tensor) -> torch.Tensor:
-        """[B, P_1] log sum over the items below each first-level node of exp(<q, e_i>)."""
-        node = self.trie.torch("item_node", 1, q.device)
+    def _lse_scores(self, j: int, q: torch.Tensor) -> torch.Tensor:
+        """[B, P_{j+1}] log sum over the items below each depth-(j+1) node of exp(<q, e_i>)."""
         s = q @ self.item_emb.weight.T
         s = s.float() if s.dtype in (torch.bfloat16, torch.float16) else s  # exp-sums in >= float32
-        return segment_logsumexp(s, node, self.trie.n_nodes(1))
+        m = s.max(1, keepdim=True).values.detach()
+        with torch.autocast(q.device.type, enabled=False):  # the sparse GEMM stays in s's dtype
+            sums = torch.sparse.mm(self._below(j + 1, s.dtype, q.device), torch.exp(s - m).T).T  # [B, P_{j+1}]
+        return torch.log(sums.clamp(min=torch.finfo(s.dtype).tiny)) + m  # a node 87+ nats down: clamped
+
+    def _below(self, depth: int, dtype, device) -> torch.Tensor:
+        """Sparse [P_depth, N] indicator of the items below each depth-`depth` node (cached): node sums
+        over [B, N] are one sparse GEMM, and so is their backward (scatter-based sums were 4x slower)."""
+        key = ("below", depth, dtype, str(device))
+        if key not in self.trie._t:
+            node = self.trie.torch("item_node", depth, device)
+            idx = torch.stack([node, torch.arange(len(node), device=device)])
+            ones = torch.ones(len(node), dtype=dtype, device=device)
+            shape = (self.trie.n_nodes(depth), len(node))
+            self.trie._t[key] = torch.sparse_coo_tensor(idx, ones, shape, check_invariants=True).coalesce()
+        return self.trie._t[key]
 
     def _node_scores(self, j: int, q: torch.Tensor, nodes: torch.Tensor, v: int) -> torch.Tensor:
         """The node-specific part of each row's valid level-j children's scores, scattered to their
         tokens [B, V]: <q, item part> (item levels) + the node bias (with node_bias)."""
         items = j in self.item_levels
-        nv = self.node_item_vectors(j, q.device) if items and not (j == 0 and self.root_lse) else None
+        lse = self._lse_scores(j, q) if j in self.lse_levels else None
+        nv = self.node_item_vectors(j, q.device) if items and lse is None else None
         nb = self.node_bias[j] if self.node_bias is not None else None
         tok, child = self.trie.children_padded(j, q.device)
         if len(tok) == 1:  # the root: every row has the same children, one GEMM
             if items:
-                x = self._root_lse_scores(q)[:, child[0]] if self.root_lse else q @ nv[child[0]].T
+                x = lse[:, child[0]] if lse is not None else q @ nv[child[0]].T
             else:
                 x = q.new_zeros(len(q), child.shape[1])
             x = x.to(torch.promote_types(x.dtype, nb.dtype)) + nb[child[0]] if nb is not None else x
             return x.new_zeros(len(q), v).index_add(1, tok[0], x)  # x's dtype (bf16 under autocast)
         tok, child = tok[nodes.clamp(min=0)], child[nodes.clamp(min=0)]  # [B, F], -1 = padding
         c0 = child.clamp(min=0)
-        if items:
+        if lse is not None:
+            add = torch.gather(lse, 1, c0)
+        elif items:
             step = max(1, (1 << 24) // (child.shape[1] * q.shape[1]))  # bound the [rows, F, d] gather
             parts = []
             for i in range(0, len(q), step):  # index_select: its backward is a fast index_add
@@ -311,8 +330,8 @@ class AutoregressiveHead(nn.Module):
             parent = self.trie.torch("node_parent", j + 1, h.device)
             w, c = tables[j]
             s = torch.addmm(c[:, None], w, q.T)  # [P_{j+1}, B]
-            if j == 0 and self.root_lse:
-                s = s + self._root_lse_scores(q).T.to(s.dtype)
+            if j in self.lse_levels:
+                s = s + self._lse_scores(j, q).T.to(s.dtype)
             lse = self._sibling_lse(j, s) if self.constrained else self._full_vocab_lse(j, q, h.device).T
             logq = torch.index_select(logq - lse, 0, parent).add_(s)
         leaf = self.trie.torch("item_node", None, h.device)[-1]
@@ -329,7 +348,7 @@ class AutoregressiveHead(nn.Module):
     def _node_vectors(self, j, parent, tok, device) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.tok_out[j][tok]
         b = self.tok_bias[j][tok]
-        if j in self.item_levels and not (j == 0 and self.root_lse):
+        if j in self.item_levels and j not in self.lse_levels:
             e = e + self.node_item_vectors(j, device)
         if self.node_bias is not None:
             b = b + self.node_bias[j]
