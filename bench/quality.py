@@ -95,7 +95,8 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
 
 
 #: Model keys added after runs were recorded, with the value that reproduces those runs.
-NEUTRAL_DEFAULTS = {k: getattr(ModelConfig(), k) for k in ("head_dropout", "head_film", "head_context")}
+NEUTRAL_DEFAULTS = {k: getattr(ModelConfig(), k) for k in ("head_dropout", "head_film", "head_context",
+                                                            "root_score")}
 
 
 def identity(config: dict) -> dict:
