@@ -238,7 +238,7 @@ class AutoregressiveHead(nn.Module):
 
     def _below(self, depth: int, dtype, device) -> torch.Tensor:
         """Sparse [P_depth, N] indicator of the items below each depth-`depth` node (cached): node sums
-        over [B, N] are one sparse GEMM, and so is their backward (scatter-based sums were 4x slower)."""
+        over [B, N] are one sparse GEMM, and so is their backward (scatter-based sums were several times slower)."""
         key = ("below", depth, dtype, str(device))
         if key not in self.trie._t:
             node = self.trie.torch("item_node", depth, device)
