@@ -269,11 +269,8 @@ REGISTER.append(add_export_items)
 
 def cmd_compare(a: argparse.Namespace) -> None:
     from sidrec import io
-    from sidrec.errors import UserError
     from sidrec.evaluate.compare import compare_runs, format_comparison
 
-    if a.split not in ("valid", "test"):
-        raise UserError("--split must be valid or test", a.split)
     seen = {"config": None, "excluded": True, "kept": False}[a.seen]
     res = compare_runs(a.run_a, a.run_b, split=a.split, exclude_seen=seen, batch_size=a.batch_size)
     print(format_comparison(res))
@@ -289,7 +286,7 @@ def add_compare(sub) -> None:
                        "B's rest). The trie comes from whichever run has semantic IDs.")
     p.add_argument("run_a", help="trained run directory (A)")
     p.add_argument("run_b", help="trained run directory (B), same data directory")
-    p.add_argument("--split", default="valid", help="valid (default) or test")
+    p.add_argument("--split", choices=["valid", "test"], default="valid", help="the split to score (default valid)")
     p.add_argument("--seen", choices=["config", "excluded", "kept"], default="config",
                    help="history items in the ranking: as A's config says (default), excluded or kept")
     p.add_argument("--batch-size", type=int, default=512)

@@ -33,20 +33,24 @@ def node_log_marginals(logq: torch.Tensor, trie: Trie) -> list[torch.Tensor]:
             for j in range(1, len(trie.item_node))]
 
 
-def level_nll(logq: torch.Tensor, trie: Trie, targets: torch.Tensor) -> torch.Tensor:
-    """[B, k]: -log Q(n_j | n_<j) of the target's depth-j node; the row sums are -log Q(target)."""
+def level_nll(logq: torch.Tensor, trie: Trie, targets: torch.Tensor,
+              marginals: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """[B, k]: -log Q(n_j | n_<j) of the target's depth-j node; the row sums are -log Q(target).
+    `marginals`: node_log_marginals(logq, trie), if already computed."""
+    marginals = marginals or node_log_marginals(logq, trie)
     on_path = [m.gather(1, trie.torch("item_node", j + 1, logq.device)[targets][:, None]).squeeze(1)
-               for j, m in enumerate(node_log_marginals(logq, trie))]
+               for j, m in enumerate(marginals)]
     cum = torch.stack([torch.zeros_like(on_path[0]), *on_path], 1)
     return -(cum[:, 1:] - cum[:, :-1])
 
 
-def hybrid(logq_top: torch.Tensor, logq_rest: torch.Tensor, trie: Trie, depth: int) -> torch.Tensor:
-    """log of Q_top(n_depth(i)) * Q_rest(i | n_depth(i)) for all items [B, N]."""
+def hybrid(logq_top: torch.Tensor, logq_rest: torch.Tensor, trie: Trie, depth: int,
+           marginals: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
+    """log of Q_top(n_depth(i)) * Q_rest(i | n_depth(i)) for all items [B, N]. `marginals`: both
+    models' node_log_marginals, if already computed."""
     node = trie.torch("item_node", depth, logq_top.device)
-    top = segment_logsumexp(logq_top, node, trie.n_nodes(depth))[:, node]
-    rest = segment_logsumexp(logq_rest, node, trie.n_nodes(depth))[:, node]
-    return top + logq_rest - rest
+    m_top, m_rest = marginals or (node_log_marginals(logq_top, trie), node_log_marginals(logq_rest, trie))
+    return m_top[depth - 1][:, node] + logq_rest - m_rest[depth - 1][:, node]
 
 
 def _trie_of(models: list, runs: list[str]) -> Trie:
@@ -86,11 +90,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path, split: str = "valid", exc
             tgt = torch.from_numpy(targets[u].astype(np.int64))
             la = exact_scores(a.head, a.encode(items, lengths), None, normalized=True).float()
             lb = exact_scores(b.head, b.encode(items, lengths), None, normalized=True).float()
-            nll["A"].append(level_nll(la, trie, tgt))
-            nll["B"].append(level_nll(lb, trie, tgt))
+            ma, mb = node_log_marginals(la, trie), node_log_marginals(lb, trie)  # once per batch and model
+            nll["A"].append(level_nll(la, trie, tgt, ma))
+            nll["B"].append(level_nll(lb, trie, tgt, mb))
             scores = {"A": la, "B": lb, "ensemble": (la + lb) / 2}
             for j in range(1, k):
-                scores[f"A{j}+B"], scores[f"B{j}+A"] = hybrid(la, lb, trie, j), hybrid(lb, la, trie, j)
+                scores[f"A{j}+B"], scores[f"B{j}+A"] = hybrid(la, lb, trie, j, (ma, mb)), hybrid(lb, la, trie, j, (mb, ma))
             hist = items if exclude_seen else None
             for n, s in scores.items():
                 ranks[n].append(_exact_ranks(s, tgt, hist, data.n_items).numpy())
