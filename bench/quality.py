@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
 import statistics
 import sys
 import time
@@ -26,7 +25,9 @@ from sidrec.config import load_config, resolve_path
 from sidrec.data import SequenceData, prepare, read
 from sidrec.errors import UserError
 from sidrec.model import ModelConfig
-from sidrec.pipeline import ensure_codebook, ensure_data, evaluate_run, head_config, train_one
+from sidrec import run as rundir
+from sidrec.pipeline import ensure_codebook, ensure_data, evaluate_run, head_config, model_inputs, train_one
+from sidrec.run import RunDir
 
 DATASETS = ("beauty", "sports", "yelp", "ml-100k")  # configs/<name>.yaml says where the data is
 KEYS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr")
@@ -112,25 +113,24 @@ def identity(config: dict) -> dict:
 
 def trained(hc: dict, data: SequenceData, cb, run_dir: Path) -> float:
     """Train and evaluate (both protocols) one run; a finished run is reused only if it was made
-    with this very config (bench.json records it), otherwise it is trained again from scratch.
-    Returns the run's wall time (training + both evaluations), as measured when it was made (for a
-    resumed run: since the resume)."""
+    from these very inputs (its fingerprint, `sidrec.run`; runs recorded before fingerprints: the
+    config in bench.json), otherwise it is trained again from scratch. Returns the run's wall time
+    (training + both evaluations), as measured when it was made (for a resumed run: since the resume)."""
     want = {k: v for k, v in hc.items() if not k.startswith("_")}
-    marker = run_dir / "bench.json"
-    made = io.read_json(marker) if marker.exists() else {}
-    same = bool(made.get("config")) and identity(made["config"]) == identity(want)
-    if same and made.get("wall_s") is not None:
+    bench_file = run_dir / "bench.json"
+    made = io.read_json(bench_file) if bench_file.exists() else {}
+    status, _ = rundir.stage_status(run_dir, "run", model_inputs(hc, data, cb))
+    legacy_same = status == "stale" and not RunDir(run_dir).fingerprint and bool(made.get("config")) and \
+        identity(made["config"]) == identity(want)
+    if (status == "same" or legacy_same) and made.get("wall_s") is not None:
         return made["wall_s"]
-    if run_dir.exists() and not same:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    io.write_json(marker, {"config": want, "wall_s": None})  # a killed run resumes from its checkpoint
     t = time.perf_counter()
-    train_one(hc, data, cb, run_dir, resume=True)
+    train_one(hc, data, cb, run_dir, resume=status == "same", overwrite=status == "stale")
+    io.write_json(bench_file, {"config": want, "wall_s": None})  # a killed run resumes from its checkpoint
     for excl in (False, True):
         evaluate_run(run_dir, beam=20, data=data, exclude_seen=excl)
     wall = round(time.perf_counter() - t, 1)
-    io.write_json(marker, {"config": want, "wall_s": wall})
+    io.write_json(bench_file, {"config": want, "wall_s": wall})
     return wall
 
 

@@ -224,10 +224,10 @@ def test_head_dropout_trains_noisy_and_evaluates_exactly(head):
 
 
 def test_head_dropout_is_validated():
-    from sidrec.config import DEFAULTS, model_config
+    from sidrec.config import load_config
     from sidrec.errors import UserError
     with pytest.raises(UserError, match="head_dropout"):
-        model_config({"model": {**DEFAULTS["model"], "head_dropout": 1.5}})
+        load_config(None, ["model.head_dropout=1.5"])
 
 
 @pytest.mark.parametrize("film,context", [(False, True), (True, False), (False, False)])

@@ -1,14 +1,18 @@
 """Command-line entry point: thin; parses, calls the library, prints.
 
-User errors (bad files, bad options, empty data) print one message and exit with status 2.
+Exit status: 0 success; 1 a check failed (`verify`); 2 a user error (bad file, option, config key,
+output directory), printed as one line naming the file, line, key or option; 3 an internal error
+(a bug: one line, SIDREC_DEBUG=1 shows the traceback); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
+import warnings
 
+from sidrec.cli_args import int_range
 from sidrec.errors import UserError
 
 
@@ -23,8 +27,15 @@ def print_stats(stats: dict) -> None:
 
 # ----------------------------------------------------------------------------------------- data
 def cmd_data_prepare(a: argparse.Namespace) -> None:
+    from sidrec import io, run
     from sidrec.data import prepare, read
 
+    io.check_output_dir(a.out, "data", overwrite=a.overwrite, inputs=(a.path, a.meta))
+    settings = {"format": a.format, "path": a.path, "meta": a.meta, "kcore": a.kcore, "dedup": a.dedup,
+                "max_seq_len": a.max_seq_len, "item_id_col": a.item_id_col}
+    if a.format == "csv":
+        settings.update(user_col=a.user_col, item_col=a.item_col, time_col=a.time_col, sep=a.sep)
+    inputs = run.data_inputs(settings)
     kw = {}
     if a.format == "csv":
         kw = dict(user_col=a.user_col, item_col=a.item_col, sep=a.sep,
@@ -35,16 +46,19 @@ def cmd_data_prepare(a: argparse.Namespace) -> None:
         kw["item_id_col"] = a.item_id_col
     ds = read(a.format, a.path, a.meta, **kw)
     data = prepare(ds, kcore_k=a.kcore, dedup=a.dedup, max_seq_len=a.max_seq_len)
-    data.save(a.out)
+    data.save(a.out, marker=run.marker_fields(inputs))
     print(f"wrote {a.out}")
     print_stats(data.stats())
 
 
 def cmd_data_synth(a: argparse.Namespace) -> None:
+    from sidrec import io, run
     from sidrec.data.synth import make_synthetic, save_synthetic
 
-    data, world = make_synthetic(n_items=a.items, n_users=a.users, dim=a.dim, seed=a.seed)
-    save_synthetic(data, world, a.out)
+    io.check_output_dir(a.out, "data", overwrite=a.overwrite)
+    syn = {"n_items": a.items, "n_users": a.users, "dim": a.dim, "seed": a.seed}
+    data, world = make_synthetic(**syn)
+    save_synthetic(data, world, a.out, run.marker_fields(run.data_inputs({"synthetic": syn})))
     print(f"wrote {a.out}")
     print_stats(data.stats())
 
@@ -56,8 +70,10 @@ def cmd_data_stats(a: argparse.Namespace) -> None:
 
 
 def cmd_data_download(a: argparse.Namespace) -> None:
+    from sidrec import io
     from sidrec.data.download import download, sha256
 
+    io.own_dir(a.out, "download")  # a new directory, or an earlier download to resume
     for p in download(a.name, a.out, base_url=a.mirror):
         print(f"{p}  sha256 {sha256(p)}")
 
@@ -76,11 +92,14 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
                    "seq: 'user item item ...' lines (+ --meta items.jsonl)")
     q.add_argument("--path", required=True, help="the interaction file")
     q.add_argument("--meta", help="item side-information file (titles, categories, genres, ...)")
-    q.add_argument("--out", required=True, help="output data directory")
-    q.add_argument("--kcore", type=int, default=5, help="iterative k-core threshold (0 or 1: no filtering; default 5)")
+    q.add_argument("--out", required=True, help="output data directory (new, or one sidrec made)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing sidrec data directory at --out")
+    q.add_argument("--kcore", type=int_range(0), default=5,
+                   help="iterative k-core threshold (0 or 1: no filtering; default 5)")
     q.add_argument("--dedup", default="exact", choices=["exact", "user-item", "none"],
                    help="exact: drop repeated (user,item,timestamp) rows (default); user-item: keep first of each pair")
-    q.add_argument("--max-seq-len", type=int, default=None, help="keep only each user's most recent N interactions")
+    q.add_argument("--max-seq-len", type=int_range(3), default=None,
+                   help="keep only each user's most recent N interactions (N >= 3: leave-one-out needs three)")
     q.add_argument("--user-col", default="user_id", help="csv: user column (default user_id)")
     q.add_argument("--item-col", default="item_id", help="csv: item column (default item_id)")
     q.add_argument("--time-col", default="timestamp", help="csv: timestamp column, or 'none' to use file order")
@@ -92,10 +111,11 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
                       description="Items with a category/subcategory latent hierarchy and synthetic titles; users "
                       "follow a Markov process over latent item vectors with popularity. P* is saved (world.npz) "
                       "so KL to the truth and Bayes-optimal metrics can be computed.")
-    q.add_argument("--out", required=True)
-    q.add_argument("--items", type=int, default=2000)
-    q.add_argument("--users", type=int, default=5000)
-    q.add_argument("--dim", type=int, default=16, help="latent dimension")
+    q.add_argument("--out", required=True, help="output data directory (new, or one sidrec made)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing sidrec data directory at --out")
+    q.add_argument("--items", type=int_range(2), default=2000)
+    q.add_argument("--users", type=int_range(3), default=5000)
+    q.add_argument("--dim", type=int_range(1), default=16, help="latent dimension")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_data_synth)
 
@@ -105,14 +125,21 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 
     q = ds.add_parser("download", help="download a public dataset (checksummed, resumable)")
     q.add_argument("name", help="ml-100k, ml-1m or amazon-<category> (beauty, sports, toys, ...)")
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True, help="download directory (new, or an earlier download to resume)")
     q.add_argument("--mirror", default=None, help="base URL of a mirror holding the same file names")
     q.set_defaults(func=cmd_data_download)
 
 
 # ----------------------------------------------------------------------------------------- main
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2): the option and what is wrong, then a hint."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="sidrec",
         description="Generative recommendation with bijective semantic IDs: prepare data, tokenize items, "
         "train AR-NTP / FV-MLE / parallel heads on one backbone, decode, evaluate and verify that "
@@ -132,18 +159,32 @@ def _extra_commands() -> list:
     return commands.REGISTER
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"sidrec: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
-        args.func(args)
+        return int(args.func(args) or 0)
     except UserError as e:
         print(f"sidrec: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be written or read: the user's to fix
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sidrec: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sidrec: interrupted", file=sys.stderr)
         return 130
-    return 0
+    except Exception as e:  # noqa: BLE001 - a bug: one line, not a traceback (SIDREC_DEBUG=1 shows it)
+        if os.environ.get("SIDREC_DEBUG"):
+            raise
+        print(f"sidrec: internal error: {type(e).__name__}: {e} (a bug; SIDREC_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from sidrec.cli_args import int_range
 
 
 def print_codebook(info: dict) -> None:
@@ -25,18 +28,28 @@ def print_codebook(info: dict) -> None:
 
 
 def cmd_tokenize(a: argparse.Namespace) -> None:
+    from sidrec import io, run
     from sidrec.data import SequenceData
     from sidrec.embed import get_embeddings
+    from sidrec.pipeline import say
     from sidrec.tokenize import fit_codebook
 
+    out = Path(a.out)
+    npy = a.embeddings if a.embeddings.endswith(".npy") else None
+    io.check_output_dir(out, "codebook", overwrite=a.overwrite, inputs=(a.data, npy))
     data = SequenceData.load(a.data)
+    tok = {"method": a.method, "levels": a.levels, "codebook_size": a.codebook_size, "embeddings": a.embeddings,
+           "text_model": a.text_model, "collab_dim": a.collab_dim, "resolve": a.resolve, "seed": a.seed}
+    inputs = run.codebook_inputs(tok, run.dir_fingerprint(a.data, "data"))
     emb = get_embeddings(data, a.embeddings, model=a.text_model, dim=a.collab_dim, seed=a.seed)
     cb = fit_codebook(emb, a.method, a.levels, a.codebook_size, resolve_strategy=a.resolve, seed=a.seed,
                       embeddings=a.embeddings)
-    out = Path(a.out)
-    cb.save(out)
+    cb.save(out, marker=run.marker_fields(inputs))
     print(f"wrote {out}")
     print_codebook(cb.to_json())
+    if not cb.bijective:
+        say(f"warning: {cb.n_collisions} items share an ID with another item (--resolve none): AR-NTP on this "
+            "codebook is not full-vocabulary MLE, and `sidrec verify` will fail its bijection check")
 
 
 def add_tokenize(sub: argparse._SubParsersAction) -> None:
@@ -50,18 +63,19 @@ def add_tokenize(sub: argparse._SubParsersAction) -> None:
         "that the item -> ID map is a bijection, and save codebook.npz + codebook.json.")
     p.add_argument("data", help="prepared data directory")
     p.add_argument("--method", default="rq-kmeans", choices=METHODS)
-    p.add_argument("--levels", type=int, default=3, help="tokens per ID before resolution (default 3)")
-    p.add_argument("--codebook-size", type=int, default=256, help="codes per level (default 256)")
+    p.add_argument("--levels", type=int_range(1, 16), default=3, help="tokens per ID before resolution (default 3)")
+    p.add_argument("--codebook-size", type=int_range(2, 1 << 20), default=256, help="codes per level (default 256)")
     p.add_argument("--embeddings", default="text",
                    help="text | collab | latent (synthetic data) | PATH.npy of shape [items, d]")
     p.add_argument("--text-model", default=DEFAULT_TEXT_MODEL,
                    help="sentence-transformers model name or local path (e.g. sentence-t5-base)")
-    p.add_argument("--collab-dim", type=int, default=64, help="dimension of collaborative embeddings")
+    p.add_argument("--collab-dim", type=int_range(1), default=64, help="dimension of collaborative embeddings")
     p.add_argument("--resolve", default="reassign", choices=["reassign", "extra-token", "none"],
                    help="collision strategy: move to the nearest free last-level code (default), append a "
                    "disambiguation token (TIGER), or none (non-bijective, for counter-examples)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output codebook directory")
+    p.add_argument("--out", required=True, help="output codebook directory (new, or one sidrec made)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing codebook directory at --out")
     p.set_defaults(func=cmd_tokenize)
 
 
@@ -86,22 +100,23 @@ def _config(a: argparse.Namespace) -> dict:
 def cmd_train(a: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    from sidrec.pipeline import ensure_inputs, head_config, train_one
+    from sidrec.pipeline import claim_run_dir, ensure_inputs, head_config, train_one
     from sidrec.train.trainer import ddp_setup
 
-    distributed = ddp_setup()
-    rank = dist.get_rank() if distributed else 0
     cfg = _config(a)
     head = a.head or cfg["model"]["head"]
     cfg = head_config(cfg, head)
     out = Path(a.out)
-    if rank == 0:  # rank 0 prepares and tokenizes; the others then load what it wrote
+    distributed = ddp_setup()
+    rank = dist.get_rank() if distributed else 0
+    if rank == 0:  # rank 0 checks the directory, prepares and tokenizes; the others then load what it wrote
+        claim_run_dir(cfg, out, resume=a.resume, overwrite=a.overwrite)
         data, codebook = ensure_inputs(cfg, out, [head])
     if distributed:
         dist.barrier()
         if rank != 0:
             data, codebook = ensure_inputs(cfg, out, [head])
-    state = train_one(cfg, data, codebook, out, resume=a.resume)
+    state = train_one(cfg, data, codebook, out, resume=a.resume, overwrite=a.overwrite)
     if rank == 0:
         print(f"trained {head} into {out}: best validation NDCG@10 {state['best']:.4f} at epoch "
               f"{state['best_epoch'] + 1}, {state['step']} steps, {state['train_seconds']} s")
@@ -119,7 +134,9 @@ def add_train(sub) -> None:
     _add_config_args(p)
     p.add_argument("--head", choices=["ar", "fv", "parallel", "ar-unconstrained"], default=None,
                    help="override model.head")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's last checkpoint (refused if a setting that changes the weights differs)")
+    p.add_argument("--overwrite", action="store_true", help="train an existing run directory again from scratch")
     p.set_defaults(func=cmd_train)
 
 
@@ -131,6 +148,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
                       batch_size=a.batch_size, device=a.device)
     print_eval(ev)
     print(f"wrote {Path(a.run) / eval_file(ev['exclude_seen'])}")
+
 
 
 def print_eval(ev: dict) -> None:
@@ -151,11 +169,11 @@ def add_evaluate(sub) -> None:
     p.add_argument("run")
     p.add_argument("--decode", choices=["exact", "beam"], default=None,
                    help="exact all-item ranking or beam search (default: both for AR runs, exact otherwise)")
-    p.add_argument("--beam", type=int, default=20, help="beam width (default 20)")
+    p.add_argument("--beam", type=int_range(1), default=20, help="beam width (default 20)")
     p.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=None,
                    help="drop items of the input history from rankings (written to eval-seen-excluded.json); "
                         "--no-exclude-seen keeps them (eval.json); default: the run config's eval.exclude_seen")
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int_range(1), default=1024)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to score (auto: the GPU when there is one)")
     p.set_defaults(func=cmd_evaluate)
@@ -185,25 +203,27 @@ def add_run(sub) -> None:
 def cmd_recommend(a: argparse.Namespace) -> None:
     import torch
 
-    from sidrec.data import SequenceData
     from sidrec.decode.beam import beam_search
     from sidrec.decode.exact import exact_topk
     from sidrec.errors import UserError
     from sidrec.pipeline import user_history
-    from sidrec.train.trainer import load_model
+    from sidrec.run import RunDir
 
-    model, cfg = load_model(a.run)
-    data = SequenceData.load(cfg["data"]["dir"])
+    rd = RunDir.open(a.run)
+    model, cfg = rd.load_model()
+    data = rd.data(cfg)
     raw = [s.strip() for s in a.history.split(",") if s.strip()]
     if not raw:
         raise UserError("--history needs at least one item id")
+    if a.k > model.n_items:
+        raise UserError(f"-k {a.k} is larger than the catalogue ({model.n_items} items)")
     hist = user_history(data, raw)[-model.cfg.backbone.max_len:]
     items = torch.from_numpy(hist[None, :].astype("int64"))
     with torch.no_grad():
         h = model.encode(items, torch.tensor([len(hist)]))
         if a.decode == "beam":
             if model.cfg.head != "ar":
-                raise UserError("beam decoding needs an AR-NTP run")
+                raise UserError("--decode beam needs an AR-NTP run; this run's head is " + model.cfg.head)
             r = beam_search(model.head, h, beam=max(a.beam, a.k), k=a.k)
             idx, lp = r.items[0].numpy(), r.log_probs[0].numpy()
         else:
@@ -224,9 +244,9 @@ def add_recommend(sub) -> None:
     p = sub.add_parser("recommend", help="top-k next items for a history of raw item ids")
     p.add_argument("run")
     p.add_argument("--history", required=True, help="comma-separated raw item ids, oldest first")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int_range(1), default=10, help="how many items (default 10)")
     p.add_argument("--decode", choices=["exact", "beam"], default="exact")
-    p.add_argument("--beam", type=int, default=20)
+    p.add_argument("--beam", type=int_range(1), default=20, help="beam width (default 20)")
     p.set_defaults(func=cmd_recommend)
 
 
@@ -241,12 +261,13 @@ def cmd_export_items(a: argparse.Namespace) -> None:
 
     from sidrec import io
     from sidrec.errors import UserError
-    from sidrec.train.trainer import load_model
+    from sidrec.run import RunDir
 
     out = Path(a.out)
     if out.suffix != ".npy":
         raise UserError("--out must end in .npy", str(out))
-    model, _ = load_model(a.run)
+    io.check_output_file(out, overwrite=a.overwrite)
+    model, _ = RunDir.open(a.run).load_model()
     table = model.backbone.item_emb
     if table is None:
         raise UserError("this run has no item-ID table (model.backbone.item_input: sid)", a.run)
@@ -260,7 +281,8 @@ def cmd_export_items(a: argparse.Namespace) -> None:
 def add_export_items(sub) -> None:
     p = sub.add_parser("export-items", help="save a trained run's item vectors as .npy (embeddings for tokenize)")
     p.add_argument("run", help="trained run directory (any head with item-ID inputs)")
-    p.add_argument("--out", required=True, help="output FILE.npy, [items, d] float32")
+    p.add_argument("--out", required=True, help="output FILE.npy, [items, d] float32 (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export_items)
 
 
@@ -272,6 +294,8 @@ def cmd_compare(a: argparse.Namespace) -> None:
     from sidrec.evaluate.compare import compare_runs, format_comparison
 
     seen = {"config": None, "excluded": True, "kept": False}[a.seen]
+    if a.out:
+        io.check_output_file(Path(a.out), overwrite=a.overwrite)
     res = compare_runs(a.run_a, a.run_b, split=a.split, exclude_seen=seen, batch_size=a.batch_size)
     print(format_comparison(res))
     if a.out:
@@ -289,8 +313,9 @@ def add_compare(sub) -> None:
     p.add_argument("--split", choices=["valid", "test"], default="valid", help="the split to score (default valid)")
     p.add_argument("--seen", choices=["config", "excluded", "kept"], default="config",
                    help="history items in the ranking: as A's config says (default), excluded or kept")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--out", help="also write the result as JSON")
+    p.add_argument("--batch-size", type=int_range(1), default=512)
+    p.add_argument("--out", help="also write the result as JSON (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_compare)
 
 
@@ -298,7 +323,9 @@ REGISTER.append(add_compare)
 
 
 # ---------------------------------------------------------------------------------------- verify
-def cmd_verify(a: argparse.Namespace) -> None:
+def cmd_verify(a: argparse.Namespace) -> int:
+    """Exit 0 when every check passes, 1 when any fails (2 stays for user errors)."""
+    from sidrec import io
     from sidrec.errors import UserError
 
     if a.synthetic:
@@ -306,6 +333,7 @@ def cmd_verify(a: argparse.Namespace) -> None:
 
         if not a.out:
             raise UserError("--synthetic needs --out DIR")
+        io.check_output_dir(a.out, "verify", overwrite=a.overwrite)
         cfg = SuiteConfig(seed=a.seed) if not a.quick else SuiteConfig(
             seed=a.seed, tab_items=24, tab_samples=20_000, neural_items=60, neural_users=(150, 600), neural_epochs=4)
         res = run_suite(a.out, cfg)
@@ -313,7 +341,7 @@ def cmd_verify(a: argparse.Namespace) -> None:
             print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['id']:<26} {c['value']:.3g} (tol {c['tolerance']:.3g})  "
                   f"{c['claim']}")
         print(f"report: {Path(a.out) / 'report.md'}  ({res['seconds']['total']} s)")
-        return
+        return 0 if res["all_pass"] else 1
     if not a.run:
         raise UserError("give a trained RUN directory, or --synthetic --out DIR")
     from sidrec.verify import verify_run
@@ -323,7 +351,26 @@ def cmd_verify(a: argparse.Namespace) -> None:
         extra = f" {c.get('dtype', '')}" if "dtype" in c else ""
         print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['check'] + extra:<24} {c['value']:.3g} (tol {c['tolerance']:.3g})"
               f"  {c['claim']}")
+        if not c["pass"]:
+            print(f"      {failure_detail(c)}")
     print(f"wrote {Path(a.run) / 'verify.json'}")
+    failed = [c["check"] + (f" ({c['dtype']})" if "dtype" in c else "") for c in res["checks"] if not c["pass"]]
+    if failed:
+        print(f"sidrec: verify failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def failure_detail(c: dict) -> str:
+    """What exactly failed, in one line: the colliding items, the worst context, the beam overlaps."""
+    if c["check"] == "bijection":
+        groups = "; ".join(" = ".join(g) for g in c.get("colliding_items", []))
+        return f"{int(c['value'])} items share an ID with another item; first groups (raw item ids): {groups}"
+    if c["check"] in ("normalization", "loss_identity"):
+        return f"worst context: user {c.get('worst_user')} (test history)"
+    if c["check"] == "beam_recall":
+        return f"overlap with the exact top-{c['k']} by beam width: {c['overlap_by_beam']}"
+    return ""
 
 
 def add_verify(sub) -> None:
@@ -335,7 +382,8 @@ def add_verify(sub) -> None:
     p.add_argument("run", nargs="?", help="trained run directory")
     p.add_argument("--synthetic", action="store_true", help="run the controlled experiments")
     p.add_argument("--out", help="output directory for --synthetic")
-    p.add_argument("--contexts", type=int, default=512, help="test contexts sampled for the run checks")
+    p.add_argument("--contexts", type=int_range(1), default=512, help="test contexts sampled for the run checks")
+    p.add_argument("--overwrite", action="store_true", help="--synthetic: replace an existing --out verify directory")
     p.add_argument("--quick", action="store_true", help="a small, fast version of --synthetic (for tests)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_verify)

@@ -1,4 +1,4 @@
-"""Run configuration: YAML files with `--set key=value` overrides, validated against dataclasses."""
+"""Run configuration: YAML files with `--set key=value` overrides, checked once against one schema."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 
 from sidrec.errors import UserError
 from sidrec.model import BackboneConfig, ModelConfig
-from sidrec.model.heads import ITEM_VECTORS
+from sidrec.tokenize import METHODS
 from sidrec.train.trainer import TrainConfig
 
 DEFAULTS: dict[str, Any] = {
@@ -98,57 +98,176 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+# ------------------------------------------------------------------------------------------ schema
+# One schema for every config key: its type (from the defaults / dataclass annotations) and its
+# range. `validate` checks a whole config against it once, where the config enters (load_config),
+# so later code can trust every value. Messages name the dotted key and the bad value.
+FORMATS = ("csv", "recbole", "ml-100k", "ml-1m", "amazon", "seq")
+HEAD_NAMES = ("ar", "fv", "parallel", "ar-unconstrained")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _int(lo: int | None = None, hi: int | None = None, none: bool = False):
+    return ("int", lo, hi, none)
+
+
+def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    return ("float", lo, hi, lo_open, hi_open)
+
+
+def _choice(*options: str, none: bool = False):
+    return ("choice", options, none)
+
+
+def _str(none: bool = False):
+    return ("str", none)
+
+
+BOOL = ("bool",)
+
+SCHEMA: dict[str, tuple] = {
+    "name": _str(),
+    "data.dir": _str(none=True), "data.format": _choice(*FORMATS, none=True), "data.path": _str(none=True),
+    "data.meta": _str(none=True), "data.kcore": _int(0), "data.dedup": _choice("exact", "user-item", "none"),
+    "data.max_seq_len": _int(3, none=True), "data.item_id_col": _str(none=True),
+    "data.synthetic.n_items": _int(2), "data.synthetic.n_users": _int(3), "data.synthetic.dim": _int(1),
+    "data.synthetic.seed": _int(),
+    "tokenizer.method": _choice(*METHODS), "tokenizer.levels": _int(1, 16), "tokenizer.codebook_size": _int(2, 1 << 20),
+    "tokenizer.embeddings": _str(), "tokenizer.text_model": _str(), "tokenizer.collab_dim": _int(1),
+    "tokenizer.resolve": _choice("reassign", "extra-token", "none"), "tokenizer.seed": _int(),
+    "model.head": _choice("ar", "fv", "parallel"), "model.tied": BOOL, "model.constrained": BOOL,
+    "model.item_vectors": _choice("none", "leaf", "all"), "model.node_bias": BOOL,
+    "model.head_hidden": _int(1, none=True), "model.head_dropout": _num(0, 1, hi_open=True),
+    "model.head_film": BOOL, "model.head_context": BOOL, "model.root_score": _choice("mean", "lse", "lse-all"),
+    "model.fv_chunk": _int(1, none=True),
+    "model.backbone.d_model": _int(1), "model.backbone.n_layers": _int(1), "model.backbone.n_heads": _int(1),
+    "model.backbone.d_ff": _int(1), "model.backbone.dropout": _num(0, 1, hi_open=True),
+    "model.backbone.max_len": _int(1), "model.backbone.item_input": _choice("id", "sid", "both"),
+    "train.epochs": _int(1), "train.batch_size": _int(1), "train.lr": _num(0, lo_open=True),
+    "train.weight_decay": _num(0), "train.warmup_steps": _int(0),
+    "train.schedule": _choice("cosine", "inverse-sqrt", "constant"), "train.grad_clip": _num(0),
+    "train.patience": _int(1), "train.eval_every": _int(1), "train.eval_batch_size": _int(1),
+    "train.eval_users": _int(0), "train.exclude_seen": BOOL, "train.seed": _int(),
+    "train.device": _choice(*DEVICES), "train.amp": BOOL, "train.ckpt_every_steps": _int(0),
+    "train.max_steps": _int(0), "train.log_every": _int(1), "train.bucket": BOOL,
+    "eval.beam": _int(1), "eval.exclude_seen": BOOL, "eval.batch_size": _int(1),
+}
+
+
+def _check(key: str, value: Any, rule: tuple) -> Any:
+    """The value if it obeys `rule` (a number given as a string comes back as a float), else UserError."""
+    kind = rule[0]
+    bad = f"config key {key}: "
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise UserError(bad + f"must be true or false, not {value!r}")
+    elif kind in ("str", "choice") and value is None:
+        if not rule[-1]:
+            raise UserError(bad + "must be set (got null)")
+    elif kind == "str":
+        if not isinstance(value, str) or not value:
+            raise UserError(bad + f"must be a non-empty string, not {value!r}")
+    elif kind == "choice":
+        if value not in rule[1]:
+            raise UserError(bad + f"must be one of {', '.join(rule[1])}, not {value!r}")
+    elif kind == "int":
+        _, lo, hi, none = rule
+        if value is None and none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(bad + f"must be an integer, not {value!r}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise UserError(bad + f"must be {span}, not {value}")
+    elif kind == "float":
+        _, lo, hi, lo_open, hi_open = rule
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise UserError(bad + f"must be a number, not {value!r}")
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise UserError(bad + f"must be {'>' if lo_open else '>='} {lo}, not {value}")
+        if hi is not None and (value > hi or (hi_open and value == hi)):
+            raise UserError(bad + f"must be {'<' if hi_open else '<='} {hi}, not {value}")
+    return value
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix == "" and k.startswith("_")):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def validate(cfg: dict) -> None:
-    model_config(cfg)
-    train_config(cfg)
+    """Check every key of a merged config against SCHEMA and the cross-key rules; UserError on the first
+    bad one. Normalises `heads` (a string becomes a one-element list)."""
+    syn = cfg["data"].get("synthetic")
+    if syn is not None and not isinstance(syn, dict):
+        raise UserError(f"config key data.synthetic: must be a mapping or null, not {syn!r}")
+    if syn is not None:
+        unknown = set(syn) - {"n_items", "n_users", "dim", "seed"}
+        if unknown:
+            raise UserError(f"unknown config key data.synthetic.{sorted(unknown)[0]}; valid keys here: "
+                            "['dim', 'n_items', 'n_users', 'seed']")
+    for key, value in _flat({k: v for k, v in cfg.items() if not k.startswith("_") and k != "heads"}).items():
+        if key in SCHEMA:
+            checked = _check(key, value, SCHEMA[key])
+            if checked is not None and checked is not value:
+                node = cfg
+                for part in key.split(".")[:-1]:
+                    node = node[part]
+                node[key.rsplit(".", 1)[-1]] = checked
+        elif key == "eval.beam_widths":
+            if not isinstance(value, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                                                      for b in value):
+                raise UserError(f"config key eval.beam_widths: must be a list of integers >= 1, not {value!r}")
+        elif key.startswith("data.synthetic.") or key == "data.synthetic":
+            continue
+        else:
+            raise UserError(f"unknown config key {key!r}")
     heads = cfg["heads"]
     if isinstance(heads, str):
         heads = cfg["heads"] = [heads]
+    if not isinstance(heads, list) or not heads:
+        raise UserError(f"config key heads: must be a non-empty list of {', '.join(HEAD_NAMES)}")
     for h in heads:
-        if h not in ("ar", "fv", "parallel", "ar-unconstrained"):
-            raise UserError(f"unknown head {h!r} in heads (ar, fv, parallel, ar-unconstrained)")
+        if h not in HEAD_NAMES:
+            raise UserError(f"config key heads: unknown head {h!r} ({', '.join(HEAD_NAMES)})")
+    _cross_checks(cfg)
+
+
+def _cross_checks(cfg: dict) -> None:
+    m, d = cfg["model"], cfg["data"]
+    if m["item_vectors"] != "none" and not m["constrained"]:
+        raise UserError("model.item_vectors needs model.constrained: true (item vectors exist only for valid IDs)")
+    if m["root_score"] != "mean" and m["item_vectors"] != "all":
+        raise UserError("model.root_score: lse scores first-level nodes by their items: it needs model.item_vectors: all")
+    if m["node_bias"] and not m["constrained"]:
+        raise UserError("model.node_bias needs model.constrained: true (trie nodes exist only for valid IDs)")
+    if m["backbone"]["d_model"] % m["backbone"]["n_heads"]:
+        raise UserError("model.backbone.d_model must be divisible by model.backbone.n_heads")
+    if d.get("format") and not d.get("path"):
+        raise UserError("config key data.path: data.format needs the interaction file in data.path")
+    if cfg["train"]["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("config key train.device: cuda was asked for but no CUDA GPU is available (use auto or cpu)")
 
 
 def model_config(cfg: dict) -> ModelConfig:
-    try:
-        mc = ModelConfig.from_dict(cfg["model"])
-    except TypeError as e:
-        raise UserError(f"bad model config: {e}") from None
-    if mc.head not in ("ar", "fv", "parallel"):
-        raise UserError(f"model.head must be ar, fv or parallel, not {mc.head!r}")
-    for name in ("tied", "constrained", "node_bias", "head_film", "head_context"):
-        if not isinstance(getattr(mc, name), bool):
-            raise UserError(f"model.{name} must be true or false, not {getattr(mc, name)!r}")
-    if mc.item_vectors not in ITEM_VECTORS:
-        raise UserError(f"model.item_vectors must be one of {', '.join(ITEM_VECTORS)}, not {mc.item_vectors!r}")
-    if mc.item_vectors != "none" and not mc.constrained:
-        raise UserError("model.item_vectors needs model.constrained: true (item vectors exist only for valid IDs)")
-    if mc.root_score not in ("mean", "lse", "lse-all"):
-        raise UserError(f"model.root_score must be mean, lse or lse-all, not {mc.root_score!r}")
-    if mc.root_score != "mean" and mc.item_vectors != "all":
-        raise UserError("model.root_score: lse scores first-level nodes by their items: it needs model.item_vectors: all")
-    if mc.node_bias and not mc.constrained:
-        raise UserError("model.node_bias needs model.constrained: true (trie nodes exist only for valid IDs)")
-    if not isinstance(mc.head_dropout, (int, float)) or not 0 <= mc.head_dropout < 1:
-        raise UserError(f"model.head_dropout must be a number in [0, 1), not {mc.head_dropout!r}")
-    b = mc.backbone
-    if b.item_input not in ("id", "sid", "both"):
-        raise UserError("model.backbone.item_input must be id, sid or both")
-    if b.d_model % b.n_heads:
-        raise UserError("model.backbone.d_model must be divisible by n_heads")
-    return mc
+    return ModelConfig.from_dict(cfg["model"])
 
 
 def train_config(cfg: dict) -> TrainConfig:
-    try:
-        tc = TrainConfig(**cfg["train"])
-    except TypeError as e:
-        raise UserError(f"bad train config: {e}") from None
-    if tc.schedule not in ("cosine", "inverse-sqrt", "constant"):
-        raise UserError("train.schedule must be cosine, inverse-sqrt or constant")
-    if tc.batch_size < 1 or tc.lr <= 0:
-        raise UserError("train.batch_size must be >= 1 and train.lr > 0")
-    return tc
+    return TrainConfig(**cfg["train"])
 
 
 def resolve_path(cfg: dict, value: str | None) -> str | None:

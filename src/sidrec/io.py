@@ -1,7 +1,17 @@
-"""Atomic file output: nothing half-written is ever left where a reader looks.
+"""Safe file I/O: atomic output into directories sidrec owns, and reads that name the bad file.
 
 Every artefact (data dirs, codebooks, checkpoints, metrics, reports) goes through these helpers:
 write to a temporary sibling, fsync, then `os.replace`, which is atomic on POSIX.
+
+Ownership. Every directory sidrec creates carries a marker file (`.sidrec.json`) naming its kind
+(data, codebook, run, pipeline, download, verify). A directory is only ever written into, or
+replaced, when it is new, empty, or carries the marker of the same kind: a user's own folder (or
+a sidrec directory of another kind, e.g. a dataset given as a codebook's --out) is refused, so no
+command can delete or move a file it did not create. Temp files a killed job left behind are
+removed the next time a command takes the directory.
+
+Reading. `reading(path)` turns any failure to read or parse a file into one `UserError` naming
+the file, so a corrupt or truncated artefact is a user error (exit 2), never a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +25,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from sidrec.errors import UserError
+
+MARKER = ".sidrec.json"
+KINDS = ("data", "codebook", "run", "pipeline", "download", "verify")
+#: Files that identify directories written before markers existed (adopted as owned).
+_LEGACY = {"data": ("sequences.npz", "items.parquet"), "codebook": ("codebook.npz", "codebook.json"),
+           "run": ("config.yaml", "metrics.jsonl"), "pipeline": ("config.yaml", "summary.json")}
 
 
 _UMASK = os.umask(0)
@@ -64,7 +82,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as f:
+    with reading(path, "JSON file"), open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -87,26 +105,145 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
             np.savez(f, **arrays)
 
 
-def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def load_npz(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Arrays of an .npz (never unpickled); a corrupt file or a missing array names the file."""
+    with reading(path, "array file"), np.load(path, allow_pickle=False) as z:
+        out = {k: z[k] for k in z.files}
+        missing = [k for k in required if k not in out]
+        if missing:
+            raise ValueError(f"missing array(s) {', '.join(missing)}")
+        return out
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Build a directory under a temporary name and rename it into place only when complete.
+def reading(path: str | Path, what: str = "file") -> Iterator[None]:
+    """Any exception while reading or parsing `path` becomes one UserError naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{what} not found", str(path)) from None
+    except Exception as e:  # noqa: BLE001 - corrupt input of any kind is the user's to fix
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {what}: corrupt or not a sidrec file ({type(e).__name__}: {msg})",
+                        str(path)) from None
+
+
+def read_marker(path: str | Path) -> dict | None:
+    """The marker of a sidrec directory (legacy directories: inferred from their files), else None."""
+    path = Path(path)
+    m = path / MARKER
+    if m.is_file():
+        with reading(m, "directory marker"):
+            obj = json.loads(m.read_text(encoding="utf-8"))
+            if not isinstance(obj, dict) or obj.get("kind") not in KINDS:
+                raise ValueError("no valid 'kind'")
+        return obj
+    for kind, files in _LEGACY.items():
+        if all((path / f).exists() for f in files):
+            return {"kind": kind, "legacy": True}
+    return None
+
+
+def check_output_dir(path: str | Path, kind: str, *, overwrite: bool = False, exist_ok: bool = False,
+                     inputs: tuple = (), option: str = "--out") -> bool:
+    """Refuse `path` as an output directory of `kind` unless sidrec may write there; True if it exists.
+
+    Allowed: a new path; an empty directory; a directory with the marker of `kind` when
+    `exist_ok` (the command continues it) or `overwrite` (the command replaces it). Never a file,
+    a foreign directory, a sidrec directory of another kind, or a folder holding the command's input.
+    """
+    path = Path(path)
+    for inp in inputs:
+        if inp is None:
+            continue
+        inp = Path(inp).resolve()
+        if inp == path.resolve() or path.resolve() in inp.parents:
+            raise UserError(f"{option} {path} holds this command's own input {inp}; choose another directory")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise UserError(f"{option} exists and is not a directory; give a new directory", str(path))
+    if not path.exists():
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
+        if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+            raise UserError(f"{option}: cannot create a directory under {parent} (not a writable directory)",
+                            str(path))
+        return False
+    if not any(path.iterdir()):
+        return True
+    m = read_marker(path)
+    if m is None:
+        raise UserError(f"{option} is an existing directory that sidrec did not create; refusing to write "
+                        "into it (give a new directory)", str(path))
+    if m["kind"] != kind:
+        raise UserError(f"{option} is a sidrec {m['kind']} directory, not a {kind} directory; refusing to "
+                        "write into it", str(path))
+    if not (exist_ok or overwrite):
+        raise UserError(f"{option} already holds a {kind} directory; pass --overwrite to replace it, or "
+                        "give a new directory", str(path))
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{option} is not writable", str(path))
+    return True
+
+
+def check_output_file(path: str | Path, *, overwrite: bool = False, option: str = "--out") -> None:
+    """Refuse to replace an existing file unless the user asked for it (`overwrite`); never a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} is a directory; give a file name", str(path))
+    if path.exists() and not overwrite:
+        raise UserError(f"{option} exists; pass --overwrite to replace it, or give a new file", str(path))
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise UserError(f"{option}: cannot write under {parent} (not a writable directory)", str(path))
+
+
+def own_dir(path: str | Path, kind: str, **marker: Any) -> Path:
+    """Create (or take over) the sidrec directory `path` of `kind` and write its marker; removes the
+    temp files a killed job left inside it. Refuses foreign directories (see check_output_dir)."""
+    path = Path(path)
+    check_output_dir(path, kind, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
+    old = read_marker(path) or {}
+    if old.get("legacy") or MARKER not in os.listdir(path) or marker:
+        write_marker(path, kind, **{**{k: v for k, v in old.items() if k not in ("kind", "legacy")}, **marker})
+    return path
+
+
+def write_marker(path: Path, kind: str, **fields: Any) -> None:
+    from sidrec import __version__
+
+    write_json(Path(path) / MARKER, {"kind": kind, "sidrec": __version__, **fields})
+
+
+def clean_stale(path: Path) -> None:
+    """Remove `.NAME.*.tmp` files/dirs and `.NAME.old` dirs (only sidrec makes these names)."""
+    for p in Path(path).iterdir():
+        if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, kind: str, **marker: Any) -> Iterator[Path]:
+    """Build the sidrec directory `path` of `kind` under a temporary name; rename it into place
+    only when complete. An existing `path` is replaced only if it is empty or of the same kind
+    (the caller decides whether replacing is wanted: see check_output_dir).
 
     If the body raises, the temporary directory is removed and `path` is left untouched.
     """
     path = Path(path)
+    if path.exists():
+        check_output_dir(path, kind, overwrite=True)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for p in path.parent.glob(f".{path.name}.*.tmp"):  # a killed earlier attempt
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
+        write_marker(tmp, kind, **marker)
         if path.exists():
-            if not overwrite:
-                raise FileExistsError(path)
             old = path.with_name(f".{path.name}.old")
             if old.exists():
                 shutil.rmtree(old)

@@ -1,13 +1,17 @@
 """The end-to-end pipeline behind `sidrec train` and `sidrec run`.
 
 prepare (or synthesise) -> embed -> tokenize -> train each head -> evaluate -> report.
-Each stage writes its artefact atomically and is skipped when the artefact is already there,
-so an interrupted `sidrec run` continues where it stopped (training resumes mid-run).
+Each stage writes its artefact atomically with the fingerprint of its inputs (`sidrec.run`) and
+is reused only when that fingerprint matches what the config asks for now, so an interrupted
+`sidrec run` continues where it stopped (training resumes mid-run) and a changed setting remakes
+exactly the stages it affects, saying so.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import sys
 import time
 from pathlib import Path
 
@@ -15,51 +19,86 @@ import numpy as np
 import torch
 
 from sidrec import io
+from sidrec import run as rundir
 from sidrec.config import dump, model_config, resolve_path, train_config
 from sidrec.data import SequenceData, prepare, read
 from sidrec.errors import UserError
+from sidrec.run import RunDir
 from sidrec.tokenize import Codebook, fit_codebook
 
 
+def say(msg: str) -> None:
+    """Progress the user must see (a stage reused or made again, and why); stderr keeps stdout clean."""
+    print(f"sidrec: {msg}", file=sys.stderr, flush=True)
+
+
+def _resolver(cfg: dict):
+    return lambda p: resolve_path(cfg, p)
+
+
+def data_fingerprint(cfg: dict) -> str:
+    """The fingerprint of the data a config names, known before anything is prepared."""
+    d = cfg["data"]
+    if d.get("dir"):
+        return rundir.dir_fingerprint(resolve_path(cfg, d["dir"]), "data")
+    return rundir.digest(rundir.data_inputs(d, _resolver(cfg)))
+
+
 def ensure_data(cfg: dict, work: Path) -> SequenceData:
+    """The config's data: its data.dir, or prepared into work/data (reused when made from the same inputs)."""
     d = cfg["data"]
     if d.get("dir"):
         return SequenceData.load(resolve_path(cfg, d["dir"]))
+    if not d.get("synthetic") and not d.get("format"):
+        raise UserError("the config's data section needs one of: dir, synthetic, format + path")
     out = work / "data"
-    if (out / "sequences.npz").exists():
+    inputs = rundir.data_inputs(d, _resolver(cfg))
+    status, changed = rundir.stage_status(out, "data", inputs)
+    if status == "same":
         return SequenceData.load(out)
+    if status == "stale":
+        say(f"{out} was prepared from other inputs ({', '.join(changed)}): preparing it again")
+    marker = rundir.marker_fields(inputs)
     if d.get("synthetic"):
         from sidrec.data.synth import make_synthetic, save_synthetic
 
         data, world = make_synthetic(**d["synthetic"])
-        save_synthetic(data, world, out)
-    elif d.get("format"):
+        save_synthetic(data, world, out, marker)
+    else:
         kw = {"item_id_col": d["item_id_col"]} if d.get("item_id_col") else {}
         ds = read(d["format"], resolve_path(cfg, d["path"]), resolve_path(cfg, d.get("meta")), **kw)
-        prepare(ds, kcore_k=d["kcore"], dedup=d["dedup"], max_seq_len=d["max_seq_len"]).save(out)
-    else:
-        raise UserError("the config's data section needs one of: dir, synthetic, format + path")
+        prepare(ds, kcore_k=d["kcore"], dedup=d["dedup"], max_seq_len=d["max_seq_len"]).save(out, marker=marker)
     return SequenceData.load(out)
 
 
+def codebook_inputs(cfg: dict, data_fp: str) -> dict:
+    return rundir.codebook_inputs(cfg["tokenizer"], data_fp, _resolver(cfg))
+
+
 def ensure_codebook(cfg: dict, data: SequenceData, work: Path) -> Codebook:
+    """A codebook fitted with the config's tokenizer settings on `data`, in work/codebook (reused when
+    made from the same inputs)."""
     from sidrec.embed import get_embeddings
 
     t = cfg["tokenizer"]
     out = work / "codebook"
-    settings = {k: (str(v) if k == "embeddings" else v) for k, v in t.items()}
-    if (out / "codebook.npz").exists():  # reuse only a codebook fitted with exactly these settings
+    inputs = codebook_inputs(cfg, rundir.dir_fingerprint(data.path, "data"))
+    status, changed = rundir.stage_status(out, "codebook", inputs)
+    if status == "same":
         cb = Codebook.load(out)
-        if cb.meta.get("tokenizer") == settings and cb.n_items == data.n_items:
+        if cb.n_items == data.n_items:
             return cb
+        changed = ["n_items"]
+    if status != "new":
+        say(f"{out} was fitted on other inputs ({', '.join(changed)}): fitting it again")
     source = str(t["embeddings"])
     if source.endswith(".npy"):
         source = resolve_path(cfg, source)
     emb = get_embeddings(data, source, model=t["text_model"], dim=t["collab_dim"], seed=t["seed"])
     cb = fit_codebook(emb, t["method"], t["levels"], t["codebook_size"], resolve_strategy=t["resolve"],
                       seed=t["seed"], embeddings=str(t["embeddings"]))
-    cb.meta["tokenizer"] = settings
-    cb.save(out)
+    cb.meta["tokenizer"] = {k: (str(v) if k == "embeddings" else v) for k, v in t.items()}
+    cb.save(out, marker=rundir.marker_fields(inputs))
     return cb
 
 
@@ -84,25 +123,87 @@ def head_config(cfg: dict, head: str) -> dict:
     return c
 
 
-def train_one(cfg: dict, data: SequenceData, codebook: Codebook | None, run: Path, resume: bool = False) -> dict:
-    """Train the model of `cfg` into run dir `run` (config.yaml, codebook/, weights, metrics)."""
+def codes_fingerprint(codebook: Codebook | None) -> str | None:
+    """What a model depends on in a codebook: its codes and sizes (content hash)."""
+    if codebook is None:
+        return None
+    h = hashlib.sha256(np.ascontiguousarray(codebook.codes).tobytes())
+    h.update(str(codebook.sizes).encode())
+    return h.hexdigest()[:16]
+
+
+def model_inputs(cfg: dict, data: SequenceData | str, codebook: Codebook | str | None) -> dict:
+    """A head config's model-stage inputs; FV-MLE on item-ID inputs does not read the codebook."""
+    data_fp = data if isinstance(data, str) else rundir.dir_fingerprint(data.path, "data")
+    uses_ids = cfg["model"]["head"] != "fv" or cfg["model"]["backbone"]["item_input"] != "id"
+    cb_fp = codebook if isinstance(codebook, str) or codebook is None else codes_fingerprint(codebook)
+    return rundir.model_inputs(cfg, data_fp, cb_fp if uses_ids else None)
+
+
+def check_resume(cfg: dict, run: Path) -> None:
+    """Refuse `train --resume` with changed settings before anything is written, naming the keys of
+    whichever stage (data, tokenizer, model/train) changed."""
+    if not (run / rundir.CONFIG).exists() and not (run / rundir.STATE).exists():
+        return
+    stages = []
+    if not cfg["data"].get("dir"):
+        stages.append(("data", run / "data", rundir.data_inputs(cfg["data"], _resolver(cfg))))
+    data_fp = data_fingerprint(cfg)
+    if needs_semantic_ids(cfg, cfg["heads"]):
+        stages.append(("codebook", run / "codebook", codebook_inputs(cfg, data_fp)))
+    for kind, path, inputs in stages:
+        status, changed = rundir.stage_status(path, kind, inputs)
+        if status == "stale":
+            raise UserError(f"cannot --resume: the run's {kind} was made with other settings for "
+                            f"{', '.join(changed)}; resume with the same values, or --overwrite to retrain", str(run))
+    codebook = Codebook.load(run / "codebook") if (run / "codebook" / "codebook.npz").exists() else None
+    inputs = model_inputs(cfg, data_fp, codebook)
+    RunDir.create(run, inputs, resume=True)  # raises naming the model/train keys that changed
+
+
+def claim_run_dir(cfg: dict, run: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Make `run` a run directory `sidrec train` may write, or refuse before anything is written: a
+    foreign directory, a trained run without --resume/--overwrite, a --resume with changed settings."""
+    d = cfg["data"]
+    inputs = [resolve_path(cfg, d.get("path")), resolve_path(cfg, d.get("meta"))]
+    exists = io.check_output_dir(run, "run", exist_ok=True, inputs=inputs)
+    if exists and RunDir(run).has_products() and not (resume or overwrite):
+        raise UserError("--out already holds a trained run; pass --resume to continue it, --overwrite to train "
+                        "it again from scratch, or give a new directory", str(run))
+    if resume and not overwrite:
+        check_resume(cfg, run)
+    if overwrite and exists:
+        RunDir(run).clear()
+    io.own_dir(run, "run")
+
+
+def train_one(cfg: dict, data: SequenceData, codebook: Codebook | None, run: Path, resume: bool = False,
+              overwrite: bool = False) -> dict:
+    """Train the model of `cfg` into run dir `run` (config.yaml, codebook/, weights, metrics).
+
+    An existing run is continued (`resume`, same settings only) or replaced (`overwrite`)."""
+    from sidrec.evaluate import validator
     from sidrec.model import SeqRecModel
     from sidrec.train.trainer import Trainer, _dist_info
 
     mc, tc = model_config(cfg), train_config(cfg)
-    run.mkdir(parents=True, exist_ok=True)
-    resolved = copy.deepcopy(cfg)
-    resolved["n_items"] = data.n_items
-    resolved["data"]["dir"] = str(Path(data.path).resolve())
     rank, _ = _dist_info()
     if rank == 0:
-        io.write_text(run / "config.yaml", dump(resolved))
+        rd = RunDir.create(run, model_inputs(cfg, data, codebook), resume=resume, overwrite=overwrite)
+        resolved = copy.deepcopy(cfg)
+        resolved["n_items"] = data.n_items
+        resolved["data"]["dir"] = str(Path(data.path).resolve())
+        rd.write_config(resolved)
         if codebook is not None:
-            codebook.save(run / "codebook")
+            rd.save_codebook(codebook)
+    else:
+        rd = RunDir(run)
     torch.manual_seed(tc.seed)
     model = SeqRecModel(mc, data.n_items, codebook)
+    validate = validator(data, exclude_seen=tc.exclude_seen, batch_size=tc.eval_batch_size,
+                         n_users=tc.eval_users, seed=tc.seed)
     t0 = time.perf_counter()
-    state = Trainer(model, data, tc, run).fit(resume=resume)
+    state = Trainer(model, data, tc, rd, validate).fit(resume=resume)
     state["train_seconds"] = round(time.perf_counter() - t0, 1)
     return state
 
@@ -117,13 +218,17 @@ def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int
     device "auto": the GPU when there is one (as training does).
     """
     from sidrec.evaluate import evaluate_split, overlap_at
-    from sidrec.train.trainer import load_model, pick_device
+    from sidrec.train.trainer import pick_device
 
     device = pick_device(device)
-    model, cfg = load_model(run, device)
+    rd = RunDir.open(run)
+    model, cfg = rd.load_model(device)
     if exclude_seen is None:
         exclude_seen = bool(cfg.get("eval", {}).get("exclude_seen", False))
-    data = data or SequenceData.load(cfg["data"]["dir"])
+    data = data or rd.data(cfg)
+    if data.n_items != model.n_items:
+        raise UserError(f"the run's data directory now has {data.n_items} items, the model {model.n_items}",
+                        str(cfg["data"]["dir"]))
     is_ar = model.cfg.head == "ar"
     decodes = decodes or (("exact", "beam") if is_ar else ("exact",))
     if "beam" in decodes and not is_ar:
@@ -146,20 +251,25 @@ def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int
             out[split][dec] = m
         if "exact" in lists and "beam" in lists:
             out[split]["overlap@10"] = overlap_at(lists["beam"], lists["exact"], 10)
-    io.write_json(run / eval_file(exclude_seen), out)
+    rd.write_eval(out)
     return out
 
 
-def eval_file(exclude_seen: bool) -> str:
-    """The two protocols get their own files, so neither overwrites the other."""
-    return "eval-seen-excluded.json" if exclude_seen else "eval.json"
+eval_file = rundir.eval_file
 
 
 def run_pipeline(cfg: dict, out: Path, resume: bool = True) -> dict:
-    """Everything: data, codebook, one model per head, evaluation, report."""
+    """Everything: data, codebook, one model per head, evaluation, report. A stage already in `out`
+    is reused only if it was made from the same inputs (fingerprints); otherwise it is made again
+    and the reason printed. `resume`: continue an interrupted training of unchanged settings."""
     from sidrec.evaluate.report import write_report
 
-    out.mkdir(parents=True, exist_ok=True)
+    d = cfg["data"]
+    emb = str(cfg["tokenizer"]["embeddings"])
+    inputs = [resolve_path(cfg, d.get("path")), resolve_path(cfg, d.get("meta")),
+              resolve_path(cfg, emb) if emb.endswith(".npy") else None]
+    io.check_output_dir(out, "pipeline", exist_ok=True, inputs=inputs)
+    io.own_dir(out, "pipeline")
     io.write_text(out / "config.yaml", dump(cfg))
     timings = {}
     t = time.perf_counter()
@@ -170,18 +280,9 @@ def run_pipeline(cfg: dict, out: Path, resume: bool = True) -> dict:
     timings["tokenize"] = round(time.perf_counter() - t, 1)
     results = {}
     for head in cfg["heads"]:
-        run = out / head
-        hc = head_config(cfg, head)
         t = time.perf_counter()
-        done = run / eval_file(cfg["eval"]["exclude_seen"])
-        if not done.exists():
-            train_one(hc, data, codebook, run, resume=resume)
-            ev = evaluate_run(run, beam=cfg["eval"]["beam"], exclude_seen=cfg["eval"]["exclude_seen"],
-                              batch_size=cfg["eval"]["batch_size"], data=data)
-        else:
-            ev = io.read_json(done)
+        results[head] = _head_stage(cfg, head, data, codebook, out / head, resume)
         timings[head] = round(time.perf_counter() - t, 1)
-        results[head] = ev
     summary = {"results": results, "timings_s": timings, "data": data.stats()}
     if codebook is not None:
         summary["codebook"] = codebook.to_json()
@@ -193,6 +294,24 @@ def run_pipeline(cfg: dict, out: Path, resume: bool = True) -> dict:
     io.write_json(out / "summary.json", summary)
     write_report(out, summary, cfg)
     return summary
+
+
+def _head_stage(cfg: dict, head: str, data: SequenceData, codebook: Codebook | None, run: Path,
+                resume: bool) -> dict:
+    """One head of `sidrec run`: reuse its model and evaluation when their inputs are unchanged."""
+    hc = head_config(cfg, head)
+    ev_cfg = cfg["eval"]
+    status, changed = rundir.stage_status(run, "run", model_inputs(hc, data, codebook))
+    if status == "stale":
+        say(f"{run} was trained with other settings ({', '.join(changed)}): training it again")
+    if not (status == "same" and RunDir(run).training_done()):
+        go_on = resume and status == "same"  # an interrupted training of the same settings
+        train_one(hc, data, codebook, run, resume=go_on, overwrite=status != "new" and not go_on)
+    ev = RunDir(run).read_eval(ev_cfg["exclude_seen"], ev_cfg["beam"])
+    if ev is None:
+        ev = evaluate_run(run, beam=ev_cfg["beam"], exclude_seen=ev_cfg["exclude_seen"],
+                          batch_size=ev_cfg["batch_size"], data=data)
+    return ev
 
 
 def user_history(data: SequenceData, raw_items: list[str]) -> np.ndarray:

@@ -82,12 +82,14 @@ class SequenceData:
     def stats(self) -> dict:
         return compute_stats(self)
 
-    def save(self, out: str | Path, extra: Callable[[Path], None] | None = None) -> None:
-        """Write the data directory atomically (a half-written directory never appears).
+    def save(self, out: str | Path, extra: Callable[[Path], None] | None = None, marker: dict | None = None) -> None:
+        """Write the data directory atomically (a half-written directory never appears). An existing
+        `out` is replaced only if it is a sidrec data directory (see `sidrec.io`).
 
-        `extra(tmp_dir)` may add files (e.g. the synthetic world) before the directory is renamed.
+        `extra(tmp_dir)` may add files (e.g. the synthetic world) before the directory is renamed;
+        `marker`: fields for the directory's marker (the fingerprint of what it was made from).
         """
-        with io.atomic_dir(out) as tmp:
+        with io.atomic_dir(out, "data", **(marker or {})) as tmp:
             arrays = {"offsets": self.offsets, "items": self.items, "user_ids": self.user_ids}
             if self.timestamps is not None:
                 arrays["timestamps"] = self.timestamps
@@ -104,10 +106,31 @@ class SequenceData:
         p = Path(path)
         if not (p / "sequences.npz").exists():
             raise UserError("not a prepared data directory (no sequences.npz); run `sidrec data prepare`", str(p))
-        arr = io.load_npz(p / "sequences.npz")
-        table = pd.read_parquet(p / "items.parquet")
+        arr = io.load_npz(p / "sequences.npz", required=("offsets", "items", "user_ids"))
+        with io.reading(p / "items.parquet", "item table"):
+            table = pd.read_parquet(p / "items.parquet")
+            if "item" not in table.columns:
+                raise ValueError("no 'item' column")
         meta = io.read_json(p / "prepare.json") if (p / "prepare.json").exists() else {}
-        return cls(arr["offsets"], arr["items"], arr["user_ids"], table, arr.get("timestamps"), meta, p)
+        with io.reading(p / "sequences.npz", "sequences"):
+            _check_arrays(arr, len(table))
+        return cls(arr["offsets"], arr["items"], arr["user_ids"], table, arr.get("timestamps"),
+                   meta if isinstance(meta, dict) else {}, p)
+
+
+def _check_arrays(arr: dict, n_items: int) -> None:
+    """The invariants every loader relies on (a truncated or edited file fails here, not later)."""
+    off, items = arr["offsets"], arr["items"]
+    if off.ndim != 1 or len(off) < 2 or off[0] != 0 or off[-1] != len(items) or np.any(np.diff(off) < MIN_USER_LEN):
+        raise ValueError("offsets are not a CSR index of sequences of length >= 3")
+    if items.ndim != 1 or not np.issubdtype(items.dtype, np.integer) or (len(items) and (
+            items.min() < 0 or items.max() >= n_items)):
+        raise ValueError(f"item ids outside 0..{n_items - 1} (does items.parquet belong to these sequences?)")
+    if len(arr["user_ids"]) != len(off) - 1:
+        raise ValueError("user_ids and offsets disagree on the number of users")
+    ts = arr.get("timestamps")
+    if ts is not None and ts.shape != items.shape:
+        raise ValueError("timestamps and items differ in length")
 
 
 def compute_stats(d: SequenceData) -> dict:

@@ -172,8 +172,8 @@ def make_synthetic(
     return data, world
 
 
-def save_synthetic(data: SequenceData, world: SynthWorld, out: str | Path) -> None:
-    data.save(out, extra=lambda tmp: io.save_npz(tmp / "world.npz", **world.to_arrays()))
+def save_synthetic(data: SequenceData, world: SynthWorld, out: str | Path, marker: dict | None = None) -> None:
+    data.save(out, extra=lambda tmp: io.save_npz(tmp / "world.npz", **world.to_arrays()), marker=marker)
 
 
 def load_world(data_dir: str | Path) -> SynthWorld:

@@ -101,6 +101,22 @@ def evaluate_split(
     return out
 
 
+def validator(data: SequenceData, *, exclude_seen: bool = False, batch_size: int = 1024, n_users: int = 0,
+              seed: int = 0):
+    """The per-epoch validation a Trainer selects checkpoints with: exact full ranking on the valid
+    split (on a fixed random subset of `n_users` users when 0 < n_users < all)."""
+    users = None
+    if n_users and n_users < data.n_users:
+        users = np.sort(np.random.default_rng(seed).choice(data.n_users, n_users, replace=False))
+
+    def validate(model) -> dict:
+        device = next(model.parameters()).device
+        return evaluate_split(model, data, "valid", batch_size=batch_size, device=device, users=users,
+                              exclude_seen=exclude_seen)
+
+    return validate
+
+
 def popularity_ranking(data: SequenceData, split: str) -> dict:
     """Metrics of ranking every item by its count in the training prefixes (a sanity baseline;
     full ranking, same protocol as the models)."""

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from sidrec.data.batching import eval_batches
-from sidrec.data.prepare import SequenceData
 from sidrec.decode.exact import exact_scores
 from sidrec.evaluate import _exact_ranks
 from sidrec.evaluate.metrics import metrics_from_ranks
@@ -70,14 +69,14 @@ def compare_runs(run_a: str | Path, run_b: str | Path, split: str = "valid", exc
     """Per-level NLL of both runs and ranking metrics of A, B, the level-swapped hybrids and the
     geometric mean of the two (an ensemble, for scale: not a single model)."""
     from sidrec.errors import UserError
-    from sidrec.train.trainer import load_model
+    from sidrec.run import RunDir
 
-    (a, cfg_a), (b, cfg_b) = load_model(run_a), load_model(run_b)
+    (a, cfg_a), (b, cfg_b) = RunDir.open(run_a).load_model(), RunDir.open(run_b).load_model()
     if cfg_a["data"]["dir"] != cfg_b["data"]["dir"] or a.n_items != b.n_items:
         raise UserError("the two runs were trained on different data directories", str(run_b))
     trie = _trie_of([a, b], [str(run_a), str(run_b)])
     k = len(trie.item_node) - 1
-    data = SequenceData.load(cfg_a["data"]["dir"])
+    data = RunDir(run_a).data(cfg_a)
     if exclude_seen is None:
         exclude_seen = bool(cfg_a["eval"].get("exclude_seen", False))
     names = ["A", "B", *[f"A{j}+B" for j in range(1, k)], *[f"B{j}+A" for j in range(1, k)], "ensemble"]
@@ -101,7 +100,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, split: str = "valid", exc
                 ranks[n].append(_exact_ranks(s, tgt, hist, data.n_items).numpy())
     level = {n: torch.cat(v).mean(0).tolist() for n, v in nll.items()}
     return {
-        "runs": {"A": str(run_a), "B": str(run_b)}, "split": split, "exclude_seen": exclude_seen,
+        "kind": "sidrec-compare", "runs": {"A": str(run_a), "B": str(run_b)}, "split": split, "exclude_seen": exclude_seen,
         "n_users": int(sum(len(r) for r in ranks["A"])), "levels": k,
         "level_nll": {n: {"per_level": [round(x, 4) for x in v], "total": round(sum(v), 4)} for n, v in level.items()},
         "ranking": {n: metrics_from_ranks(np.concatenate(r)) for n, r in ranks.items()},

@@ -204,9 +204,10 @@ class Codebook:
     def diagnostics(self) -> dict:
         return codebook_diagnostics(self.codes, self.sizes)
 
-    def save(self, out: str | Path) -> None:
-        """codebook.npz (codes + fitted arrays) and codebook.json (metadata, diagnostics); no pickle."""
-        with io.atomic_dir(out) as tmp:
+    def save(self, out: str | Path, marker: dict | None = None) -> None:
+        """codebook.npz (codes + fitted arrays) and codebook.json (metadata, diagnostics); no pickle.
+        An existing `out` is replaced only if it is a sidrec codebook directory (see `sidrec.io`)."""
+        with io.atomic_dir(out, "codebook", **(marker or {})) as tmp:
             io.save_npz(tmp / "codebook.npz", codes=self.codes, sizes=np.array(self.sizes), **self.extras)
             io.write_json(tmp / "codebook.json", self.to_json())
 
@@ -223,11 +224,25 @@ class Codebook:
         p = Path(path)
         if not (p / "codebook.npz").exists():
             raise UserError("not a codebook directory (no codebook.npz); run `sidrec tokenize`", str(p))
-        arr = io.load_npz(p / "codebook.npz")
-        meta = io.read_json(p / "codebook.json")
+        arr = io.load_npz(p / "codebook.npz", required=("codes", "sizes"))
+        meta = io.read_json(p / "codebook.json") if (p / "codebook.json").exists() else {}
         extras = {k: v for k, v in arr.items() if k not in ("codes", "sizes")}
-        return cls(arr["codes"], arr["sizes"].tolist(), allow_collisions=allow_collisions,
-                   meta={k: v for k, v in meta.items() if k not in _DERIVED_KEYS}, extras=extras)
+        with io.reading(p / "codebook.npz", "codebook"):
+            if not np.issubdtype(arr["codes"].dtype, np.integer) or arr["sizes"].ndim != 1:
+                raise ValueError("codes must be integers and sizes a vector")
+            return cls(arr["codes"], arr["sizes"].tolist(), allow_collisions=allow_collisions,
+                       meta={k: v for k, v in (meta if isinstance(meta, dict) else {}).items()
+                             if k not in _DERIVED_KEYS}, extras=extras)
+
+    def collision_groups(self, limit: int = 10) -> list[list[int]]:
+        """Up to `limit` groups of items that share one ID (internal ids, lowest first)."""
+        if self.bijective:
+            return []
+        _, inv, counts = np.unique(self.keys, return_inverse=True, return_counts=True)
+        shared = np.flatnonzero(counts[inv] > 1)
+        order = shared[np.lexsort((shared, inv[shared]))]
+        groups = np.split(order, np.flatnonzero(np.diff(inv[order])) + 1)
+        return [g.tolist() for g in groups[:limit]]
 
 
 # keys of codebook.json recomputed from the codes on load (everything else is fitting metadata)

@@ -1,5 +1,5 @@
 """Training: AdamW + warmup/cosine, clipping, early stopping, atomic checkpoints, resume, DDP."""
 
-from sidrec.train.trainer import TrainConfig, Trainer, load_model
+from sidrec.train.trainer import TrainConfig, Trainer, pick_device
 
-__all__ = ["TrainConfig", "Trainer", "load_model"]
+__all__ = ["TrainConfig", "Trainer", "pick_device"]

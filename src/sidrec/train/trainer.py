@@ -1,12 +1,14 @@
 """The training loop (nanoGPT-sized): one model, one optimizer, one schedule.
 
-Run directory: config.yaml (resolved), codebook/, model.safetensors (best on validation),
-trainer_state.pt (the latest checkpoint: model, optimizer, schedule, RNG, counters),
-metrics.jsonl (one JSON line per log step and per evaluation).
+It writes through `sidrec.run.RunDir` (best weights, checkpoints, metrics) and knows nothing of
+evaluation: the caller passes `validate(model) -> metrics` (see `sidrec.evaluate.validator`),
+whose NDCG@10 selects the checkpoint and drives early stopping. After `fit`, the model holds the
+selected (best-validation) weights.
 
 Resume is exact: batches of epoch e are a pure function of (seed, e), the RNG state is saved
-with each checkpoint, and mid-epoch checkpoints record how many batches were done. A resumed
-CPU run reaches bit-identical parameters to an uninterrupted one.
+with each checkpoint, and mid-epoch checkpoints record how many batches were done and the running
+sum of the epoch's losses. A resumed CPU run reaches bit-identical parameters and writes a
+metrics.jsonl identical to an uninterrupted run's (wall-clock figures go to timings.jsonl).
 
 Data-parallel training (torchrun, gloo or nccl): every rank takes an interleaved share of each
 global batch and scales its summed loss by world_size / global_targets, so DDP's gradient
@@ -20,19 +22,18 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model as st_load_model
-from safetensors.torch import save_model as st_save_model
 from tqdm import tqdm
 
-from sidrec import io
 from sidrec.data.batching import TrainBatches
 from sidrec.data.prepare import SequenceData
-from sidrec.model import ModelConfig, SeqRecModel
-from sidrec.tokenize.codebook import Codebook
+from sidrec.errors import UserError
+from sidrec.model import SeqRecModel
+from sidrec.run import RunDir
 
 
 @dataclass
@@ -58,10 +59,18 @@ class TrainConfig:
     bucket: bool = True  # length-bucketed batches (False: random batches padded to their max)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str | torch.device) -> torch.device:
+    """One device rule for training, evaluation and recommendation: auto = the GPU when there is one."""
+    if isinstance(name, torch.device):
+        return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r}: no CUDA GPU is available (use auto or cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (auto, cpu, cuda)") from None
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -85,12 +94,16 @@ def _dist_info() -> tuple[int, int]:
 
 
 class Trainer:
-    def __init__(self, model: SeqRecModel, data: SequenceData, cfg: TrainConfig, run_dir: str | Path,
-                 on_epoch_end=None):
-        self.on_epoch_end = on_epoch_end  # optional callback(model, epoch) -> dict merged into the log
+    def __init__(self, model: SeqRecModel, data: SequenceData, cfg: TrainConfig, run_dir: str | Path | RunDir,
+                 validate: Callable[[SeqRecModel], dict] | None = None, on_epoch_end=None):
+        """validate(model) -> metrics with "ndcg@10": selects the best checkpoint and stops early
+        (None: no validation, the last weights are kept). on_epoch_end(model, epoch) -> dict merged
+        into the epoch's log line."""
+        self.on_epoch_end = on_epoch_end
+        self.validate = validate
         self.cfg = cfg
         self.data = data
-        self.run = Path(run_dir)
+        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir.create(run_dir, resume=True)
         self.rank, self.world = _dist_info()
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
@@ -109,54 +122,36 @@ class Trainer:
             total = min(total, cfg.max_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, total))
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0,
-                      "done": False}
-        self.eval_users = None
-        if cfg.eval_users and cfg.eval_users < data.n_users:
-            rng = np.random.default_rng(cfg.seed)
-            self.eval_users = np.sort(rng.choice(data.n_users, cfg.eval_users, replace=False))
+                      "done": False, "epoch_loss_sum": 0.0, "epoch_loss_n": 0}
 
     # -- checkpoints ------------------------------------------------------------------------
-    @property
-    def ckpt_path(self) -> Path:
-        return self.run / "trainer_state.pt"
-
     def save_checkpoint(self) -> None:
-        if self.rank != 0:
-            return
-        blob = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "rng": torch.get_rng_state(), "state": dict(self.state)}
-        with io.atomic_path(self.ckpt_path) as tmp:
-            torch.save(blob, tmp)
+        if self.rank == 0:
+            self.run.save_state({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                                 "sched": self.sched.state_dict(), "rng": torch.get_rng_state(),
+                                 "state": dict(self.state)})
 
     def load_checkpoint(self) -> bool:
-        if not self.ckpt_path.exists():
+        blob = self.run.load_state(self.device)
+        if blob is None:
             return False
-        blob = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(blob["model"])
-        self.opt.load_state_dict(blob["opt"])
-        self.sched.load_state_dict(blob["sched"])
-        torch.set_rng_state(blob["rng"].cpu())
+        from sidrec.io import reading
+
+        with reading(self.run.path / "trainer_state.pt", "trainer checkpoint (does it match this model?)"):
+            self.model.load_state_dict(blob["model"])
+            self.opt.load_state_dict(blob["opt"])
+            self.sched.load_state_dict(blob["sched"])
+            torch.set_rng_state(blob["rng"].cpu())
         self.state.update(blob["state"])
         return True
 
     def save_best(self) -> None:
         if self.rank == 0:
-            with io.atomic_path(self.run / "model.safetensors") as tmp:
-                st_save_model(self.model, str(tmp))  # handles the tied FV item vectors
+            self.run.save_weights(self.model)
 
-    def log(self, rec: dict) -> None:
+    def log(self, rec: dict, timings: dict | None = None) -> None:
         if self.rank == 0:
-            io.append_jsonl(self.run / "metrics.jsonl", rec)
-
-    def _truncate_log(self, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-        p = self.run / "metrics.jsonl"
-        if self.rank != 0 or not p.exists():
-            return
-        import json
-
-        keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        io.write_text(p, "".join(ln + "\n" for ln in keep))
+            self.run.log(rec, timings)
 
     # -- one optimisation step --------------------------------------------------------------
     def step(self, rows: np.ndarray) -> float:
@@ -183,14 +178,13 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
-        """Train until epochs, patience or max_steps run out; returns the final state."""
-        from sidrec.evaluate import evaluate_split
-
-        self.run.mkdir(parents=True, exist_ok=True)
-        if resume and self.load_checkpoint():
-            self._truncate_log(self.state["step"])
-        elif (self.run / "metrics.jsonl").exists() and self.rank == 0:
-            (self.run / "metrics.jsonl").unlink()
+        """Train until epochs, patience or max_steps run out; returns the final state. The model then
+        holds the best-validation weights (the last ones when there is no validation)."""
+        if not (resume and self.load_checkpoint()):
+            if self.rank == 0:
+                self.run.reset_logs()
+        elif self.rank == 0:
+            self.run.truncate_logs(self.state["step"])
         cfg, st = self.cfg, self.state
         n_batches = len(self.batches)
         total = cfg.epochs * n_batches if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * n_batches)
@@ -199,80 +193,62 @@ class Trainer:
         t_log, n_tgt = time.perf_counter(), 0
         while not st["done"] and st["epoch"] < cfg.epochs:
             order = self.batches.order(st["epoch"])
-            losses, t_epoch = [], time.perf_counter()
+            t_epoch = time.perf_counter()
             for bi in range(st["batch"], n_batches):
                 rows = order[bi]
                 loss = self.step(rows)
-                losses.append(loss)
+                st["epoch_loss_sum"] += loss
+                st["epoch_loss_n"] += 1
                 n_tgt += int(self.batches.length[rows].sum())
                 st["batch"], st["step"] = bi + 1, st["step"] + 1
                 bar.update(1)
                 if st["step"] % cfg.log_every == 0:
-                    dt = time.perf_counter() - t_log
-                    rate = n_tgt / max(dt, 1e-9)
+                    rate = n_tgt / max(time.perf_counter() - t_log, 1e-9)
                     bar.set_postfix(epoch=st["epoch"], loss=f"{loss:.4f}", tgt_s=f"{rate:.0f}")
                     self.log({"step": st["step"], "epoch": st["epoch"], "loss": loss,
-                              "lr": self.sched.get_last_lr()[0], "targets_per_s": round(rate, 1)})
+                              "lr": self.sched.get_last_lr()[0]}, {"targets_per_s": round(rate, 1)})
                     t_log, n_tgt = time.perf_counter(), 0
                 if cfg.ckpt_every_steps and st["step"] % cfg.ckpt_every_steps == 0:
                     self.save_checkpoint()
                 if cfg.max_steps and st["step"] >= cfg.max_steps:
                     st["done"] = True
                     break
-            epoch_done = st["batch"] >= n_batches
-            if epoch_done:
-                ep = st["epoch"]
-                st["epoch"], st["batch"] = ep + 1, 0
-                rec = {"epoch": ep, "step": st["step"], "train_loss": float(np.mean(losses)) if losses else None,
-                       "train_s": round(time.perf_counter() - t_epoch, 2)}
-                if (ep + 1) % cfg.eval_every == 0 or st["epoch"] >= cfg.epochs:
-                    t_valid = time.perf_counter()
-                    m = evaluate_split(self.model, self.data, "valid", batch_size=cfg.eval_batch_size,
-                                       device=self.device, users=self.eval_users,
-                                       exclude_seen=cfg.exclude_seen)
-                    rec["valid"] = {k: v for k, v in m.items() if not k.startswith("_")}
-                    rec["valid_s"] = round(time.perf_counter() - t_valid, 2)
-                    if m["ndcg@10"] > st["best"]:
-                        st.update(best=m["ndcg@10"], best_epoch=ep, bad_epochs=0)
-                        self.save_best()
-                    else:
-                        st["bad_epochs"] += 1
-                    bar.set_postfix(epoch=ep, valid_ndcg10=f"{m['ndcg@10']:.4f}", best=f"{st['best']:.4f}")
-                    if st["bad_epochs"] >= cfg.patience:
-                        st["done"] = True
-                if self.on_epoch_end is not None:
-                    rec.update(self.on_epoch_end(self.model, ep) or {})
-                self.log(rec)
+            if st["batch"] >= n_batches:
+                self._end_epoch(time.perf_counter() - t_epoch, bar)
             if st["epoch"] >= cfg.epochs:
                 st["done"] = True
             self.save_checkpoint()
         bar.close()
-        if not (self.run / "model.safetensors").exists():
-            self.save_best()
+        if self.validate is None or not self.run.has_weights():
+            self.save_best()  # no validation: the last weights are the model
+        else:
+            self.run.load_weights(self.model, self.device)  # the selected checkpoint, not the last
         return dict(st)
 
-
-def save_run_config(run: Path, config: dict) -> None:
-    import yaml
-
-    io.write_text(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-
-
-def load_model(run: str | Path, device: str | torch.device = "cpu") -> tuple[SeqRecModel, dict]:
-    """Rebuild a trained model from its run directory (config.yaml + codebook/ + model.safetensors)."""
-    import yaml
-
-    from sidrec.errors import UserError
-
-    run = Path(run)
-    if not (run / "model.safetensors").exists() or not (run / "config.yaml").exists():
-        raise UserError("not a trained run directory (needs config.yaml and model.safetensors)", str(run))
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    codebook = Codebook.load(run / "codebook") if (run / "codebook" / "codebook.npz").exists() else None
-    mcfg = ModelConfig.from_dict(cfg["model"])
-    model = SeqRecModel(mcfg, int(cfg["n_items"]), codebook)
-    st_load_model(model, str(run / "model.safetensors"), device=str(device))
-    return model.to(device).eval(), cfg
+    def _end_epoch(self, train_s: float, bar) -> None:
+        """Validate, select, early-stop and log the epoch that just finished."""
+        cfg, st = self.cfg, self.state
+        ep = st["epoch"]
+        n = st["epoch_loss_n"]
+        rec = {"epoch": ep, "step": st["step"], "train_loss": st["epoch_loss_sum"] / n if n else None}
+        timings = {"train_s": round(train_s, 2)}
+        st.update(epoch=ep + 1, batch=0, epoch_loss_sum=0.0, epoch_loss_n=0)
+        if self.validate is not None and ((ep + 1) % cfg.eval_every == 0 or st["epoch"] >= cfg.epochs):
+            t_valid = time.perf_counter()
+            m = self.validate(self.model)
+            rec["valid"] = {k: v for k, v in m.items() if not k.startswith("_")}
+            timings["valid_s"] = round(time.perf_counter() - t_valid, 2)
+            if m["ndcg@10"] > st["best"]:
+                st.update(best=m["ndcg@10"], best_epoch=ep, bad_epochs=0)
+                self.save_best()
+            else:
+                st["bad_epochs"] += 1
+            bar.set_postfix(epoch=ep, valid_ndcg10=f"{m['ndcg@10']:.4f}", best=f"{st['best']:.4f}")
+            if st["bad_epochs"] >= cfg.patience:
+                st["done"] = True
+        if self.on_epoch_end is not None:
+            rec.update(self.on_epoch_end(self.model, ep) or {})
+        self.log(rec, timings)
 
 
 def ddp_setup() -> bool:
@@ -286,4 +262,4 @@ def ddp_setup() -> bool:
     return False
 
 
-__all__ = ["TrainConfig", "Trainer", "load_model", "save_run_config", "ddp_setup", "asdict"]
+__all__ = ["TrainConfig", "Trainer", "pick_device", "ddp_setup", "asdict"]

@@ -50,7 +50,7 @@ def collide(cb: Codebook, rate: float, seed: int = 0) -> Codebook:
     hosts = rng.choice(np.setdiff1d(np.arange(n), movers), k, replace=True)
     codes = cb.codes.copy()
     codes[movers] = cb.codes[hosts]
-    return Codebook(codes, cb.sizes, allow_collisions=True, meta={**cb.meta, "method": "collided", "rate": rate})
+    return Codebook(codes, cb.sizes, allow_collisions=True, meta={**cb.meta, "method": "collided", "rate": rate, "counter_example": True})
 
 
 def tabular_problem(cfg: SuiteConfig) -> tuple[SynthWorld, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,11 +163,10 @@ def _train(data, cb, head: str, cfg: SuiteConfig, run: Path, constrained: bool =
     model = SeqRecModel(mc, data.n_items, cb)
     tc = TrainConfig(epochs=cfg.neural_epochs, batch_size=128, lr=2e-3, warmup_steps=50, patience=4,
                      seed=cfg.seed, log_every=10**9)
-    Trainer(model, data, tc, run, on_epoch_end=on_epoch_end).fit()
-    from safetensors.torch import load_model
+    from sidrec.evaluate import validator
 
-    load_model(model, str(run / "model.safetensors"))  # best validation checkpoint
-    return model
+    Trainer(model, data, tc, run, validator(data), on_epoch_end=on_epoch_end).fit()
+    return model  # holding the best-validation weights
 
 
 def neural_claims(cfg: SuiteConfig, out: Path) -> tuple[list[dict], dict]:
@@ -223,8 +222,7 @@ def run_suite(out: str | Path, cfg: SuiteConfig | None = None) -> dict:
     from sidrec.verify.report import write_synthetic_report
 
     cfg = cfg or SuiteConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = io.own_dir(out, "verify")
     t0 = time.perf_counter()
     c1, d1 = tabular_claims(cfg)
     t1 = time.perf_counter()

@@ -1,0 +1,22 @@
+"""argparse value types shared by every subcommand: ranges are checked where options enter."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def int_range(lo: int | None = None, hi: int | None = None):
+    """An argparse `type` accepting integers in [lo, hi]; anything else is a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {v}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse

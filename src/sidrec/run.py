@@ -1,0 +1,387 @@
+"""The run directory: one module owns its layout, reads and writes every file in it, and records
+what each stage was made from.
+
+Layout of a run (one trained model):
+
+    .sidrec.json          marker: kind "run", the stage's inputs and their fingerprint
+    config.yaml           the resolved config (n_items, absolute data.dir)
+    codebook/             the semantic IDs the model was built on (absent for FV-MLE on item ids)
+    model.safetensors     the best weights on validation
+    trainer_state.pt      the latest checkpoint (model, optimizer, schedule, RNG, counters)
+    metrics.jsonl         one JSON line per log step and per epoch: deterministic values only
+    timings.jsonl         the same steps' wall-clock figures (seconds, throughput)
+    eval.json, eval-seen-excluded.json, verify.json, report.md
+
+Fingerprints. Every stage records its *inputs* as a flat dict of setting -> value (plus the
+fingerprints of the stages it was built on and, for files, a content hash), and the digest of
+that dict. A stage is reused only when the inputs it would be made from now have the same digest;
+otherwise `sidrec run` makes it again and says which settings changed, and `train --resume`
+refuses, naming them. The package version is an input of every stage, so results from another
+version of sidrec are never passed off as current; the git commit is recorded, not compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sidrec import __version__, io
+from sidrec.errors import UserError
+
+CONFIG, WEIGHTS, STATE = "config.yaml", "model.safetensors", "trainer_state.pt"
+METRICS, TIMINGS, CODEBOOK = "metrics.jsonl", "timings.jsonl", "codebook"
+EVALS = ("eval.json", "eval-seen-excluded.json")
+PRODUCTS = (WEIGHTS, STATE, METRICS, TIMINGS, *EVALS, "verify.json", "report.md")
+
+#: Settings that may change on `train --resume`: they do not change the weights a run reaches.
+RESUME_FREE = frozenset({"train.device", "train.eval_batch_size", "train.log_every", "train.ckpt_every_steps"})
+
+
+class NonBijectiveWarning(UserWarning):
+    """A run's codebook gives two items the same ID: Q is then not a distribution over items."""
+
+
+# ------------------------------------------------------------------------------------ fingerprints
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_FILE_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (cached per process by path, size and mtime)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with io.reading(p), open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _FILE_DIGESTS[key] = h.hexdigest()[:16]
+    return _FILE_DIGESTS[key]
+
+
+def _flat(d: dict, prefix: str) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def data_inputs(data: dict, resolve=lambda p: p) -> dict:
+    """What a prepared data directory is made from: the data settings and the input files' hashes.
+    `data` is a config's data section; `resolve` maps its relative paths to files."""
+    if data.get("dir"):
+        return {"data.dir": dir_fingerprint(resolve(data["dir"]), "data")}
+    if data.get("synthetic") is not None:
+        return {"sidrec": __version__, **_flat({"synthetic": data["synthetic"]}, "data.")}
+    out = {"sidrec": __version__}
+    for k in ("format", "kcore", "dedup", "max_seq_len", "item_id_col", "user_col", "item_col", "time_col", "sep"):
+        if k in data:
+            out[f"data.{k}"] = data[k]
+    for k in ("path", "meta"):
+        if data.get(k):
+            f = Path(resolve(data[k]))
+            if not f.is_file():
+                raise UserError(f"data.{k}: file not found", str(f))
+            out[f"data.{k}#sha256"] = file_digest(f)
+    return out
+
+
+def codebook_inputs(tokenizer: dict, data_fp: str, resolve=lambda p: p) -> dict:
+    out = {"sidrec": __version__, "data": data_fp, **_flat(tokenizer, "tokenizer.")}
+    emb = str(tokenizer.get("embeddings", ""))
+    if emb.endswith(".npy"):
+        f = Path(resolve(emb))
+        if not f.is_file():
+            raise UserError("tokenizer.embeddings: file not found", str(f))
+        out["tokenizer.embeddings#sha256"] = file_digest(f)
+    return out
+
+
+def model_inputs(cfg: dict, data_fp: str, codebook_fp: str | None) -> dict:
+    """What a trained model is made from: model and train settings, its data and codebook."""
+    train = {k: v for k, v in _flat(cfg["train"], "train.").items() if k not in RESUME_FREE}
+    return {"sidrec": __version__, "data": data_fp, "codebook": codebook_fp, **_flat(cfg["model"], "model."), **train}
+
+
+def changed_keys(old: dict, new: dict, ignore=frozenset()) -> list[str]:
+    keys = sorted((set(old) | set(new)) - set(ignore))
+    return [k for k in keys if old.get(k, "<absent>") != new.get(k, "<absent>")]
+
+
+def dir_fingerprint(path: str | Path, kind: str) -> str:
+    """The fingerprint a sidrec directory was made with (legacy directories: a hash of their main file)."""
+    p = Path(path)
+    m = io.read_marker(p) if p.is_dir() else None
+    if m is None or m["kind"] != kind:
+        what = {"data": "a prepared data directory (run `sidrec data prepare`)",
+                "codebook": "a codebook directory (run `sidrec tokenize`)"}.get(kind, f"a sidrec {kind} directory")
+        raise UserError(f"not {what}", str(p))
+    if m.get("fingerprint"):
+        return m["fingerprint"]
+    main = {"data": "sequences.npz", "codebook": "codebook.npz"}.get(kind)
+    return file_digest(p / main) if main else digest(str(p.resolve()))
+
+
+def stage_status(path: str | Path, kind: str, inputs: dict) -> tuple[str, list[str]]:
+    """("new" | "same" | "stale", changed keys) of the stage directory `path` against `inputs`."""
+    p = Path(path)
+    m = io.read_marker(p) if p.is_dir() else None
+    if m is None:
+        return "new", []
+    if m["kind"] != kind:
+        io.check_output_dir(p, kind, exist_ok=True)  # raises: a directory of another kind
+    old = m.get("inputs")
+    if old is None:
+        return "stale", ["its fingerprint: it was made by an older sidrec"]
+    if m.get("fingerprint") == digest(inputs):
+        return "same", []
+    return "stale", changed_keys(old, inputs) or ["(fingerprint)"]
+
+
+def marker_fields(inputs: dict) -> dict:
+    return {"inputs": inputs, "fingerprint": digest(inputs), "commit": _commit()}
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                           capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --------------------------------------------------------------------------------------- the run
+class RunDir:
+    """A trained model's directory. Open an existing one with `RunDir.open`, make one with `create`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # -- making --------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, inputs: dict | None = None, *, resume: bool = False,
+               overwrite: bool = False, option: str = "--out") -> "RunDir":
+        """Take `path` for training. Refused: a foreign or other-kind directory; an existing run
+        unless `resume` (same settings, RESUME_FREE aside: else refused naming the keys, before
+        anything is written) or `overwrite` (its products are deleted first)."""
+        exists = io.check_output_dir(path, "run", exist_ok=True, option=option)
+        rd = cls(path)
+        if exists and rd.has_products() and not (resume or overwrite):
+            raise UserError(f"{option} already holds a trained run; pass --resume to continue it, --overwrite "
+                            "to train it again from scratch, or give a new directory", str(path))
+        if exists and resume and not overwrite and inputs is not None and rd.has_products():
+            old = rd.inputs()
+            changed = changed_keys(old, inputs, RESUME_FREE) if old is not None else []
+            if changed:
+                raise UserError("cannot --resume: the run was trained with other settings for "
+                                f"{', '.join(changed)}; resume with the same values, or --overwrite to retrain",
+                                str(path))
+        if exists and overwrite:
+            rd.clear()
+        io.own_dir(rd.path, "run", **(marker_fields(inputs) if inputs is not None else {}))
+        return rd
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        """An existing trained run (config.yaml and model.safetensors), else UserError."""
+        rd = cls(path)
+        if not (rd.path / WEIGHTS).is_file() or not (rd.path / CONFIG).is_file():
+            raise UserError("not a trained run directory (needs config.yaml and model.safetensors)", str(path))
+        return rd
+
+    def has_products(self) -> bool:
+        return any((self.path / f).exists() for f in PRODUCTS)
+
+    def clear(self) -> None:
+        """Delete what training and evaluation wrote (not data/ or codebook/, which have their own
+        fingerprints)."""
+        for f in PRODUCTS:
+            (self.path / f).unlink(missing_ok=True)
+        io.clean_stale(self.path)
+
+    def marker(self) -> dict:
+        return io.read_marker(self.path) or {}
+
+    def inputs(self) -> dict | None:
+        """The inputs the run was made from (legacy runs: the model/train keys of config.yaml)."""
+        m = self.marker()
+        if m.get("inputs") is not None:
+            return m["inputs"]
+        if (self.path / CONFIG).is_file():
+            cfg = self.config()
+            return {**_flat(cfg.get("model", {}), "model."), **_flat(cfg.get("train", {}), "train.")}
+        return None
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.marker().get("fingerprint")
+
+    # -- config and codebook ---------------------------------------------------------------
+    def write_config(self, cfg: dict) -> None:
+        io.write_text(self.path / CONFIG, yaml.safe_dump({k: v for k, v in cfg.items() if not k.startswith("_")},
+                                                           sort_keys=False))
+
+    def config(self) -> dict:
+        p = self.path / CONFIG
+        with io.reading(p, "run config"):
+            cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+            if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or "n_items" not in cfg:
+                raise ValueError("not a sidrec run config (no model section or n_items)")
+        return cfg
+
+    def save_codebook(self, codebook) -> None:
+        """Copy the model's codebook into the run (kept as it is when the run already holds these codes,
+        e.g. fitted there by `sidrec train`, so its fingerprint survives)."""
+        import numpy as np
+
+        have = self.codebook() if (self.path / CODEBOOK / "codebook.npz").exists() else None
+        if have is None or have.sizes != codebook.sizes or not np.array_equal(have.codes, codebook.codes):
+            codebook.save(self.path / CODEBOOK)
+
+    def codebook(self):
+        from sidrec.tokenize import Codebook
+
+        p = self.path / CODEBOOK
+        return Codebook.load(p) if (p / "codebook.npz").exists() else None
+
+    def data(self, cfg: dict | None = None):
+        from sidrec.data import SequenceData
+
+        cfg = cfg or self.config()
+        d = cfg.get("data", {}).get("dir")
+        if not d:
+            raise UserError("the run config names no data.dir", str(self.path / CONFIG))
+        return SequenceData.load(d)
+
+    # -- weights and checkpoints -------------------------------------------------------------
+    def load_model(self, device: str | torch.device = "cpu"):
+        """(model, config) rebuilt from config.yaml + codebook/ + model.safetensors, in eval mode.
+        Warns (NonBijectiveWarning) when the codebook gives two items one ID."""
+        from safetensors.torch import load_model as st_load_model
+
+        from sidrec.model import ModelConfig, SeqRecModel
+
+        cfg = self.config()
+        codebook = self.codebook()
+        with io.reading(self.path / CONFIG, "run config"):
+            model = SeqRecModel(ModelConfig.from_dict(cfg["model"]), int(cfg["n_items"]), codebook)
+        with io.reading(self.path / WEIGHTS, "model weights"):
+            st_load_model(model, str(self.path / WEIGHTS), device=str(device))
+        if codebook is not None and not codebook.bijective and not codebook.meta.get("counter_example"):
+            warnings.warn(f"{self.path}: the codebook is not bijective ({codebook.n_collisions} items share an ID "
+                          "with another item): scores are not a distribution over items and colliding items "
+                          "cannot be told apart; `sidrec verify` lists them", NonBijectiveWarning, stacklevel=2)
+        return model.to(device).eval(), cfg
+
+    def save_weights(self, model: torch.nn.Module) -> None:
+        from safetensors.torch import save_model as st_save_model
+
+        with io.atomic_path(self.path / WEIGHTS) as tmp:
+            st_save_model(model, str(tmp))  # handles the tied FV item vectors
+
+    def load_weights(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+        from safetensors.torch import load_model as st_load_model
+
+        with io.reading(self.path / WEIGHTS, "model weights"):
+            st_load_model(model, str(self.path / WEIGHTS), device=str(device))
+
+    def has_weights(self) -> bool:
+        return (self.path / WEIGHTS).is_file()
+
+    def save_state(self, blob: dict) -> None:
+        with io.atomic_path(self.path / STATE) as tmp:
+            torch.save(blob, tmp)
+
+    def load_state(self, device: str | torch.device = "cpu") -> dict | None:
+        """The latest checkpoint (weights_only: never unpickles code), or None."""
+        p = self.path / STATE
+        if not p.exists():
+            return None
+        with io.reading(p, "trainer checkpoint"):
+            blob = torch.load(p, map_location=device, weights_only=True)
+            if not isinstance(blob, dict) or not {"model", "opt", "sched", "rng", "state"} <= set(blob):
+                raise ValueError("not a sidrec trainer checkpoint")
+        return blob
+
+    def training_done(self) -> bool:
+        blob = self.load_state()
+        return bool(blob and blob["state"].get("done")) and self.has_weights()
+
+    # -- logs ----------------------------------------------------------------------------------
+    def log(self, rec: dict, timings: dict | None = None) -> None:
+        """One line of metrics.jsonl (deterministic) and, if given, its timings.jsonl line."""
+        io.append_jsonl(self.path / METRICS, rec)
+        if timings:
+            io.append_jsonl(self.path / TIMINGS, {"step": rec.get("step"), "epoch": rec.get("epoch"), **timings})
+
+    def read_log(self, name: str = METRICS) -> list[dict]:
+        p = self.path / name
+        if not p.exists():
+            return []
+        with io.reading(p, "log"):
+            return [json.loads(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+    def truncate_logs(self, step: int) -> None:
+        """Drop log lines written after the checkpoint a resume starts from (they will be redone)."""
+        for name in (METRICS, TIMINGS):
+            p = self.path / name
+            if p.exists():
+                keep = [r for r in self.read_log(name) if (r.get("step") or 0) <= step]
+                io.write_text(p, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def reset_logs(self) -> None:
+        for name in (METRICS, TIMINGS):
+            (self.path / name).unlink(missing_ok=True)
+
+    # -- evaluations and reports --------------------------------------------------------------
+    def write_eval(self, ev: dict) -> Path:
+        """eval.json or eval-seen-excluded.json (the two protocols never overwrite each other),
+        stamped with the fingerprint of the model it scored."""
+        p = self.path / eval_file(ev["exclude_seen"])
+        io.write_json(p, {**ev, "model_fingerprint": self.fingerprint})
+        return p
+
+    def read_eval(self, exclude_seen: bool, beam: int | None = None) -> dict | None:
+        """The stored evaluation for a protocol, if it scored this very model (and beam width)."""
+        p = self.path / eval_file(exclude_seen)
+        if not p.exists():
+            return None
+        ev = io.read_json(p)
+        if not isinstance(ev, dict) or ev.get("model_fingerprint") != self.fingerprint or self.fingerprint is None:
+            return None
+        if beam is not None and any(m.get("beam", beam) != beam for s in ("valid", "test")
+                                    for m in ev.get(s, {}).values() if isinstance(m, dict)):
+            return None
+        return ev
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        io.write_json(self.path / name, obj)
+        return self.path / name
+
+
+def eval_file(exclude_seen: bool) -> str:
+    return EVALS[1] if exclude_seen else EVALS[0]
+
+
+__all__ = ["RunDir", "NonBijectiveWarning", "digest", "file_digest", "data_inputs", "codebook_inputs",
+           "model_inputs", "changed_keys", "stage_status", "dir_fingerprint", "marker_fields", "eval_file",
+           "RESUME_FREE"]
