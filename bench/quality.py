@@ -24,7 +24,7 @@ from sidrec import io
 from sidrec.config import load_config, resolve_path
 from sidrec.data import SequenceData, prepare, read
 from sidrec.errors import UserError
-from sidrec.model import ModelConfig
+from sidrec.model import upgrade_model_dict
 from sidrec import run as rundir
 from sidrec.pipeline import ensure_codebook, ensure_data, evaluate_run, head_config, model_inputs, train_one
 from sidrec.run import RunDir
@@ -95,16 +95,14 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
     return result
 
 
-#: Model keys added after runs were recorded, with the value that reproduces those runs.
-NEUTRAL_DEFAULTS = {k: getattr(ModelConfig(), k) for k in ("head_dropout", "head_film", "head_context",
-                                                            "root_score")}
-
-
 def identity(config: dict) -> dict:
     """The part of a head config its results depend on: FV-MLE on item-ID inputs never reads the
-    codebook, so its run is the same whichever tokenizer the call names; a key added later at its
-    neutral default (a run made before it existed) is the same run."""
-    model = {k: v for k, v in config["model"].items() if NEUTRAL_DEFAULTS.get(k, object()) != v}
+    codebook, so its run is the same whichever tokenizer the call names; a config recorded by an
+    earlier sidrec is read in today's keys (`upgrade_model_dict`), so the same model is the same run."""
+    try:
+        model = upgrade_model_dict(config["model"])
+    except ValueError:  # a removed ablation: never the same as a current run
+        model = {**config["model"], "_removed_ablation": True}
     config = {**config, "model": model}
     if model["head"] == "fv" and model["backbone"]["item_input"] == "id":
         return {k: v for k, v in config.items() if k != "tokenizer"}

@@ -75,7 +75,7 @@ def worker(spec: dict) -> dict:
     if kind.startswith("fv"):
         head = FullSoftmaxHead(D, n, chunk_size=None if kind == "fv-naive" else 1024).to(dev)
     else:
-        head = AutoregressiveHead(D, cb).to(dev)
+        head = AutoregressiveHead(D, cb, item_vectors=False).to(dev)  # the head without item vectors
     out = {"n": n, "kind": kind, "output_parameters": sum(p.numel() for p in head.parameters())}
     base = _rss_gib()
     if spec["mode"] == "train":
@@ -102,7 +102,7 @@ def worker(spec: dict) -> dict:
                 head.eval()
                 out["beam20_seconds"] = _median(lambda: beam_search(head, h, beam=20, k=10), spec["repeats"])
                 t = time.perf_counter()
-                tables = head.node_tables(dev)
+                tables = head.eval_cache(dev)
                 out["node_tables_seconds"] = time.perf_counter() - t
                 out["exact_seconds"] = _median(lambda: torch.topk(head.log_prob_all(h, tables), 10, 1),
                                                spec["repeats"])

@@ -65,7 +65,7 @@ def test_sweep_and_split_seeds(tmp_path):
     tiny = ["tokenizer.embeddings=collab", "tokenizer.codebook_size=16", "train.epochs=1"]
     spec = tmp_path / "tiny.yaml"
     spec.write_text(json.dumps({"dataset": "beauty", "max_users": 300, "set": tiny, "variants": [
-        {"tag": "a", "heads": "fv,ar"}, {"tag": "b", "heads": "ar", "set": ["model.node_bias=true"]},
+        {"tag": "a", "heads": "fv,ar"}, {"tag": "b", "heads": "ar", "set": ["model.head_hidden=32"]},
         {"tag": "c", "heads": "ar", "tokenizers": "opq", "parallel_levels": 3}]}))
     out = ["--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path)]
     _run(["bench.sweep", str(spec), "--jobs", "2", "--threads", "1", *out], tmp_path)
@@ -76,7 +76,7 @@ def test_sweep_and_split_seeds(tmp_path):
     cb = json.loads((tmp_path / "out/quality-beauty/c/seed0/ar-opq/codebook/codebook.json").read_text())
     assert cb["tokenizer"]["method"] == "opq" and cb["tokenizer"]["levels"] == 3
     assert all(0 <= r["valid_ndcg@10"] <= 1 for r in rows)
-    assert "| ar/rq-kmeans | b | model.node_bias=true |" in (tmp_path / "sweep-tiny.md").read_text()
+    assert "| ar/rq-kmeans | b | model.head_hidden=32 |" in (tmp_path / "sweep-tiny.md").read_text()
     q = ["bench.quality", "--dataset", "beauty", "--seeds", "2", "--max-users", "300", "--tokenizers", "rq-kmeans",
          "--heads", "ar", "--set", *tiny, *out]
     _run([*q, "--only-seed", "1"], tmp_path)
@@ -130,13 +130,14 @@ def test_quality_bench_bad_input_is_exit_2(tmp_path, args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_identity_ignores_keys_added_at_their_neutral_default():
-    """A run recorded before model.head_dropout existed is the same run as one at head_dropout 0,
-    and a different one at any other value (it is reused, not retrained, and never confused)."""
+def test_identity_reads_recorded_configs_in_todays_keys():
+    """A run recorded with the old switches at the recipe's values (item_vectors all + node_bias,
+    head_dropout 0) is the same run as today's default; one made with a removed ablation never is."""
     sys.path.insert(0, str(ROOT))
     from bench.quality import identity
     from sidrec.config import DEFAULTS
-    old = {"model": {k: v for k, v in DEFAULTS["model"].items() if k != "head_dropout"}, "tokenizer": {}}
-    new = {**old, "model": {**old["model"], "head_dropout": 0.0}}
+    new = {"model": dict(DEFAULTS["model"]), "tokenizer": {}}
+    old = {**new, "model": {**{k: v for k, v in new["model"].items() if k != "item_vectors"},
+                            "item_vectors": "all", "node_bias": True, "head_dropout": 0.0}}
     assert identity(old) == identity(new)
-    assert identity({**old, "model": {**old["model"], "head_dropout": 0.2}}) != identity(old)
+    assert identity({**old, "model": {**old["model"], "head_dropout": 0.2}}) != identity(new)

@@ -137,7 +137,7 @@ def test_movielens_prepare_tokenize_train_evaluate(tmp_path, capsys):
     assert main(["train", "configs/ml-100k.yaml", "--out", str(run2), "--set", f"data.dir={data}",
                  "tokenizer.embeddings=collab", "tokenizer.codebook_size=16", "train.epochs=2",
                  "train.warmup_steps=5", "train.lr=0.003", "model.backbone.max_len=50",
-                 "model.backbone.d_model=32", "model.item_vectors=all", "eval.exclude_seen=true"]) == 0
+                 "model.backbone.d_model=32", "eval.exclude_seen=true"]) == 0
     assert main(["evaluate", str(run2), "--decode", "exact"]) == 0  # the run's own protocol by default
     assert "eval-seen-excluded.json" in capsys.readouterr().out and not (run2 / "eval.json").exists()
     ex = json.loads((run2 / "eval-seen-excluded.json").read_text())
@@ -158,14 +158,14 @@ def test_tokenize_beauty_from_cli(tmp_path, capsys, beauty_data):
 def test_config_errors_are_user_errors(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "--set", "train.nope=1"]) == 2
     assert "unknown config key 'train.nope'" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--set", "model.item_vectors=maybe"]) == 2
+    assert "config key model.item_vectors: must be true or false" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--set", "model.constrained=false"]) == 2
+    assert "model.item_vectors needs model.constrained: true" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--set", "model.root_score=lse"]) == 2
+    assert "ablation that sidrec no longer has" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "r"), "--set", "model.node_bias=maybe"]) == 2
-    assert "config key model.node_bias: must be true or false" in capsys.readouterr().err
-    assert main(["train", "--out", str(tmp_path / "r"), "--set", "model.node_bias=true", "model.constrained=false"]) == 2
-    assert "model.node_bias needs model.constrained: true" in capsys.readouterr().err
-    assert main(["train", "--out", str(tmp_path / "r"), "--set", "model.root_score=lse", "model.item_vectors=leaf"]) == 2
-    assert "needs model.item_vectors: all" in capsys.readouterr().err
-    assert main(["train", "--out", str(tmp_path / "r"), "--set", "model.root_score=max"]) == 2
-    assert "config key model.root_score: must be one of mean, lse, lse-all" in capsys.readouterr().err
+    assert "model.node_bias" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     assert main(["run", str(bad), "--out", str(tmp_path / "r")]) == 2

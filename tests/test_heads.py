@@ -14,6 +14,7 @@ def _codebook(n=200, seed=0, levels=3, size=8):
 
 
 def _model(head, cb, n, constrained=True, scale=0.3, item_input="id", dtype=torch.float64, **kw):
+    kw.setdefault("item_vectors", constrained)  # the unconstrained counter-example is token-only
     cfg = ModelConfig(head=head, constrained=constrained, **kw,
                       backbone=BackboneConfig(d_model=16, n_heads=2, d_ff=32, max_len=8, item_input=item_input))
     torch.manual_seed(0)
@@ -67,7 +68,7 @@ def test_unconstrained_ar_leaks_mass():
 def test_parallel_head_unrenormalised_mass_below_one():
     cb = _codebook(60, levels=2, size=16)
     m = _model("parallel", cb, cb.n_items)
-    lp = m.head.log_prob_all(torch.randn(5, 16, dtype=torch.float64), renormalize=False).detach()
+    lp = m.head.rank_scores(torch.randn(5, 16, dtype=torch.float64)).detach()
     assert torch.all(lp.exp().sum(1) < 1)
 
 
@@ -114,13 +115,12 @@ def test_tied_token_vectors_are_the_input_token_table(head):
     assert [n for n, _ in untied.head.named_parameters() if n.startswith("tok_out")]
 
 
-@pytest.mark.parametrize("tied,node_bias", [(True, False), (False, False), (True, True)])
-@pytest.mark.parametrize("item_vectors", ["leaf", "all"])
-def test_item_vectors_keep_the_identities(tied, item_vectors, node_bias):
-    """item_vectors: nodes score with token + (mean) item vectors; Q still sums to 1, the loss is
-    -log Q(target), the item table learns, and (tied) it is the backbone's input table."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_item_vectors_keep_the_identities(tied):
+    """The recipe head scores nodes with token + mean item vectors + node bias; Q still sums to 1, the
+    loss is -log Q(target), the item table learns, and (tied) it is the backbone's input table."""
     cb = _codebook(300, levels=2, size=32)  # 32 first tokens for 300 items: ~9 siblings each
-    m = _model("ar", cb, cb.n_items, item_vectors=item_vectors, tied=tied, node_bias=node_bias)
+    m = _model("ar", cb, cb.n_items, tied=tied)
     with torch.no_grad():
         m.backbone.item_emb.weight.normal_(0, 0.3)
     table = m.backbone.item_emb.weight if tied else m.head.item_emb.weight
@@ -133,43 +133,42 @@ def test_item_vectors_keep_the_identities(tied, item_vectors, node_bias):
     np.testing.assert_allclose(loss.detach().numpy(), -lp.detach()[torch.arange(8), items].numpy(), atol=1e-9)
     loss.sum().backward()
     assert table.grad is not None and table.grad[items].abs().sum() > 0
-    if item_vectors == "all":  # upper levels see the items' mean: non-target items get gradient too
-        assert (table.grad[: cb.n_items].abs().sum(1) > 0).sum() > 2 * len(items)
-    plain = _model("ar", cb, cb.n_items)  # same seed, no item vectors: a different distribution
+    # upper levels see the items' mean: non-target items get gradient too
+    assert (table.grad[: cb.n_items].abs().sum(1) > 0).sum() > 2 * len(items)
+    plain = _model("ar", cb, cb.n_items, item_vectors=False)  # the token-only head: another distribution
     assert not torch.allclose(plain.head.log_prob_all(h), lp)
-    fresh = _model("ar", cb, cb.n_items, item_vectors=item_vectors, tied=tied, node_bias=node_bias)
+    np.testing.assert_allclose(plain.head.log_prob_all(h).detach().exp().sum(1).numpy(), 1.0, atol=1e-10)
+    fresh = _model("ar", cb, cb.n_items, tied=tied)
     fresh.load_state_dict(m.state_dict())
     np.testing.assert_allclose(fresh.head.log_prob_all(h).detach().numpy(), lp.detach().numpy(), atol=1e-12)
 
 
 def test_node_bias_starts_uniform_over_items_and_learns():
-    """node_bias: one bias per trie node, started at log(#items below). With every other output
-    parameter at zero, Q is then 1/N for every item (uniform over items, as FV-MLE starts), not
-    uniform over children; the biases get gradient, and the identities hold with them."""
+    """One bias per trie node, started at log(#items below). With every other output parameter at
+    zero, Q is then 1/N for every item (uniform over items, as FV-MLE starts), not uniform over
+    children; the biases get gradient, and the identities hold with them."""
     cb = _codebook(300, levels=3, size=8)
-    cfg = ModelConfig(head="ar", node_bias=True,
-                      backbone=BackboneConfig(d_model=16, n_heads=2, d_ff=32, max_len=8))
+    cfg = ModelConfig(head="ar", backbone=BackboneConfig(d_model=16, n_heads=2, d_ff=32, max_len=8))
     m = SeqRecModel(cfg, cb.n_items, cb).double()
     with torch.no_grad():
         for name, p in m.head.named_parameters():
             if not name.startswith("node_bias"):
                 p.zero_()
+        m.backbone.item_emb.weight.zero_()  # the tied item vectors
     h = torch.randn(5, 16, dtype=torch.float64)
     np.testing.assert_allclose(m.head.log_prob_all(h).detach().numpy(), -np.log(cb.n_items), atol=1e-12)
     items = torch.arange(5) * 50
     np.testing.assert_allclose(m.head.nll(h, items).detach().numpy(), np.log(cb.n_items), atol=1e-12)
     m.head.nll(h, items).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.head.node_bias)
-    with pytest.raises(ValueError, match="constrained"):
-        SeqRecModel(ModelConfig(head="ar", node_bias=True, constrained=False, backbone=cfg.backbone), cb.n_items, cb)
 
 
 def test_item_vectors_refuse_unconstrained():
     with pytest.raises(ValueError, match="constrained"):
-        _model("ar", _codebook(), 200, constrained=False, item_vectors="leaf")
+        _model("ar", _codebook(), 200, constrained=False, item_vectors=True)
 
 
-@pytest.mark.parametrize("item_vectors", ["none", "leaf", "all"])
+@pytest.mark.parametrize("item_vectors", [False, True])
 def test_ar_trains_under_bf16_autocast(item_vectors):
     """Mixed precision (train.amp on CUDA; CPU autocast here) must not mix dtypes in the head."""
     cb = _codebook()
@@ -203,47 +202,14 @@ def test_streamed_softmax_ce_matches_cross_entropy(chunk):
     np.testing.assert_allclose(amp.detach().numpy(), ref.detach().numpy(), rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("head", ["ar", "parallel"])
-def test_head_dropout_trains_noisy_and_evaluates_exactly(head):
-    """head_dropout regularises the head's MLPs in training only: in eval mode the model is the
-    p = 0 model with the same weights (same parameter names, so old checkpoints load), and Q stays
-    a distribution over items."""
-    cb = _codebook()
-    plain = _model(head, cb, cb.n_items, item_vectors="all" if head == "ar" else "none")
-    drop = _model(head, cb, cb.n_items, item_vectors="all" if head == "ar" else "none", head_dropout=0.5)
-    assert plain.state_dict().keys() == drop.state_dict().keys()
-    drop.load_state_dict(plain.state_dict())
-    h = torch.randn(6, 16, dtype=torch.float64)
-    plain.eval(), drop.eval()
-    np.testing.assert_allclose(drop.head.log_prob_all(h).detach().numpy(),
-                               plain.head.log_prob_all(h).detach().numpy(), atol=1e-12)
-    np.testing.assert_allclose(drop.head.log_prob_all(h).exp().sum(1).detach().numpy(), 1.0, atol=1e-10)
-    drop.train()
-    items = torch.randint(0, cb.n_items, (6,))
-    assert not torch.allclose(drop.head.nll(h, items), plain.head.nll(h, items))
-
-
-def test_head_dropout_is_validated():
-    from sidrec.config import load_config
-    from sidrec.errors import UserError
-    with pytest.raises(UserError, match="head_dropout"):
-        load_config(None, ["model.head_dropout=1.5"])
-
-
-@pytest.mark.parametrize("film,context", [(False, True), (True, False), (False, False)])
-def test_ar_head_ablations_keep_the_identities(film, context):
-    """Without FiLM and/or the per-level context MLPs the AR head is still a distribution over
-    items whose loss is -log Q(i*), exactly; the beam still emits only valid IDs, and every
-    remaining parameter is trained (none is left dangling)."""
+def test_recipe_head_beam_is_exact_and_trains_every_parameter():
+    """The shipped head: beam search emits only valid IDs with their exact log Q, and every
+    parameter (context MLPs, FiLM, token and item vectors, node biases) gets gradient."""
     from sidrec.decode import beam_search
     cb = _codebook()
-    m = _model("ar", cb, cb.n_items, item_vectors="all", node_bias=True, head_film=film, head_context=context)
-    assert (m.head.film is None) != film and all(isinstance(c, torch.nn.Identity) != context for c in m.head.ctx)
+    m = _model("ar", cb, cb.n_items)
     h = torch.randn(7, 16, dtype=torch.float64)
     lp = m.head.log_prob_all(h).detach()
-    np.testing.assert_allclose(lp.exp().sum(1).numpy(), 1.0, atol=1e-10)
-    items = torch.randint(0, cb.n_items, (7,))
-    np.testing.assert_allclose(m.head.nll(h, items).detach().numpy(), -lp[torch.arange(7), items].numpy(), atol=1e-9)
     r = beam_search(m.head, h, beam=5, k=5)
     assert r.n_invalid == 0 and ((r.items >= 0) & (r.items < cb.n_items)).all()
     np.testing.assert_allclose(r.log_probs.detach().numpy(), lp.gather(1, r.items).numpy(), atol=1e-9)
@@ -251,72 +217,25 @@ def test_ar_head_ablations_keep_the_identities(film, context):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in m.named_parameters())
 
 
-def test_unconstrained_ar_without_film_shares_one_normaliser():
-    """Without FiLM every prefix of a level has the same unconstrained normaliser; the loss is
-    still -log of the (leaking) item mass, and the mass is below one."""
+def test_heads_follow_the_protocol():
+    from sidrec.model import Head
     cb = _codebook()
-    m = _model("ar", cb, cb.n_items, constrained=False, head_film=False)
-    h = torch.randn(5, 16, dtype=torch.float64)
-    lp = m.head.log_prob_all(h).detach()
-    assert (lp.exp().sum(1) < 1).all()
-    items = torch.randint(0, cb.n_items, (5,))
-    np.testing.assert_allclose(m.head.nll(h, items).detach().numpy(), -lp[torch.arange(5), items].numpy(), atol=1e-9)
+    for head, beam in (("ar", True), ("fv", False), ("parallel", False)):
+        m = _model(head, cb, cb.n_items)
+        assert isinstance(m.head, Head) and m.supports_beam is beam
+        h = torch.randn(3, 16, dtype=torch.float64)
+        cache = m.head.eval_cache(h.device)
+        a, b = m.head.rank_scores(h, cache), m.head.log_prob_all(h, cache)
+        np.testing.assert_array_equal(torch.argsort(a, 1).numpy(), torch.argsort(b, 1).numpy())
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_root_lse_scores_first_level_nodes_by_their_items(tied):
-    """root_score lse: a first-level node's item part is log sum_i exp(<q, e_i>) over its items (the
-    exact marginal of a softmax over them); Q stays a distribution with loss = -log Q, the beam
-    exact, and under bf16 autocast training still runs."""
-    from sidrec.decode import beam_search
-    from sidrec.model.heads import segment_logsumexp
-    cb = _codebook(300, levels=2, size=32)
-    m = _model("ar", cb, cb.n_items, item_vectors="all", node_bias=True, tied=tied, root_score="lse")
-    head = m.head
-    fresh = AutoregressiveHead(16, cb, item_vectors="all", node_bias=True, root_score="lse")
-    assert torch.all(fresh.node_bias[0] == 0) and torch.all(fresh.node_bias[1] >= 0)  # lse counts the items
-    with torch.no_grad():
-        m.backbone.item_emb.weight.normal_(0, 0.3)
-        if not tied:
-            head.item_emb.weight.normal_(0, 0.3)
-    h = torch.randn(6, 16, dtype=torch.float64)
-    q = head.contexts(h)[0]
-    node = torch.as_tensor(cb.trie.item_node[1])
-    lse = segment_logsumexp(q @ head.item_emb.weight.T, node, cb.trie.n_nodes(1))
-    tok = torch.as_tensor(cb.trie.node_tok[1])
-    want = torch.log_softmax(q @ head.tok_out[0][tok].T + head.tok_bias[0][tok] + head.node_bias[0] + lse, -1)
-    roots = torch.zeros(6, dtype=torch.long)
-    got = head.level_log_probs(0, q, torch.zeros(6, 0, dtype=torch.long), roots)[:, tok]
-    np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), atol=1e-10)
-    lp = head.log_prob_all(h).detach()
-    np.testing.assert_allclose(lp.exp().sum(1).numpy(), 1.0, atol=1e-10)
-    items = torch.arange(6) * 41
-    np.testing.assert_allclose(head.nll(h, items).detach().numpy(), -lp[torch.arange(6), items].numpy(), atol=1e-9)
-    r = beam_search(head, h, beam=5, k=5)
-    assert r.n_invalid == 0
-    np.testing.assert_allclose(r.log_probs.detach().numpy(), lp.gather(1, r.items).numpy(), atol=1e-9)
-    m32 = _model("ar", cb, cb.n_items, item_vectors="all", node_bias=True, tied=tied, root_score="lse",
-                 dtype=torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = m32.nll(torch.randint(0, cb.n_items, (4, 6)), torch.randint(0, cb.n_items, (4, 6))).sum()
-    loss.backward()
-    assert torch.isfinite(loss)
-    with pytest.raises(ValueError, match="item_vectors 'all'"):
-        _model("ar", cb, cb.n_items, item_vectors="leaf", root_score="lse")
-
-
-def test_lse_all_levels_equals_fv_mle_without_token_terms():
-    """root_score lse-all with the token terms and node biases at zero and no context/FiLM: every
-    conditional is a ratio of FV-MLE's own marginals, so Q is exactly FV-MLE's softmax over items."""
-    cb = _codebook(200, levels=3, size=8)
-    m = _model("ar", cb, cb.n_items, item_vectors="all", root_score="lse-all", head_film=False, head_context=False)
-    with torch.no_grad():
-        for w in (*m.head.tok_out, *m.head.tok_bias):
-            w.zero_()
-        m.backbone.item_emb.weight.normal_(0, 0.5)
-    h = torch.randn(5, 16, dtype=torch.float64)
-    fv = torch.log_softmax(h @ m.backbone.item_emb.weight[: cb.n_items].T, -1)
-    np.testing.assert_allclose(m.head.log_prob_all(h).detach().numpy(), fv.detach().numpy(), atol=1e-10)
-    items = torch.arange(5) * 13
-    np.testing.assert_allclose(m.head.nll(h, items).detach().numpy(), -fv[torch.arange(5), items].detach().numpy(),
-                               atol=1e-10)
+@pytest.mark.parametrize("legacy,want", [({"item_vectors": "all", "node_bias": True}, True),
+                                         ({"item_vectors": "none", "node_bias": False}, False),
+                                         ({"item_vectors": "all", "head_film": True, "root_score": "mean"}, True)])
+def test_legacy_model_configs_load(legacy, want):
+    from sidrec.model import upgrade_model_dict
+    assert ModelConfig.from_dict({"head": "ar", **legacy}).item_vectors is want
+    for ablation in ({"head_film": False}, {"root_score": "lse"}, {"item_vectors": "leaf"},
+                     {"item_vectors": "all", "node_bias": False}, {"head_dropout": 0.2}):
+        with pytest.raises(ValueError, match="ablation|separate"):
+            upgrade_model_dict(ablation)

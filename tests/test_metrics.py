@@ -78,7 +78,7 @@ def test_exact_ranks_match_masking_the_history(n_items, n_users, hist_len, seed)
     with ties, repeated history items, padding, -inf scores and targets inside the history."""
     import torch
 
-    from sidrec.evaluate import _exact_ranks, _history_mask
+    from sidrec.evaluate import _history_mask, exact_ranks
 
     rng = np.random.default_rng(seed)
     s = torch.from_numpy(rng.integers(-3, 3, (n_users, n_items)).astype(np.float32))  # many ties
@@ -90,6 +90,6 @@ def test_exact_ranks_match_masking_the_history(n_items, n_users, hist_len, seed)
         ref = masked if history is not None else scores
         ts = ref.gather(1, tgt[:, None])
         want = np.where(np.isfinite(ts.squeeze(1).numpy()), (ref > ts).sum(1).numpy() + 1.0, np.inf)
-        got = _exact_ranks(scores, tgt, history, n_items).numpy()
+        got = exact_ranks(scores, tgt, history, n_items).numpy()
         np.testing.assert_array_equal(got, want)
-        assert np.array_equal(_exact_ranks(scores.T.contiguous().T, tgt, history, n_items).numpy(), want)
+        assert np.array_equal(exact_ranks(scores.T.contiguous().T, tgt, history, n_items).numpy(), want)

@@ -11,7 +11,7 @@ from sidrec.verify.synthetic import SuiteConfig, collide, run_suite
 
 
 def _model(cb, constrained=True):
-    cfg = ModelConfig(head="ar", constrained=constrained, backbone=BackboneConfig(d_model=16, n_heads=2, max_len=4))
+    cfg = ModelConfig(head="ar", constrained=constrained, item_vectors=constrained, backbone=BackboneConfig(d_model=16, n_heads=2, max_len=4))
     torch.manual_seed(0)
     m = SeqRecModel(cfg, cb.n_items, cb).double()
     with torch.no_grad():

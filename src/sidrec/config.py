@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from sidrec.errors import UserError
-from sidrec.model import BackboneConfig, ModelConfig
+from sidrec.model import BackboneConfig, ModelConfig, upgrade_model_dict
 from sidrec.tokenize import METHODS
 from sidrec.train.trainer import TrainConfig
 
@@ -19,16 +19,17 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "dir": None, "synthetic": None, "format": None, "path": None, "meta": None, "kcore": 5,
         "dedup": "exact", "max_seq_len": None, "item_id_col": None,
+        "user_col": "user_id", "item_col": "item_id", "time_col": "timestamp", "sep": None,
     },
     "tokenizer": {
-        "method": "rq-kmeans", "levels": 3, "codebook_size": 256, "embeddings": "text",
+        "method": "rq-kmeans", "levels": 3, "codebook_size": 256, "embeddings": "collab",
         "text_model": "all-MiniLM-L6-v2", "collab_dim": 64, "resolve": "reassign", "seed": 0,
     },
     "model": {**{f.name: f.default for f in fields(ModelConfig) if f.name != "backbone"},
               "backbone": {f.name: f.default for f in fields(BackboneConfig)}},
     "train": {f.name: f.default for f in fields(TrainConfig)},
-    "heads": ["ar", "fv"],
-    "eval": {"beam": 20, "exclude_seen": False, "batch_size": 1024, "beam_widths": [5, 10, 20]},
+    "heads": ["ar", "fv", "parallel"],
+    "eval": {"beam": 20, "exclude_seen": True, "batch_size": 1024, "beam_widths": [5, 10, 20]},
 }
 
 
@@ -42,6 +43,7 @@ SYNTHETIC: dict[str, Any] = {
                            "max_len": 20, "item_input": "id"}},
     "train": {"epochs": 30, "batch_size": 128, "lr": 0.002, "patience": 5, "warmup_steps": 50},
     "heads": ["ar", "fv", "parallel"],
+    "eval": {"exclude_seen": False},
 }
 
 
@@ -56,6 +58,17 @@ def _merge(base: dict, over: dict, path: str = "") -> dict:
         else:
             out[k] = v
     return out
+
+
+def _upgrade(raw: dict, where: str) -> dict:
+    """Model keys of earlier sidrec versions, translated (item_vectors all + node_bias true -> true);
+    a removed ablation is a user error naming it."""
+    if not isinstance(raw.get("model"), dict):
+        return raw
+    try:
+        return {**raw, "model": upgrade_model_dict(raw["model"])}
+    except ValueError as e:
+        raise UserError(str(e), where) from None
 
 
 def parse_set(items: list[str]) -> dict:
@@ -91,9 +104,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(f"invalid YAML ({getattr(e, 'problem', e)})", str(p), line + 1 if line is not None else None) from None
         if not isinstance(raw, dict):
             raise UserError("a config must be a YAML mapping", str(p))
-        cfg = _merge(cfg, raw)
+        cfg = _merge(cfg, _upgrade(raw, str(p)))
         cfg["_config_dir"] = str(p.resolve().parent)
-    cfg = _merge({**cfg, "_config_dir": cfg.get("_config_dir")}, parse_set(overrides or []))
+    cfg = _merge({**cfg, "_config_dir": cfg.get("_config_dir")}, _upgrade(parse_set(overrides or []), "--set"))
     validate(cfg)
     return cfg
 
@@ -128,7 +141,8 @@ BOOL = ("bool",)
 SCHEMA: dict[str, tuple] = {
     "name": _str(),
     "data.dir": _str(none=True), "data.format": _choice(*FORMATS, none=True), "data.path": _str(none=True),
-    "data.meta": _str(none=True), "data.kcore": _int(0), "data.dedup": _choice("exact", "user-item", "none"),
+    "data.meta": _str(none=True), "data.user_col": _str(), "data.item_col": _str(),
+    "data.time_col": _str(none=True), "data.sep": _str(none=True), "data.kcore": _int(0), "data.dedup": _choice("exact", "user-item", "none"),
     "data.max_seq_len": _int(3, none=True), "data.item_id_col": _str(none=True),
     "data.synthetic.n_items": _int(2), "data.synthetic.n_users": _int(3), "data.synthetic.dim": _int(1),
     "data.synthetic.seed": _int(),
@@ -136,10 +150,7 @@ SCHEMA: dict[str, tuple] = {
     "tokenizer.embeddings": _str(), "tokenizer.text_model": _str(), "tokenizer.collab_dim": _int(1),
     "tokenizer.resolve": _choice("reassign", "extra-token", "none"), "tokenizer.seed": _int(),
     "model.head": _choice("ar", "fv", "parallel"), "model.tied": BOOL, "model.constrained": BOOL,
-    "model.item_vectors": _choice("none", "leaf", "all"), "model.node_bias": BOOL,
-    "model.head_hidden": _int(1, none=True), "model.head_dropout": _num(0, 1, hi_open=True),
-    "model.head_film": BOOL, "model.head_context": BOOL, "model.root_score": _choice("mean", "lse", "lse-all"),
-    "model.fv_chunk": _int(1, none=True),
+    "model.item_vectors": BOOL, "model.head_hidden": _int(1, none=True), "model.fv_chunk": _int(1, none=True),
     "model.backbone.d_model": _int(1), "model.backbone.n_layers": _int(1), "model.backbone.n_heads": _int(1),
     "model.backbone.d_ff": _int(1), "model.backbone.dropout": _num(0, 1, hi_open=True),
     "model.backbone.max_len": _int(1), "model.backbone.item_input": _choice("id", "sid", "both"),
@@ -245,12 +256,8 @@ def validate(cfg: dict) -> None:
 
 def _cross_checks(cfg: dict) -> None:
     m, d = cfg["model"], cfg["data"]
-    if m["item_vectors"] != "none" and not m["constrained"]:
+    if m["item_vectors"] and not m["constrained"]:
         raise UserError("model.item_vectors needs model.constrained: true (item vectors exist only for valid IDs)")
-    if m["root_score"] != "mean" and m["item_vectors"] != "all":
-        raise UserError("model.root_score: lse scores first-level nodes by their items: it needs model.item_vectors: all")
-    if m["node_bias"] and not m["constrained"]:
-        raise UserError("model.node_bias needs model.constrained: true (trie nodes exist only for valid IDs)")
     if m["backbone"]["d_model"] % m["backbone"]["n_heads"]:
         raise UserError("model.backbone.d_model must be divisible by model.backbone.n_heads")
     if d.get("format") and not d.get("path"):

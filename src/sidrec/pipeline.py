@@ -66,6 +66,8 @@ def ensure_data(cfg: dict, work: Path) -> SequenceData:
         save_synthetic(data, world, out, marker)
     else:
         kw = {"item_id_col": d["item_id_col"]} if d.get("item_id_col") else {}
+        if d["format"] == "csv":
+            kw.update(user_col=d["user_col"], item_col=d["item_col"], time_col=d["time_col"], sep=d["sep"])
         ds = read(d["format"], resolve_path(cfg, d["path"]), resolve_path(cfg, d.get("meta")), **kw)
         prepare(ds, kcore_k=d["kcore"], dedup=d["dedup"], max_seq_len=d["max_seq_len"]).save(out, marker=marker)
     return SequenceData.load(out)
@@ -117,7 +119,7 @@ def head_config(cfg: dict, head: str) -> dict:
     c = copy.deepcopy(cfg)
     c["model"]["head"] = "ar" if head.startswith("ar") else head
     if head == "ar-unconstrained":  # token-level softmax over the whole vocabulary: no item vectors
-        c["model"].update(constrained=False, item_vectors="none", node_bias=False)
+        c["model"].update(constrained=False, item_vectors=False)
     c["train"]["exclude_seen"] = c["eval"]["exclude_seen"]  # select on the protocol we report
     c["heads"] = [head]
     return c
@@ -229,7 +231,7 @@ def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int
     if data.n_items != model.n_items:
         raise UserError(f"the run's data directory now has {data.n_items} items, the model {model.n_items}",
                         str(cfg["data"]["dir"]))
-    is_ar = model.cfg.head == "ar"
+    is_ar = model.supports_beam
     decodes = decodes or (("exact", "beam") if is_ar else ("exact",))
     if "beam" in decodes and not is_ar:
         raise UserError("beam search needs an AR-NTP run; this run's head is " + model.cfg.head)

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
+from sidrec import io as sio
 from sidrec.data.dataset import Dataset
 from sidrec.errors import UserError
 
@@ -154,7 +155,8 @@ def read_item_table(path: str | Path, id_col: str = "item_id") -> pd.DataFrame:
         rows = [_json_line(line, p, n) for n, line in _iter_lines(p) if line.strip()]
         df = pd.DataFrame(rows)
     elif p.suffix == ".parquet":
-        df = pd.read_parquet(p)
+        with sio.reading(p, "Parquet item table"):
+            df = pd.read_parquet(p)
     else:
         df = _read_table(p, "\t" if p.suffix == ".tsv" else ",")
     _require_columns(df, [id_col], p, None)

@@ -12,14 +12,7 @@ def exact_scores(head, h: torch.Tensor, tables=None, normalized: bool = True) ->
     normalized=False may leave out a per-row constant (FV-MLE's and the parallel head's log-partition
     over items): the same ranking for one pass less over [B, N], which is what evaluation needs.
     """
-    kind = getattr(head, "kind", "")
-    if kind == "ar":
-        return head.log_prob_all(h, tables)
-    if not normalized and kind == "fv":
-        return head.logits(h)
-    if not normalized and kind == "parallel":
-        return head.log_prob_all(h, renormalize=False)
-    return head.log_prob_all(h)
+    return head.log_prob_all(h, tables) if normalized else head.rank_scores(h, tables)
 
 
 @torch.no_grad()

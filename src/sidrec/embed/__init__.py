@@ -120,10 +120,10 @@ def load_npy(path: str | Path, n_items: int) -> np.ndarray:
     p = Path(path)
     if not p.exists():
         raise UserError("embedding file not found", str(p))
-    try:
+    with io.reading(p, "embedding file (a plain .npy array, loaded without pickle)"):
         emb = np.load(p, allow_pickle=False)
-    except ValueError as e:
-        raise UserError(f"cannot load as a plain .npy array without pickle ({e})", str(p)) from None
+        if not isinstance(emb, np.ndarray) or not np.issubdtype(emb.dtype, np.number):
+            raise ValueError("not a numeric array")
     if emb.ndim != 2 or emb.shape[0] != n_items:
         raise UserError(f"expected an array of shape [{n_items}, d], got {list(emb.shape)}", str(p))
     if not np.isfinite(emb).all():
@@ -158,7 +158,10 @@ def get_embeddings(
         raise UserError(f"unknown embedding source {source!r}: text, collab, latent or a .npy path")
     cache_path = data.path / "embeddings" / f"{key}.npy" if (cache and data.path) else None
     if cache_path is not None and cache_path.exists():
-        return np.load(cache_path, allow_pickle=False)
+        try:
+            return np.load(cache_path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            pass  # a damaged cache entry is recomputed and replaced
     emb = embed_text(data, model, fields) if source == "text" else embed_collab(data, dim, seed=seed)
     if cache_path is not None:
         with io.atomic_path(cache_path) as tmp:

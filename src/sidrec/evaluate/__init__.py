@@ -21,7 +21,7 @@ def _history_mask(items: torch.Tensor, pad_id: int, n_items: int) -> torch.Tenso
     return m[:, :n_items]
 
 
-def _exact_ranks(s: torch.Tensor, tgt: torch.Tensor, history: torch.Tensor | None, pad_id: int) -> torch.Tensor:
+def exact_ranks(s: torch.Tensor, tgt: torch.Tensor, history: torch.Tensor | None, pad_id: int) -> torch.Tensor:
     """1 + the number of items scored above the target [B] (inf if the target cannot be ranked).
 
     With a history [B, L], its items leave the ranking (and a target among them gets rank inf). They are
@@ -54,11 +54,11 @@ def evaluate_split(
     """
     model.eval()
     head = model.head
-    if decode == "beam" and getattr(head, "kind", "") != "ar":
+    if decode == "beam" and not head.supports_beam:
         raise ValueError("beam search needs an auto-regressive head; use decode='exact'")
     max_len = model.cfg.backbone.max_len
     targets_all = data.targets(split)
-    tables = head.node_tables(device) if getattr(head, "kind", "") == "ar" else None
+    tables = head.eval_cache(device)
     ranks, lists, order, n_invalid = [], [], [], 0
     for u, items, lengths in eval_batches(data, split, max_len, batch_size, users):
         items, lengths = items.to(device), lengths.to(device)
@@ -66,7 +66,7 @@ def evaluate_split(
         tgt = torch.from_numpy(targets_all[u].astype(np.int64)).to(device)
         if decode == "exact":
             s = exact_scores(head, h, tables, normalized=False).float()  # ranks need no normaliser
-            r = _exact_ranks(s, tgt, items if exclude_seen else None, data.n_items)
+            r = exact_ranks(s, tgt, items if exclude_seen else None, data.n_items)
             if return_lists:  # training's per-epoch validation needs ranks only
                 if exclude_seen:
                     s = s.masked_fill(_history_mask(items, data.n_items, data.n_items), float("-inf"))

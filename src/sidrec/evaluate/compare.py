@@ -20,7 +20,7 @@ import torch
 
 from sidrec.data.batching import eval_batches
 from sidrec.decode.exact import exact_scores
-from sidrec.evaluate import _exact_ranks
+from sidrec.evaluate import exact_ranks
 from sidrec.evaluate.metrics import metrics_from_ranks
 from sidrec.model.heads import segment_logsumexp
 from sidrec.tokenize.codebook import Trie
@@ -97,7 +97,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, split: str = "valid", exc
                 scores[f"A{j}+B"], scores[f"B{j}+A"] = hybrid(la, lb, trie, j, (ma, mb)), hybrid(lb, la, trie, j, (mb, ma))
             hist = items if exclude_seen else None
             for n, s in scores.items():
-                ranks[n].append(_exact_ranks(s, tgt, hist, data.n_items).numpy())
+                ranks[n].append(exact_ranks(s, tgt, hist, data.n_items).numpy())
     level = {n: torch.cat(v).mean(0).tolist() for n, v in nll.items()}
     return {
         "kind": "sidrec-compare", "runs": {"A": str(run_a), "B": str(run_b)}, "split": split, "exclude_seen": exclude_seen,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sidrec import io
@@ -12,10 +11,9 @@ LABELS = {"ar": "AR-NTP", "fv": "FV-MLE", "parallel": "Parallel (non-AR)", "ar-u
 
 
 def _read_metrics(run: Path) -> list[dict]:
-    p = run / "metrics.jsonl"
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    from sidrec.run import RunDir
+
+    return RunDir(run).read_log()
 
 
 def plot_training(out: Path, heads: list[str]) -> list[str]:

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from sidrec.model.backbone import Backbone, BackboneConfig
-from sidrec.model.heads import (AutoregressiveHead, FullSoftmaxHead, ItemVectors, ParallelHead, SharedTokenVectors,
-                                segment_logsumexp)
+from sidrec.model.heads import (AutoregressiveHead, FullSoftmaxHead, Head, ItemVectors, ParallelHead,
+                                SharedTokenVectors, segment_logsumexp)
 from sidrec.tokenize.codebook import Codebook
 
 HEADS = ("fv", "ar", "parallel")
@@ -17,18 +17,14 @@ HEADS = ("fv", "ar", "parallel")
 
 @dataclass
 class ModelConfig:
+    """The model; its defaults are the tuned recipe the dataset configs use."""
+
     head: str = "ar"  # fv | ar | parallel
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     tied: bool = True  # output vectors = input embeddings: fv the item-ID table, ar/parallel the token tables
-    constrained: bool = True  # ar: normalise over valid trie children
-    item_vectors: str = "none"  # ar: none | leaf | all: node vector += mean item vector below (tied: input table)
-    node_bias: bool = False  # ar: a bias per trie node, started at log(#items below it)
+    constrained: bool = True  # ar: normalise over valid trie children (false: the verifier's counter-example)
+    item_vectors: bool = True  # ar: node vector += mean item vector below it, plus one bias per node
     head_hidden: int | None = None  # hidden width of the head MLPs (default 2 * d_model)
-    head_dropout: float = 0.0  # ar/parallel: dropout on the head MLPs' hidden units
-    head_film: bool = True  # ar: the prefix modulates the context (FiLM); false: no modulation
-    head_context: bool = True  # ar: a context MLP per level; false: every level scores the backbone state
-    root_score: str = "mean"  # ar, item_vectors all: node item part <q, mean e_i> | lse: log-sum-exp of its
-    # items' scores at the first level (O(N)) | lse-all: at every level above the leaves (O(kN)); ablations
     fv_chunk: int | None = 1024  # fv: items per chunk of the streamed softmax loss (None: one pass)
 
     def to_dict(self) -> dict:
@@ -36,9 +32,35 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
+        d = upgrade_model_dict(d)
         bb = BackboneConfig(**d.pop("backbone", {}))
         return cls(backbone=bb, **d)
+
+
+#: Model keys of earlier versions whose only remaining value is the recipe's (their other values
+#: were ablations, removed from the product head; results in docs/experiments.md).
+RETIRED_KEYS = {"head_film": True, "head_context": True, "head_dropout": 0.0, "root_score": "mean"}
+
+
+def upgrade_model_dict(d: dict) -> dict:
+    """A model section written by an earlier sidrec, in today's keys (ValueError for a removed ablation):
+    item_vectors none/all with node_bias false/true become item_vectors false/true."""
+    d = dict(d)
+    for key, keep in RETIRED_KEYS.items():
+        if key in d and d.pop(key) != keep:
+            raise ValueError(f"model.{key} other than {keep!r} was an ablation that sidrec no longer has")
+    legacy_bias = d.pop("node_bias", None)
+    if legacy_bias is not None and not isinstance(legacy_bias, bool):
+        raise ValueError(f"model.node_bias must be true or false, not {legacy_bias!r}")
+    iv = d.get("item_vectors")
+    if iv in ("none", "leaf", "all"):  # the old spelling; any other value is left to the schema
+        if iv == "leaf" or (legacy_bias is not None and bool(legacy_bias) != (iv == "all")):
+            raise ValueError(f"model.item_vectors {iv!r} with node_bias {legacy_bias!r} was an ablation that "
+                             "sidrec no longer has (item vectors and node biases now come together)")
+        d["item_vectors"] = iv == "all"
+    elif legacy_bias is not None and bool(legacy_bias) != bool(iv if iv is not None else True):
+        raise ValueError("model.node_bias is no longer a separate switch: it comes with model.item_vectors")
+    return d
 
 
 class SeqRecModel(nn.Module):
@@ -57,18 +79,11 @@ class SeqRecModel(nn.Module):
         sizes = codebook.sizes if codebook is not None else None
         self.backbone = Backbone(cfg.backbone, n_items, codes, sizes)
         d = cfg.backbone.d_model
-        if cfg.head == "fv":
-            tied = self.backbone.item_emb.weight if (cfg.tied and self.backbone.item_emb is not None) else None
-            self.head = FullSoftmaxHead(d, n_items, tied, cfg.fv_chunk)
-        else:  # tied token vectors need semantic-token inputs (item_input sid or both)
-            shared = self.backbone.tok_emb if cfg.tied else None
-            if cfg.head == "ar":
-                table = self.backbone.item_emb if cfg.tied else None
-                self.head = AutoregressiveHead(d, codebook, cfg.constrained, cfg.head_hidden, shared,
-                                               cfg.item_vectors, table, cfg.node_bias, cfg.head_dropout,
-                                               cfg.head_film, cfg.head_context, cfg.root_score)
-            else:
-                self.head = ParallelHead(d, codebook, cfg.head_hidden, shared, cfg.head_dropout)
+        self.head: Head = _BUILDERS[cfg.head](self.backbone, cfg, d, n_items, codebook)
+
+    @property
+    def supports_beam(self) -> bool:
+        return self.head.supports_beam
 
     def forward(self, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.nll(items, targets)
@@ -92,5 +107,23 @@ class SeqRecModel(nn.Module):
         return sum(p.numel() for p in self.head.parameters()) + shared
 
 
-__all__ = ["ModelConfig", "BackboneConfig", "SeqRecModel", "FullSoftmaxHead", "AutoregressiveHead",
+def _fv(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook) -> FullSoftmaxHead:
+    tied = backbone.item_emb.weight if (cfg.tied and backbone.item_emb is not None) else None
+    return FullSoftmaxHead(d, n_items, tied, cfg.fv_chunk)
+
+
+def _ar(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook) -> AutoregressiveHead:
+    # tied token vectors need semantic-token inputs (item_input sid or both), tied item vectors item ids
+    return AutoregressiveHead(d, codebook, constrained=cfg.constrained, item_vectors=cfg.item_vectors,
+                              hidden=cfg.head_hidden, shared_tokens=backbone.tok_emb if cfg.tied else None,
+                              item_table=backbone.item_emb if cfg.tied else None)
+
+
+def _parallel(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook) -> ParallelHead:
+    return ParallelHead(d, codebook, hidden=cfg.head_hidden, shared_tokens=backbone.tok_emb if cfg.tied else None)
+
+
+_BUILDERS = {"fv": _fv, "ar": _ar, "parallel": _parallel}
+
+__all__ = ["Head", "upgrade_model_dict", "ModelConfig", "BackboneConfig", "SeqRecModel", "FullSoftmaxHead", "AutoregressiveHead",
            "ParallelHead", "segment_logsumexp", "HEADS"]

@@ -23,7 +23,7 @@ class BackboneConfig:
     n_layers: int = 2
     n_heads: int = 2
     d_ff: int = 256
-    dropout: float = 0.2
+    dropout: float = 0.5
     max_len: int = 50
     item_input: str = "id"  # id | sid | both
 

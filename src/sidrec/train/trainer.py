@@ -42,10 +42,10 @@ class TrainConfig:
     batch_size: int = 256  # sequences per (global) batch
     lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     schedule: str = "cosine"  # cosine | inverse-sqrt | constant
     grad_clip: float = 1.0
-    patience: int = 10  # epochs without validation NDCG@10 improvement before stopping
+    patience: int = 8  # epochs without validation NDCG@10 improvement before stopping
     eval_every: int = 1  # epochs
     eval_batch_size: int = 1024
     eval_users: int = 0  # 0: all users; else a fixed random subset for faster validation

@@ -87,7 +87,9 @@ def check_loss_identity(head, h: torch.Tensor, targets: torch.Tensor, tol: float
 
 @torch.no_grad()
 def check_beam_recall(head, h: torch.Tensor, beams=(1, 5, 10, 20), k: int = 10, min_overlap: float = 0.95) -> dict:
-    """Claim 6: how much of the exact top-k beam search recovers, per beam width."""
+    """Claim 6: how much of the exact top-k beam search recovers, per beam width. A measurement of
+    the decoding approximation (it depends on training and width), not an identity: it is marked
+    informational, and `sidrec verify` reports it without failing on it."""
     from sidrec.decode.beam import beam_search
 
     exact = torch.topk(head.log_prob_all(h), k, dim=1).indices
@@ -103,5 +105,5 @@ def check_beam_recall(head, h: torch.Tensor, beams=(1, 5, 10, 20), k: int = 10, 
     widest = out[str(max(beams))]
     return _result(
         "beam_recall", f"beam search recovers the exact top-{k} (overlap at the widest beam)", widest,
-        min_overlap, widest >= min_overlap, overlap_by_beam=out, k=k,
+        min_overlap, widest >= min_overlap, overlap_by_beam=out, k=k, informational=True,
     )

@@ -158,7 +158,7 @@ def _train(data, cb, head: str, cfg: SuiteConfig, run: Path, constrained: bool =
     from sidrec.train import TrainConfig, Trainer
 
     torch.manual_seed(cfg.seed)
-    mc = ModelConfig(head=head, constrained=constrained,
+    mc = ModelConfig(head=head, constrained=constrained, item_vectors=constrained,
                      backbone=BackboneConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128, dropout=0.1, max_len=20))
     model = SeqRecModel(mc, data.n_items, cb)
     tc = TrainConfig(epochs=cfg.neural_epochs, batch_size=128, lr=2e-3, warmup_steps=50, patience=4,
