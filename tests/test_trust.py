@@ -321,3 +321,118 @@ def test_any_config_value_is_accepted_or_a_user_error(key, value):
     for part in key.split("."):
         node = node[part]
     assert node is None or isinstance(node, (bool, int, float, str))
+
+
+# --------------------------------------------- malformed inputs found by an adversarial probe
+def _copy_run(trained, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["dir"] = str(run / "data")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+STRUCTURE = ["data=5", "model=[1]", "model.backbone=5", "_config_dir=5", "train.lr=.inf", "train.seed=-5",
+             "data.synthetic.seed=-1", "data.sep=''", "model.backbone.max_len=1000000000", "data=5 data.kcore=3"]
+
+
+@pytest.mark.parametrize("setting", STRUCTURE)
+def test_config_structure_errors(capsys, tmp_path, setting):
+    user_error(capsys, ["train", "--out", str(tmp_path / "r"), "--set", *setting.split()])
+
+
+def test_binary_and_list_config_files(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"\x00\x01\xff\xfe junk")
+    assert "c.yaml" in user_error(capsys, ["train", str(cfg), "--out", str(tmp_path / "r")])
+    cfg.write_text("data: [1, 2]\n")
+    assert "config key data" in user_error(capsys, ["train", str(cfg), "--out", str(tmp_path / "r")])
+
+
+def _npy(path, arr):
+    np.save(path, arr, allow_pickle=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("make", [lambda n: np.zeros((n, 0), np.float32), lambda n: np.ones((n, 4), np.complex64),
+                                  lambda n: np.ones((n - 1, 4), np.float32), lambda n: np.full((n, 4), np.nan)])
+def test_bad_embedding_files(capsys, tmp_path, trained, make):
+    emb = _npy(tmp_path / "e.npy", make(120))
+    user_error(capsys, ["tokenize", str(trained / "data"), "--embeddings", emb, "--codebook-size", "16",
+                        "--levels", "2", "--out", str(tmp_path / "cb")])
+    assert not (tmp_path / "cb").exists()
+
+
+def test_broken_synthetic_world_and_codebook_sizes(capsys, tmp_path, trained):
+    run = _copy_run(trained, tmp_path)
+    arrays = dict(np.load(run / "data" / "world.npz"))
+    np.savez(run / "data" / "world.npz", **{k: v for k, v in arrays.items() if k != "latent"})
+    assert "world.npz" in user_error(capsys, ["tokenize", str(run / "data"), "--embeddings", "latent",
+                                               "--codebook-size", "16", "--out", str(tmp_path / "cb")])
+    cb = dict(np.load(run / "codebook" / "codebook.npz"))
+    np.savez(run / "codebook" / "codebook.npz", **{**cb, "codes": cb["codes"][:50]})
+    for argv in (["evaluate", str(run), "--decode", "exact"], ["verify", str(run), "--contexts", "8"]):
+        assert "codebook" in user_error(capsys, argv)
+
+
+def test_malformed_run_state(capsys, tmp_path, trained):
+    import torch
+
+    run = _copy_run(trained, tmp_path)
+    marker = json.loads((run / ".sidrec.json").read_text())
+    (run / ".sidrec.json").write_text(json.dumps({**marker, "inputs": [1, 2]}))
+    assert ".sidrec.json" in user_error(capsys, ["train", "--out", str(run), "--resume", "--set", *TINY])
+    (run / ".sidrec.json").write_text(json.dumps(marker))
+    log = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(log + "5\n")
+    assert "metrics.jsonl" in user_error(capsys, ["train", "--out", str(run), "--resume", "--set", *TINY])
+    (run / "metrics.jsonl").write_text(log)
+    blob = torch.load(run / "trainer_state.pt", weights_only=True)
+    torch.save({**blob, "state": {**blob["state"], "step": "x"}}, run / "trainer_state.pt")
+    assert "trainer_state.pt" in user_error(capsys, ["train", "--out", str(run), "--resume", "--set", *TINY])
+
+
+def test_malformed_stored_evaluation_is_made_again(tmp_path):
+    out = tmp_path / "p"
+    small = [*TINY, "heads=[ar]"]
+    assert main(["run", "--out", str(out), "--set", *small]) == 0
+    ev = json.loads((out / "ar" / "eval.json").read_text())
+    (out / "ar" / "eval.json").write_text(json.dumps({**ev, "valid": [1]}))
+    assert main(["run", "--out", str(out), "--set", *small]) == 0
+    assert json.loads((out / "ar" / "eval.json").read_text())["valid"]["exact"]["ndcg@10"] >= 0
+
+
+def test_float_offsets_and_empty_ids(capsys, tmp_path, trained):
+    run = _copy_run(trained, tmp_path)
+    seq = dict(np.load(run / "data" / "sequences.npz"))
+    np.savez(run / "data" / "sequences.npz", **{**seq, "offsets": seq["offsets"].astype(np.float64)})
+    assert "sequences.npz" in user_error(capsys, ["data", "stats", str(run / "data")])
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n1,a,1\n1,,2\n")
+    assert f"{log}, line 3" in user_error(capsys, ["data", "prepare", "--format", "csv", "--path", str(log),
+                                                    "--out", str(tmp_path / "d"), "--kcore", "0"])
+    user_error(capsys, ["data", "prepare", "--format", "csv", "--path", str(log), "--out", str(tmp_path / "d"),
+                        "--sep", ""])
+    user_error(capsys, ["data", "download", "ml-100k", "--out", str(tmp_path / "dl"), "--mirror", "http://[::1"])
+
+
+def test_overwrite_never_deletes_files_the_user_put_inside(capsys, tmp_path, trained):
+    cb = tmp_path / "cb"
+    args = ["tokenize", str(trained / "data"), "--embeddings", "latent", "--levels", "2", "--codebook-size", "16",
+            "--out", str(cb)]
+    assert main(args) == 0
+    (cb / "notes.txt").write_text("mine")
+    assert "notes.txt" in user_error(capsys, [*args, "--overwrite"])
+    assert (cb / "notes.txt").read_text() == "mine"
+
+
+def test_no_writes_into_a_run_directory_sidrec_did_not_make(capsys, tmp_path, trained):
+    run = _copy_run(trained, tmp_path)
+    for name in (".sidrec.json", "metrics.jsonl", "timings.jsonl", "trainer_state.pt"):
+        (run / name).unlink()
+    (run / "eval.json").write_text("MINE")
+    (run / "verify.json").write_text("MINE")
+    user_error(capsys, ["evaluate", str(run), "--decode", "exact", "--no-exclude-seen"])
+    user_error(capsys, ["verify", str(run), "--contexts", "8"])
+    assert (run / "eval.json").read_text() == "MINE" and (run / "verify.json").read_text() == "MINE"

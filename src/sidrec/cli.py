@@ -12,8 +12,8 @@ import os
 import sys
 import warnings
 
-from sidrec.cli_args import int_range
-from sidrec.errors import UserError
+from sidrec.cli_args import int_range, one_char
+from sidrec.errors import SidrecWarning, UserError
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -103,7 +103,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--user-col", default="user_id", help="csv: user column (default user_id)")
     q.add_argument("--item-col", default="item_id", help="csv: item column (default item_id)")
     q.add_argument("--time-col", default="timestamp", help="csv: timestamp column, or 'none' to use file order")
-    q.add_argument("--sep", default=None, help="csv: field separator (default: tab for .tsv, else comma)")
+    q.add_argument("--sep", type=one_char, default=None, help="csv: field separator (default: tab for .tsv, else comma)")
     q.add_argument("--item-id-col", default=None, help="id column of the --meta item table (default item_id)")
     q.set_defaults(func=cmd_data_prepare)
 
@@ -116,7 +116,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--items", type=int_range(2), default=2000)
     q.add_argument("--users", type=int_range(3), default=5000)
     q.add_argument("--dim", type=int_range(1), default=16, help="latent dimension")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0)
     q.set_defaults(func=cmd_data_synth)
 
     q = ds.add_parser("stats", help="print the statistics of a prepared data directory")
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.showwarning = _show_warning
+    warnings.simplefilter("ignore")  # libraries' warnings are not the user's business here
+    warnings.simplefilter("default", SidrecWarning)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -179,12 +181,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sidrec: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - a bug: one line, not a traceback (SIDREC_DEBUG=1 shows it)
-        if os.environ.get("SIDREC_DEBUG"):
-            raise
-        print(f"sidrec: internal error: {type(e).__name__}: {e} (a bug; SIDREC_DEBUG=1 shows the traceback)",
+    except MemoryError:
+        print("sidrec: error: out of memory; lower the batch size, history length (max_len) or model size",
               file=sys.stderr)
-        return 3
+        return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError" and "allocate" not in str(e):
+            return _internal(e)
+        print(f"sidrec: error: out of memory ({str(e).splitlines()[0][:200]}); lower the batch size, history "
+              "length (max_len) or model size", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug: one line, not a traceback (SIDREC_DEBUG=1 shows it)
+        return _internal(e)
+
+
+def _internal(e: Exception) -> int:
+    if os.environ.get("SIDREC_DEBUG"):
+        raise e
+    msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    print(f"sidrec: internal error: {type(e).__name__}: {msg} (a bug; SIDREC_DEBUG=1 shows the traceback)",
+          file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

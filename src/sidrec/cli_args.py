@@ -20,3 +20,11 @@ def int_range(lo: int | None = None, hi: int | None = None):
 
     parse.__name__ = "integer"
     return parse
+
+
+def one_char(text: str) -> str:
+    """An argparse `type` for a field separator: exactly one character (\\t may be typed as a word)."""
+    text = {"tab": "\t", "\\t": "\t"}.get(text, text)
+    if len(text) != 1:
+        raise argparse.ArgumentTypeError(f"must be one character (or 'tab'), got {text!r}")
+    return text

@@ -73,7 +73,7 @@ def add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolve", default="reassign", choices=["reassign", "extra-token", "none"],
                    help="collision strategy: move to the nearest free last-level code (default), append a "
                    "disambiguation token (TIGER), or none (non-bijective, for counter-examples)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0)
     p.add_argument("--out", required=True, help="output codebook directory (new, or one sidrec made)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing codebook directory at --out")
     p.set_defaults(func=cmd_tokenize)
@@ -387,7 +387,7 @@ def add_verify(sub) -> None:
     p.add_argument("--contexts", type=int_range(1), default=512, help="test contexts sampled for the run checks")
     p.add_argument("--overwrite", action="store_true", help="--synthetic: replace an existing --out verify directory")
     p.add_argument("--quick", action="store_true", help="a small, fast version of --synthetic (for tests)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0)
     p.set_defaults(func=cmd_verify)
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sidrec import io
 from sidrec.errors import UserError
 from sidrec.model import BackboneConfig, ModelConfig, upgrade_model_dict
 from sidrec.tokenize import METHODS
@@ -51,9 +53,15 @@ def _merge(base: dict, over: dict, path: str = "") -> dict:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
         key = f"{path}{k}"
-        if k not in base:
-            raise UserError(f"unknown config key {key!r}; valid keys here: {sorted(base)}")
-        if isinstance(base[k], dict) and base[k] and isinstance(v, dict):
+        if not isinstance(k, str) or k.startswith("_") or k not in base:
+            valid = sorted(b for b in base if not b.startswith("_"))
+            raise UserError(f"unknown config key {key!r}; valid keys here: {valid}")
+        if isinstance(base[k], dict) and base[k]:
+            if v is None:  # an empty section ("eval:" with every line commented out)
+                continue
+            if not isinstance(v, dict):
+                raise UserError(f"config key {key}: must be a mapping of keys ({', '.join(sorted(base[k]))}), "
+                                f"not {v!r}")
             out[k] = _merge(base[k], v, key + ".")
         else:
             out[k] = v
@@ -80,8 +88,12 @@ def parse_set(items: list[str]) -> dict:
         key, val = it.split("=", 1)
         node = out
         parts = key.strip().split(".")
+        if not all(parts):
+            raise UserError(f"--set {it!r}: the key needs dotted names, e.g. train.epochs=5")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {it!r}: {p} was already given a value, not a section")
         try:
             node[parts[-1]] = yaml.safe_load(val)
         except yaml.YAMLError:
@@ -98,7 +110,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.exists():
             raise UserError("config file not found", str(p))
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            with io.reading(p, "config file"):
+                text = p.read_text(encoding="utf-8")
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             raise UserError(f"invalid YAML ({getattr(e, 'problem', e)})", str(p), line + 1 if line is not None else None) from None
@@ -137,28 +151,29 @@ def _str(none: bool = False):
 
 
 BOOL = ("bool",)
+SEED_MAX = 2**32 - 1  # numpy's and torch's seed range
 
 SCHEMA: dict[str, tuple] = {
     "name": _str(),
     "data.dir": _str(none=True), "data.format": _choice(*FORMATS, none=True), "data.path": _str(none=True),
     "data.meta": _str(none=True), "data.user_col": _str(), "data.item_col": _str(),
-    "data.time_col": _str(none=True), "data.sep": _str(none=True), "data.kcore": _int(0), "data.dedup": _choice("exact", "user-item", "none"),
+    "data.time_col": _str(none=True), "data.sep": ("sep",), "data.kcore": _int(0), "data.dedup": _choice("exact", "user-item", "none"),
     "data.max_seq_len": _int(3, none=True), "data.item_id_col": _str(none=True),
     "data.synthetic.n_items": _int(2), "data.synthetic.n_users": _int(3), "data.synthetic.dim": _int(1),
-    "data.synthetic.seed": _int(),
+    "data.synthetic.seed": _int(0, SEED_MAX),
     "tokenizer.method": _choice(*METHODS), "tokenizer.levels": _int(1, 16), "tokenizer.codebook_size": _int(2, 1 << 20),
     "tokenizer.embeddings": _str(), "tokenizer.text_model": _str(), "tokenizer.collab_dim": _int(1),
-    "tokenizer.resolve": _choice("reassign", "extra-token", "none"), "tokenizer.seed": _int(),
+    "tokenizer.resolve": _choice("reassign", "extra-token", "none"), "tokenizer.seed": _int(0, SEED_MAX),
     "model.head": _choice("ar", "fv", "parallel"), "model.tied": BOOL, "model.constrained": BOOL,
     "model.item_vectors": BOOL, "model.head_hidden": _int(1, none=True), "model.fv_chunk": _int(1, none=True),
     "model.backbone.d_model": _int(1), "model.backbone.n_layers": _int(1), "model.backbone.n_heads": _int(1),
     "model.backbone.d_ff": _int(1), "model.backbone.dropout": _num(0, 1, hi_open=True),
-    "model.backbone.max_len": _int(1), "model.backbone.item_input": _choice("id", "sid", "both"),
+    "model.backbone.max_len": _int(1, 1 << 16), "model.backbone.item_input": _choice("id", "sid", "both"),
     "train.epochs": _int(1), "train.batch_size": _int(1), "train.lr": _num(0, lo_open=True),
     "train.weight_decay": _num(0), "train.warmup_steps": _int(0),
     "train.schedule": _choice("cosine", "inverse-sqrt", "constant"), "train.grad_clip": _num(0),
     "train.patience": _int(1), "train.eval_every": _int(1), "train.eval_batch_size": _int(1),
-    "train.eval_users": _int(0), "train.exclude_seen": BOOL, "train.seed": _int(),
+    "train.eval_users": _int(0), "train.exclude_seen": BOOL, "train.seed": _int(0, SEED_MAX),
     "train.device": _choice(*DEVICES), "train.amp": BOOL, "train.ckpt_every_steps": _int(0),
     "train.max_steps": _int(0), "train.log_every": _int(1), "train.bucket": BOOL,
     "eval.beam": _int(1), "eval.exclude_seen": BOOL, "eval.batch_size": _int(1),
@@ -169,7 +184,10 @@ def _check(key: str, value: Any, rule: tuple) -> Any:
     """The value if it obeys `rule` (a number given as a string comes back as a float), else UserError."""
     kind = rule[0]
     bad = f"config key {key}: "
-    if kind == "bool":
+    if kind == "sep":
+        if value is not None and (not isinstance(value, str) or len(value) != 1):
+            raise UserError(bad + f"must be one character (or null: by file extension), not {value!r}")
+    elif kind == "bool":
         if not isinstance(value, bool):
             raise UserError(bad + f"must be true or false, not {value!r}")
     elif kind in ("str", "choice") and value is None:
@@ -197,8 +215,8 @@ def _check(key: str, value: Any, rule: tuple) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise UserError(bad + f"must be a number, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(bad + f"must be a finite number, not {value!r}")
         if lo is not None and (value < lo or (lo_open and value == lo)):
             raise UserError(bad + f"must be {'>' if lo_open else '>='} {lo}, not {value}")
         if hi is not None and (value > hi or (hi_open and value == hi)):

@@ -7,6 +7,14 @@ Anything the user can fix (a bad file, a bad option, data that filtering empties
 from __future__ import annotations
 
 
+class SidrecWarning(UserWarning):
+    """A warning sidrec itself raises (the CLI shows these, one line each, and silences libraries')."""
+
+
+class NonBijectiveWarning(SidrecWarning):
+    """A run's codebook gives two items the same ID: Q is then not a distribution over items."""
+
+
 class UserError(Exception):
     """An error caused by user input; the message must say what to fix."""
 

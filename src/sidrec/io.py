@@ -52,8 +52,11 @@ def _fsync_dir(path: Path) -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
@@ -63,6 +66,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as e:  # name the file the user asked for, not our temp file
+        if e.filename and Path(str(e.filename)).name.startswith(f".{path.name}."):
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -139,6 +146,8 @@ def read_marker(path: str | Path) -> dict | None:
             obj = json.loads(m.read_text(encoding="utf-8"))
             if not isinstance(obj, dict) or obj.get("kind") not in KINDS:
                 raise ValueError("no valid 'kind'")
+            if not isinstance(obj.get("inputs", {}), dict) or not isinstance(obj.get("fingerprint", ""), str):
+                raise ValueError("malformed inputs or fingerprint")
         return obj
     for kind, files in _LEGACY.items():
         if all((path / f).exists() for f in files):
@@ -211,6 +220,20 @@ def own_dir(path: str | Path, kind: str, **marker: Any) -> Path:
     return path
 
 
+#: What sidrec writes into directories it replaces wholesale (anything else there is the user's).
+_OWN_ENTRIES = {"data": {"sequences.npz", "items.parquet", "stats.json", "prepare.json", "world.npz", "embeddings"},
+                "codebook": {"codebook.npz", "codebook.json"}}
+
+
+def foreign_entries(path: Path, kind: str) -> list[str]:
+    """Names in `path` that sidrec does not write for a directory of `kind` (sorted)."""
+    own = _OWN_ENTRIES.get(kind)
+    if own is None:
+        return []
+    return sorted(p.name for p in Path(path).iterdir() if p.name not in own and p.name != MARKER
+                  and not (p.name.startswith(".") and p.name.endswith((".tmp", ".old"))))
+
+
 def write_marker(path: Path, kind: str, **fields: Any) -> None:
     from sidrec import __version__
 
@@ -235,6 +258,10 @@ def atomic_dir(path: str | Path, kind: str, **marker: Any) -> Iterator[Path]:
     path = Path(path)
     if path.exists():
         check_output_dir(path, kind, overwrite=True)
+        foreign = foreign_entries(path, kind)
+        if foreign:
+            raise UserError(f"holds files sidrec did not write ({', '.join(foreign[:5])}); move them out before "
+                            f"it is replaced", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     for p in path.parent.glob(f".{path.name}.*.tmp"):  # a killed earlier attempt
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

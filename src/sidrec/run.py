@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from sidrec import __version__, io
-from sidrec.errors import UserError
+from sidrec.errors import NonBijectiveWarning, UserError
 
 CONFIG, WEIGHTS, STATE = "config.yaml", "model.safetensors", "trainer_state.pt"
 METRICS, TIMINGS, CODEBOOK = "metrics.jsonl", "timings.jsonl", "codebook"
@@ -41,10 +41,6 @@ PRODUCTS = (WEIGHTS, STATE, METRICS, TIMINGS, *EVALS, "verify.json", "report.md"
 
 #: Settings that may change on `train --resume`: they do not change the weights a run reaches.
 RESUME_FREE = frozenset({"train.device", "train.eval_batch_size", "train.log_every", "train.ckpt_every_steps"})
-
-
-class NonBijectiveWarning(UserWarning):
-    """A run's codebook gives two items the same ID: Q is then not a distribution over items."""
 
 
 # ------------------------------------------------------------------------------------ fingerprints
@@ -244,8 +240,7 @@ class RunDir:
         p = self.path / CONFIG
         with io.reading(p, "run config"):
             cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
-            if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or "n_items" not in cfg:
-                raise ValueError("not a sidrec run config (no model section or n_items)")
+            _check_run_config(cfg)
         return cfg
 
     def save_codebook(self, codebook) -> None:
@@ -282,6 +277,9 @@ class RunDir:
 
         cfg = self.config()
         codebook = self.codebook()
+        if codebook is not None and codebook.n_items != cfg["n_items"]:
+            raise UserError(f"the codebook has {codebook.n_items} items, the run {cfg['n_items']}: it belongs to "
+                            "another run or data set", str(self.path / CODEBOOK))
         with io.reading(self.path / CONFIG, "run config"):
             model = SeqRecModel(ModelConfig.from_dict(cfg["model"]), int(cfg["n_items"]), codebook)
         with io.reading(self.path / WEIGHTS, "model weights"):
@@ -320,6 +318,12 @@ class RunDir:
             blob = torch.load(p, map_location=device, weights_only=True)
             if not isinstance(blob, dict) or not {"model", "opt", "sched", "rng", "state"} <= set(blob):
                 raise ValueError("not a sidrec trainer checkpoint")
+            st = blob["state"]
+            ints = ("epoch", "batch", "step", "best_epoch", "bad_epochs")
+            if not isinstance(st, dict) or not all(isinstance(st.get(k), int) and not isinstance(st.get(k), bool)
+                                                   for k in ints) or not isinstance(st.get("done"), bool) \
+                    or not isinstance(st.get("best"), (int, float)) or not isinstance(blob["rng"], torch.Tensor):
+                raise ValueError("its training state is malformed")
         return blob
 
     def training_done(self) -> bool:
@@ -338,7 +342,10 @@ class RunDir:
         if not p.exists():
             return []
         with io.reading(p, "log"):
-            return [json.loads(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            recs = [json.loads(ln) for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            if not all(isinstance(r, dict) and isinstance(r.get("step", 0), int) for r in recs):
+                raise ValueError("a line is not a log record")
+        return recs
 
     def truncate_logs(self, step: int) -> None:
         """Drop log lines written after the checkpoint a resume starts from (they will be redone)."""
@@ -353,10 +360,18 @@ class RunDir:
             (self.path / name).unlink(missing_ok=True)
 
     # -- evaluations and reports --------------------------------------------------------------
+    def check_owned(self, name: str) -> None:
+        """Refuse to write `name` into a directory that is not a sidrec run (no marker, not a legacy run)."""
+        m = io.read_marker(self.path)
+        if m is None or m["kind"] != "run":
+            raise UserError(f"not a run directory sidrec made (no {io.MARKER}); refusing to write {name} into it",
+                            str(self.path))
+
     def write_eval(self, ev: dict) -> Path:
         """eval.json or eval-seen-excluded.json (the two protocols never overwrite each other),
         stamped with the fingerprint of the model it scored."""
         p = self.path / eval_file(ev["exclude_seen"])
+        self.check_owned(p.name)
         io.write_json(p, {**ev, "model_fingerprint": self.fingerprint})
         return p
 
@@ -365,17 +380,57 @@ class RunDir:
         p = self.path / eval_file(exclude_seen)
         if not p.exists():
             return None
-        ev = io.read_json(p)
-        if not isinstance(ev, dict) or ev.get("model_fingerprint") != self.fingerprint or self.fingerprint is None:
+        try:
+            ev = io.read_json(p)
+        except UserError:
+            return None  # a damaged stored evaluation is made again
+        if not _eval_ok(ev) or ev.get("model_fingerprint") != self.fingerprint or self.fingerprint is None:
             return None
         if beam is not None and any(m.get("beam", beam) != beam for s in ("valid", "test")
-                                    for m in ev.get(s, {}).values() if isinstance(m, dict)):
+                                    for m in ev[s].values() if isinstance(m, dict)):
             return None
         return ev
 
     def write_json(self, name: str, obj: Any) -> Path:
+        self.check_owned(name)
         io.write_json(self.path / name, obj)
         return self.path / name
+
+
+def _check_run_config(cfg: Any) -> None:
+    """The structure every reader of a run config relies on (ValueError otherwise)."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise ValueError("not a sidrec run config (no model section)")
+    n = cfg.get("n_items")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError("n_items must be a positive integer")
+    for section in ("data", "eval", "tokenizer", "train"):
+        if not isinstance(cfg.get(section, {}), dict):
+            raise ValueError(f"{section} must be a mapping")
+    d = cfg.get("data", {}).get("dir")
+    if d is not None and not isinstance(d, str):
+        raise ValueError("data.dir must be a path")
+    if not isinstance(cfg.get("eval", {}).get("exclude_seen", False), bool):
+        raise ValueError("eval.exclude_seen must be true or false")
+
+
+_METRIC_KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr")
+
+
+def _eval_ok(ev: Any) -> bool:
+    """A stored evaluation has the shape the report and the benchmarks read."""
+    if not isinstance(ev, dict) or not isinstance(ev.get("exclude_seen"), bool):
+        return False
+    for split in ("valid", "test"):
+        s = ev.get(split)
+        if not isinstance(s, dict) or not s:
+            return False
+        for dec, m in s.items():
+            if dec == "overlap@10":
+                continue
+            if not isinstance(m, dict) or not all(isinstance(m.get(k), (int, float)) for k in _METRIC_KEYS):
+                return False
+    return True
 
 
 def eval_file(exclude_seen: bool) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ def fetch(url: str, dest: Path, md5: str | None = None, timeout: float = 30.0) -
             resp = None
         else:
             raise UserError(f"download failed: HTTP {e.code} {e.reason} for {url}") from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, ValueError) as e:
         raise UserError(f"download failed for {url}: {getattr(e, 'reason', e)}") from None
     if resp is not None:
         with resp:
@@ -112,7 +113,12 @@ def download(name: str, out: str | Path, base_url: str | None = None) -> list[Pa
     out = Path(out)
     written = []
     for rf in sources(name):
-        dest = fetch(_mirror(rf.url, base_url), out / rf.url.rsplit("/", 1)[1], rf.md5)
+        url = _mirror(rf.url, base_url)
+        try:
+            urllib.parse.urlsplit(url)
+        except ValueError as e:
+            raise UserError(f"--mirror: not a valid URL ({e})") from None
+        dest = fetch(url, out / rf.url.rsplit("/", 1)[1], rf.md5)
         if rf.unzip:
             try:
                 with zipfile.ZipFile(dest) as z:

@@ -121,6 +121,8 @@ class SequenceData:
 def _check_arrays(arr: dict, n_items: int) -> None:
     """The invariants every loader relies on (a truncated or edited file fails here, not later)."""
     off, items = arr["offsets"], arr["items"]
+    if not np.issubdtype(off.dtype, np.integer) or arr["user_ids"].ndim != 1:
+        raise ValueError("offsets must be integers and user_ids a vector")
     if off.ndim != 1 or len(off) < 2 or off[0] != 0 or off[-1] != len(items) or np.any(np.diff(off) < MIN_USER_LEN):
         raise ValueError("offsets are not a CSR index of sequences of length >= 3")
     if items.ndim != 1 or not np.issubdtype(items.dtype, np.integer) or (len(items) and (

@@ -80,6 +80,14 @@ def _numeric_timestamps(values: pd.Series, path: Path, first_line: int) -> np.nd
         ) from None
 
 
+def _require_ids(df: pd.DataFrame, cols: list[str], path: Path, first_line: int) -> None:
+    """Every row names a user and an item (an empty id would silently join no one)."""
+    for c in cols:
+        missing = df[c].isna().to_numpy() | (df[c].astype(str).str.strip() == "").to_numpy()
+        if missing.any():
+            raise UserError(f"empty {c!r}", str(path), first_line + int(np.flatnonzero(missing)[0]))
+
+
 def _frame(users, items, ts) -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -143,6 +151,7 @@ def read_csv(
     _require_columns(df, cols, p, sep)
     if len(df) == 0:
         raise UserError("file has a header but no rows", str(p))
+    _require_ids(df, [user_col, item_col], p, 1 if p.suffix == ".parquet" else 2)
     ts = _numeric_timestamps(df[time_col], p, 2) if time_col else np.arange(len(df), dtype=np.float64)
     items = read_item_table(items_path, item_id_col or item_col) if items_path else None
     return Dataset(_frame(df[user_col], df[item_col], ts), items, source=str(p), has_time=time_col is not None)
@@ -201,6 +210,7 @@ def read_recbole(inter_path: str | Path, item_path: str | Path | None = None) ->
     df = _read_table(p, "\t", quoting=3)
     df.columns = [c.split(":")[0] for c in df.columns]
     _require_columns(df, ["user_id", "item_id"], p, "\t")
+    _require_ids(df, ["user_id", "item_id"], p, 2)
     has_time = "timestamp" in df.columns
     ts = _numeric_timestamps(df["timestamp"], p, 2) if has_time else np.arange(len(df), dtype=np.float64)
     items = None

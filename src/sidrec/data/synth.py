@@ -86,8 +86,12 @@ class SynthWorld:
 
     @classmethod
     def load(cls, path: str | Path) -> "SynthWorld":
-        a = io.load_npz(path)
-        return cls(a["latent"], a["bias"], a["category"], a["subcategory"], float(a["beta"]), float(a["decay"]))
+        a = io.load_npz(path, required=("latent", "bias", "category", "subcategory", "beta", "decay"))
+        with io.reading(path, "synthetic world"):
+            n = len(a["latent"])
+            if a["latent"].ndim != 2 or not all(len(a[k]) == n for k in ("bias", "category", "subcategory")):
+                raise ValueError("the world's arrays disagree on the number of items")
+            return cls(a["latent"], a["bias"], a["category"], a["subcategory"], float(a["beta"]), float(a["decay"]))
 
 
 def make_world(

@@ -122,12 +122,19 @@ def load_npy(path: str | Path, n_items: int) -> np.ndarray:
         raise UserError("embedding file not found", str(p))
     with io.reading(p, "embedding file (a plain .npy array, loaded without pickle)"):
         emb = np.load(p, allow_pickle=False)
-        if not isinstance(emb, np.ndarray) or not np.issubdtype(emb.dtype, np.number):
-            raise ValueError("not a numeric array")
-    if emb.ndim != 2 or emb.shape[0] != n_items:
-        raise UserError(f"expected an array of shape [{n_items}, d], got {list(emb.shape)}", str(p))
+    return check_embeddings(emb, n_items, str(p))
+
+
+def check_embeddings(emb: np.ndarray, n_items: int, source: str) -> np.ndarray:
+    """[n_items, d >= 1] finite real numbers, as float32; anything else is a user error naming `source`."""
+    if not isinstance(emb, np.ndarray) or not (np.issubdtype(emb.dtype, np.floating) or
+                                               np.issubdtype(emb.dtype, np.integer)):
+        raise UserError(f"embeddings must be a real-valued numeric array, not {getattr(emb, 'dtype', type(emb))}",
+                        source)
+    if emb.ndim != 2 or emb.shape[0] != n_items or emb.shape[1] < 1:
+        raise UserError(f"expected embeddings of shape [{n_items}, d >= 1], got {list(emb.shape)}", source)
     if not np.isfinite(emb).all():
-        raise UserError("embeddings contain NaN or inf", str(p))
+        raise UserError("embeddings contain NaN or inf", source)
     return emb.astype(np.float32)
 
 
@@ -149,7 +156,7 @@ def get_embeddings(
 
         if data.path is None:
             raise UserError("latent embeddings need a saved synthetic data directory")
-        return load_world(data.path).latent.astype(np.float32)
+        return check_embeddings(load_world(data.path).latent, data.n_items, str(data.path / "world.npz"))
     if source == "text":
         key = _cache_key("text-" + model, fields=fields)
     elif source == "collab":
@@ -164,7 +171,10 @@ def get_embeddings(
             pass  # a damaged cache entry is recomputed and replaced
     emb = embed_text(data, model, fields) if source == "text" else embed_collab(data, dim, seed=seed)
     if cache_path is not None:
-        with io.atomic_path(cache_path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, emb)
+        try:
+            with io.atomic_path(cache_path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, emb)
+        except OSError:
+            pass  # a read-only data directory: the cache is an optimisation only
     return emb
