@@ -201,43 +201,23 @@ def add_run(sub) -> None:
 
 
 def cmd_recommend(a: argparse.Namespace) -> None:
-    import torch
+    """A thin layer over `sidrec.Recommender.recommend`."""
+    import numpy as np
 
-    from sidrec.decode.beam import beam_search
-    from sidrec.decode.exact import exact_topk
+    from sidrec.api import Recommender
     from sidrec.errors import UserError
-    from sidrec.pipeline import user_history
-    from sidrec.run import RunDir
 
-    rd = RunDir.open(a.run)
-    model, cfg = rd.load_model()
-    data = rd.data(cfg)
     raw = [s.strip() for s in a.history.split(",") if s.strip()]
     if not raw:
         raise UserError("--history needs at least one item id")
-    if a.k > model.n_items:
-        raise UserError(f"-k {a.k} is larger than the catalogue ({model.n_items} items)")
-    hist = user_history(data, raw)[-model.cfg.backbone.max_len:]
-    items = torch.from_numpy(hist[None, :].astype("int64"))
-    with torch.no_grad():
-        h = model.encode(items, torch.tensor([len(hist)]))
-        if a.decode == "beam":
-            if not model.supports_beam:
-                raise UserError("--decode beam needs an AR-NTP run; this run's head is " + model.cfg.head)
-            r = beam_search(model.head, h, beam=max(a.beam, a.k), k=a.k)
-            idx, lp = r.items[0].numpy(), r.log_probs[0].numpy()
-        else:
-            i, v = exact_topk(model.head, h, a.k)
-            idx, lp = i[0].numpy(), v[0].numpy()
-    table = data.item_table
-    titles = table["title"].astype(str).to_numpy() if "title" in table.columns else None
-    raw_ids = data.raw_item_ids()
+    rec = Recommender.load(a.run, device=a.device)
+    ids, scores = rec.recommend([raw], k=a.k, decode=a.decode, beam=a.beam, exclude_seen=a.exclude_seen)
+    table = rec.data.item_table
+    titles = dict(zip(table["item"].astype(str), table["title"].astype(str))) if "title" in table.columns else {}
     print(f"{'rank':>4}  {'item':<14} {'prob':>8}  title")
-    for r, (i, l) in enumerate(zip(idx, lp), 1):
-        if i < 0:
-            continue
-        t = titles[i] if titles is not None else ""
-        print(f"{r:>4}  {raw_ids[i]:<14} {float(torch.tensor(l).exp()):>8.4f}  {t}")
+    for r, (i, lp) in enumerate(zip(ids[0], scores[0]), 1):
+        if i:
+            print(f"{r:>4}  {i:<14} {float(np.exp(lp)):>8.4f}  {titles.get(i, '')}")
 
 
 def add_recommend(sub) -> None:
@@ -247,6 +227,9 @@ def add_recommend(sub) -> None:
     p.add_argument("-k", type=int_range(1), default=10, help="how many items (default 10)")
     p.add_argument("--decode", choices=["exact", "beam"], default="exact")
     p.add_argument("--beam", type=int_range(1), default=20, help="beam width (default 20)")
+    p.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=True,
+                   help="never recommend an item of the history (default; --no-exclude-seen keeps them)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to score")
     p.set_defaults(func=cmd_recommend)
 
 

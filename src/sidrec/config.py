@@ -101,10 +101,16 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, sections: dict | None = None,
+                default: str = "synthetic") -> dict:
+    """The library defaults (the tuned recipe), then the YAML file at `path` (none: the embedded
+    synthetic default, or nothing more with default="recipe"), then `sections` (a nested dict, the
+    Python API's keyword arguments), then `--set` overrides; validated once against SCHEMA."""
     cfg = copy.deepcopy(DEFAULTS)
-    if path is None:
+    if path is None and default == "synthetic":
         cfg = _merge(cfg, SYNTHETIC)
+    elif path is None:
+        pass
     else:
         p = Path(path)
         if not p.exists():
@@ -120,6 +126,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError("a config must be a YAML mapping", str(p))
         cfg = _merge(cfg, _upgrade(raw, str(p)))
         cfg["_config_dir"] = str(p.resolve().parent)
+    if sections:
+        cfg = _merge(cfg, _upgrade(sections, "config"))
     cfg = _merge({**cfg, "_config_dir": cfg.get("_config_dir")}, _upgrade(parse_set(overrides or []), "--set"))
     validate(cfg)
     return cfg

@@ -194,7 +194,9 @@ def train_one(cfg: dict, data: SequenceData, codebook: Codebook | None, run: Pat
         rd = RunDir.create(run, model_inputs(cfg, data, codebook), resume=resume, overwrite=overwrite)
         resolved = copy.deepcopy(cfg)
         resolved["n_items"] = data.n_items
-        resolved["data"]["dir"] = str(Path(data.path).resolve())
+        where = Path(data.path).resolve()
+        inside = run.resolve() in where.parents
+        resolved["data"]["dir"] = str(where.relative_to(run.resolve()) if inside else where)
         rd.write_config(resolved)
         if codebook is not None:
             rd.save_codebook(codebook)
@@ -213,7 +215,7 @@ def train_one(cfg: dict, data: SequenceData, codebook: Codebook | None, run: Pat
 def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int = 20,
                  exclude_seen: bool | None = None,
                  batch_size: int = 1024, splits=("valid", "test"), device: str = "auto",
-                 data: SequenceData | None = None) -> dict:
+                 data: SequenceData | None = None, write: bool = True) -> dict:
     """Evaluate a trained run on valid and test; AR runs get exact and beam plus their overlap.
 
     exclude_seen None: the protocol of the run's own config (the one its checkpoint was selected on).
@@ -230,7 +232,7 @@ def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int
     data = data or rd.data(cfg)
     if data.n_items != model.n_items:
         raise UserError(f"the run's data directory now has {data.n_items} items, the model {model.n_items}",
-                        str(cfg["data"]["dir"]))
+                        str(rd.data_dir(cfg)))
     is_ar = model.supports_beam
     decodes = decodes or (("exact", "beam") if is_ar else ("exact",))
     if "beam" in decodes and not is_ar:
@@ -253,7 +255,8 @@ def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int
             out[split][dec] = m
         if "exact" in lists and "beam" in lists:
             out[split]["overlap@10"] = overlap_at(lists["beam"], lists["exact"], 10)
-    rd.write_eval(out)
+    if write:
+        rd.write_eval(out)
     return out
 
 

@@ -258,14 +258,19 @@ class RunDir:
         p = self.path / CODEBOOK
         return Codebook.load(p) if (p / "codebook.npz").exists() else None
 
-    def data(self, cfg: dict | None = None):
-        from sidrec.data import SequenceData
-
+    def data_dir(self, cfg: dict | None = None) -> Path:
+        """The run's data directory: data.dir of its config, relative to the run when not absolute
+        (data kept inside the run travels with it)."""
         cfg = cfg or self.config()
         d = cfg.get("data", {}).get("dir")
         if not d:
             raise UserError("the run config names no data.dir", str(self.path / CONFIG))
-        return SequenceData.load(d)
+        return Path(d) if Path(d).is_absolute() else self.path / d
+
+    def data(self, cfg: dict | None = None):
+        from sidrec.data import SequenceData
+
+        return SequenceData.load(self.data_dir(cfg))
 
     # -- weights and checkpoints -------------------------------------------------------------
     def load_model(self, device: str | torch.device = "cpu"):

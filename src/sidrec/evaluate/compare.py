@@ -72,7 +72,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, split: str = "valid", exc
     from sidrec.run import RunDir
 
     (a, cfg_a), (b, cfg_b) = RunDir.open(run_a).load_model(), RunDir.open(run_b).load_model()
-    if cfg_a["data"]["dir"] != cfg_b["data"]["dir"] or a.n_items != b.n_items:
+    if RunDir(run_a).data_dir(cfg_a).resolve() != RunDir(run_b).data_dir(cfg_b).resolve() or a.n_items != b.n_items:
         raise UserError("the two runs were trained on different data directories", str(run_b))
     trie = _trie_of([a, b], [str(run_a), str(run_b)])
     k = len(trie.item_node) - 1

@@ -1,0 +1,255 @@
+"""The Python API: data in, a fitted generative recommender out (scikit-learn style).
+
+    import sidrec
+    data = sidrec.load_data("log.csv", format="csv")          # or sidrec.from_frame(df), sidrec.synthetic()
+    rec = sidrec.Recommender(head="ar").fit(data, out="runs/mine")
+    ids, scores = rec.recommend([["i1", "i2", "i3"]], k=10)    # raw item ids, log Q(item | history)
+    rec.evaluate()                                             # full-ranking leave-one-out metrics
+    rec = sidrec.Recommender.load("runs/mine")                 # any run directory, CLI-made or not
+
+Everything goes through a run directory (`sidrec.run`), so a run fitted here is one the CLI can
+evaluate, verify and recommend from, and the reverse. The defaults are the tuned recipe
+(`sidrec.config.DEFAULTS`); keyword sections override it: `Recommender(train={"epochs": 20})`.
+One device rule (`auto`: the GPU when there is one) covers training, evaluation and recommending.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sidrec import io
+from sidrec import run as rundir
+from sidrec.config import load_config
+from sidrec.data import Dataset, SequenceData, prepare, read
+from sidrec.errors import UserError
+from sidrec.run import RunDir
+
+HEADS = ("ar", "fv", "parallel")
+
+
+# ------------------------------------------------------------------------------------------ data
+def load_data(path: str | Path, format: str = "csv", *, meta: str | Path | None = None, kcore: int = 5,
+              dedup: str = "exact", max_seq_len: int | None = None, **columns) -> SequenceData:
+    """Read an interaction log (`sidrec data prepare`'s formats) and prepare it: dedup, k-core,
+    chronological order, leave-one-out split. csv: user_col, item_col, time_col, sep, item_id_col."""
+    return prepare(read(format, path, meta, **columns), kcore_k=kcore, dedup=dedup, max_seq_len=max_seq_len)
+
+
+def from_frame(interactions: pd.DataFrame, *, user_col: str = "user_id", item_col: str = "item_id",
+               time_col: str | None = "timestamp", items: pd.DataFrame | None = None, item_id_col: str = "item_id",
+               kcore: int = 5, dedup: str = "exact") -> SequenceData:
+    """Prepare a pandas (or pyarrow, via .to_pandas()) interaction table; `items`: side information
+    (title, categories, ...) keyed by `item_id_col`. Rows with equal timestamps keep their order."""
+    missing = [c for c in (user_col, item_col, time_col) if c and c not in interactions.columns]
+    if missing:
+        raise UserError(f"missing column(s) {', '.join(missing)}; columns are {list(interactions.columns)}")
+    df = interactions
+    ts = pd.to_numeric(df[time_col], errors="coerce").to_numpy(np.float64) if time_col else np.arange(len(df), dtype=np.float64)
+    if np.isnan(ts).any():
+        raise UserError(f"column {time_col!r} has missing or non-numeric timestamps (row {int(np.flatnonzero(np.isnan(ts))[0])})")
+    frame = pd.DataFrame({"user": df[user_col].astype(str).to_numpy(object),
+                          "item": df[item_col].astype(str).to_numpy(object), "timestamp": ts})
+    side = None
+    if items is not None:
+        if item_id_col not in items.columns:
+            raise UserError(f"items: missing column {item_id_col!r}")
+        side = items.rename(columns={item_id_col: "item"})
+    return prepare(Dataset(frame, side, source="DataFrame", has_time=time_col is not None),
+                   kcore_k=kcore, dedup=dedup)
+
+
+def synthetic(out: str | Path | None = None, *, n_items: int = 2000, n_users: int = 20000, dim: int = 16,
+              seed: int = 0) -> SequenceData:
+    """The synthetic catalogue with a known P*(item | history), written to `out` (default: a new
+    temporary directory) so that its ground truth travels with it."""
+    from sidrec.data.synth import make_synthetic, save_synthetic
+
+    spec = {"n_items": n_items, "n_users": n_users, "dim": dim, "seed": seed}
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="sidrec-synthetic-")) / "data"
+    io.check_output_dir(out, "data")
+    data, world = make_synthetic(**spec)
+    save_synthetic(data, world, out, rundir.marker_fields(rundir.data_inputs({"synthetic": spec})))
+    return SequenceData.load(out)
+
+
+# ----------------------------------------------------------------------------------- the estimator
+class Recommender:
+    """A generative recommender on semantic IDs: `head` "ar" (AR-NTP, the default), "fv" (FV-MLE,
+    full softmax) or "parallel" (non-auto-regressive). `config`: a YAML file of the CLI's format;
+    `sections`: nested overrides by section, e.g. model={"backbone": {"d_model": 128}}."""
+
+    def __init__(self, head: str = "ar", *, config: str | Path | None = None, device: str = "auto", **sections):
+        if head not in HEADS:
+            raise UserError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+        unknown = set(sections) - {"data", "tokenizer", "model", "train", "eval"}
+        if unknown:
+            raise UserError(f"unknown config section(s) {', '.join(sorted(unknown))} (tokenizer, model, train, eval)")
+        from sidrec.train.trainer import pick_device
+
+        self.head = head
+        self.device = pick_device(device)
+        sections = copy.deepcopy(sections)
+        sections.setdefault("train", {})["device"] = self.device.type
+        self.config = load_config(config, sections=sections, default="recipe")
+        self.run: RunDir | None = None
+        self.model = None
+        self.data: SequenceData | None = None
+
+    # -- fitting ---------------------------------------------------------------------------
+    def fit(self, data: SequenceData | str | Path, *, out: str | Path | None = None, resume: bool = False,
+            overwrite: bool = False) -> "Recommender":
+        """Fit the tokenizer (when the head needs semantic IDs) and the model on `data` (prepared
+        data, or a data directory) into the run directory `out` (default: a new temporary one; see
+        `save`). Afterwards the object holds the best-validation weights."""
+        from sidrec.pipeline import claim_run_dir, ensure_codebook, head_config, needs_semantic_ids, train_one
+
+        if not isinstance(data, SequenceData):
+            data = SequenceData.load(data)
+        run = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="sidrec-run-")) / "run"
+        io.check_output_dir(run, "run", exist_ok=True)
+        if data.path is None:  # in-memory data travels inside the run
+            data = _persist(data, run)
+        cfg = head_config(self.config, self.head)
+        cfg["data"] = {**cfg["data"], "dir": str(Path(data.path).resolve()), "synthetic": None, "format": None}
+        claim_run_dir(cfg, run, resume=resume, overwrite=overwrite)
+        codebook = ensure_codebook(cfg, data, run) if needs_semantic_ids(cfg, [self.head]) else None
+        train_one(cfg, data, codebook, run, resume=resume, overwrite=overwrite)
+        return self._open(RunDir(run), data)
+
+    @classmethod
+    def load(cls, run: str | Path, device: str = "auto") -> "Recommender":
+        """A trained run directory (from `fit`, `sidrec train` or `sidrec run DIR/<head>`)."""
+        from sidrec.train.trainer import pick_device
+
+        rd = RunDir.open(run)
+        self = cls.__new__(cls)
+        self.device = pick_device(device)
+        self.config = rd.config()
+        self.head = self.config["model"]["head"]
+        return self._open(rd, None)
+
+    def _open(self, rd: RunDir, data: SequenceData | None) -> "Recommender":
+        self.run = rd
+        self.model, cfg = rd.load_model(self.device)
+        self.config = cfg
+        self.data = data if data is not None else rd.data(cfg)
+        return self
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Copy the run directory to `path` (a new directory, or with `overwrite` a run directory)."""
+        self._fitted()
+        path = Path(path)
+        if path.resolve() == self.run.path.resolve():
+            return path
+        io.check_output_dir(path, "run", overwrite=overwrite)
+        marker = {k: v for k, v in self.run.marker().items() if k not in ("kind", "sidrec", "legacy")}
+        with io.atomic_dir(path, "run", **marker) as tmp:
+            shutil.copytree(self.run.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(io.MARKER))
+        return path
+
+    # -- using it ----------------------------------------------------------------------------
+    def recommend(self, histories: list[list[str]], k: int = 10, *, decode: str = "exact", beam: int = 20,
+                  exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k next items for each history of raw item ids (oldest first): (ids [B, k] raw item ids,
+        scores [B, k] log Q(item | history)); "" / -inf pad rows with fewer than k candidates.
+        decode: "exact" ranks all items; "beam" is trie-constrained beam search (AR-NTP only).
+        exclude_seen: items of the history are never recommended."""
+        from sidrec.decode.beam import beam_search
+        from sidrec.pipeline import user_history
+
+        self._fitted()
+        if decode not in ("exact", "beam"):
+            raise UserError(f"decode must be exact or beam, not {decode!r}")
+        if decode == "beam" and not self.model.supports_beam:
+            raise UserError(f"beam decoding needs an AR-NTP run; this run's head is {self.head}")
+        if not isinstance(k, int) or not 1 <= k <= self.model.n_items or not isinstance(beam, int) or beam < 1:
+            raise UserError(f"k must be in [1, {self.model.n_items}] and beam >= 1 (got k={k}, beam={beam})")
+        if not histories or any(not isinstance(h, (list, tuple)) or not h for h in histories):
+            raise UserError("histories must be a non-empty list of non-empty lists of item ids")
+        items, lengths, full = self._encode_histories([[str(i) for i in h] for h in histories], user_history)
+        with torch.no_grad():
+            h = self.model.encode(items, lengths)
+            seen = full if exclude_seen else None  # the whole history, not only the part the model reads
+            if decode == "exact":
+                s = self.model.head.log_prob_all(h)
+                if seen is not None:  # one padding column takes the padding ids' writes
+                    s = torch.cat([s, s.new_zeros(len(s), 1)], 1).scatter_(1, seen, float("-inf"))[:, :-1]
+                scores, idx = torch.topk(s, k, dim=1)
+            else:
+                extra = seen.shape[1] if exclude_seen else 0
+                r = beam_search(self.model.head, h, beam=max(beam, k + extra), k=min(k + extra, max(beam, k + extra)))
+                idx, scores = r.items, r.log_probs
+                if seen is not None:
+                    drop = (idx[:, :, None] == seen[:, None, :]).any(-1) | (idx < 0)
+                    order = torch.argsort(drop.to(torch.int8), dim=1, stable=True)
+                    idx, scores = torch.gather(idx, 1, order), torch.gather(scores, 1, order)
+                    dropped = torch.gather(drop, 1, order)
+                    idx, scores = idx.masked_fill(dropped, -1), scores.masked_fill(dropped, float("-inf"))
+                idx, scores = idx[:, :k], scores[:, :k]
+        idx, scores = idx.cpu().numpy(), scores.float().cpu().numpy()
+        ok = (idx >= 0) & np.isfinite(scores)
+        raw = self.data.raw_item_ids()
+        return np.where(ok, raw[np.where(ok, idx, 0)], ""), np.where(ok, scores, -np.inf)
+
+    def _encode_histories(self, histories: list[list[str]], user_history):
+        """(model input [B, T]: the most recent max_len internal ids of each history, right-padded with
+        n_items; their lengths [B]; every history in full [B, L], padded the same way)."""
+        flat = user_history(self.data, [i for h in histories for i in h])  # one lookup for all users
+        parts = np.split(flat, np.cumsum([len(h) for h in histories])[:-1])
+        lengths = np.minimum([len(p) for p in parts], self.model.cfg.backbone.max_len)
+        recent = _right_pad([p[len(p) - n:] for p, n in zip(parts, lengths)], self.model.n_items)
+        full = _right_pad(parts, self.model.n_items)
+        dev = self.device
+        return (torch.from_numpy(recent).to(dev), torch.from_numpy(lengths.astype(np.int64)).to(dev),
+                torch.from_numpy(full).to(dev))
+
+    def evaluate(self, splits=("valid", "test"), *, decode: str | None = None, beam: int = 20,
+                 exclude_seen: bool | None = None, save: bool = True) -> dict:
+        """Full-ranking leave-one-out metrics (exact, and beam for AR-NTP) on `splits`; with `save`,
+        written to the run's eval.json / eval-seen-excluded.json as `sidrec evaluate` does."""
+        from sidrec.pipeline import evaluate_run
+
+        self._fitted()
+        splits = (splits,) if isinstance(splits, str) else tuple(splits)
+        return evaluate_run(self.run.path, decodes=(decode,) if decode else None, beam=beam,
+                            exclude_seen=exclude_seen, splits=splits, device=self.device, data=self.data, write=save)
+
+    def _fitted(self) -> None:
+        if self.model is None:
+            raise UserError("this Recommender is not fitted: call fit(data) or Recommender.load(run)")
+
+    def __repr__(self) -> str:
+        where = f", run={str(self.run.path)!r}" if self.run else ""
+        return f"Recommender(head={self.head!r}{where})"
+
+
+def _right_pad(seqs: list[np.ndarray], pad: int) -> np.ndarray:
+    lengths = np.array([len(s) for s in seqs])
+    out = np.full((len(seqs), lengths.max()), pad, dtype=np.int64)
+    out[np.repeat(np.arange(len(seqs)), lengths), np.concatenate([np.arange(n) for n in lengths])] = np.concatenate(seqs)
+    return out
+
+
+def _persist(data: SequenceData, run: Path) -> SequenceData:
+    """Write in-memory data into the run's data/ (kept when the same content is already there)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (data.offsets, data.items, data.user_ids.astype(str), data.raw_item_ids()):
+        h.update(np.ascontiguousarray(a).tobytes())
+    inputs = {"sidrec": rundir.__version__, "data.content#sha256": h.hexdigest()[:16]}
+    io.own_dir(run, "run")
+    out = run / "data"
+    if rundir.stage_status(out, "data", inputs)[0] != "same":
+        data.save(out, marker=rundir.marker_fields(inputs))
+    return SequenceData.load(out)
+
+
+__all__ = ["Recommender", "load_data", "from_frame", "synthetic"]

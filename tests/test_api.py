@@ -1,0 +1,101 @@
+"""The Python API: the README's block runs as written; runs cross between Python and the CLI."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import sidrec
+from sidrec.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"train": {"epochs": 2, "batch_size": 64}, "tokenizer": {"codebook_size": 16, "levels": 2, "embeddings": "latent"},
+         "model": {"backbone": {"d_model": 16, "d_ff": 32, "n_heads": 1}}}
+
+
+def test_readme_python_block_runs_as_written(tmp_path, monkeypatch, capsys):
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Python API.*?```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert len(re.findall(r"'[^']+'", out[0])) == 5  # five raw item ids
+    assert 0 <= float(out[-1]) <= 1
+    assert (tmp_path / "runs/api-ar/model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    return sidrec.synthetic(tmp_path_factory.mktemp("api") / "data", n_items=120, n_users=300)
+
+
+def test_python_run_is_a_cli_run_and_back(tmp_path, syn, capsys):
+    rec = sidrec.Recommender(head="ar", **SMALL).fit(syn, out=tmp_path / "py")
+    # after fit the object holds the selected weights, the ones on disk
+    disk, _ = sidrec.run.RunDir(tmp_path / "py").load_model()
+    for (n, a), (_, b) in zip(rec.model.state_dict().items(), disk.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert main(["evaluate", str(tmp_path / "py"), "--decode", "exact"]) == 0
+    assert main(["verify", str(tmp_path / "py"), "--contexts", "32"]) == 0
+    assert main(["recommend", str(tmp_path / "py"), "--history", "3,17,42", "-k", "4"]) == 0
+    cli_ids = [ln.split()[1] for ln in capsys.readouterr().out.splitlines() if re.match(r"\s+\d+\s", ln)][-4:]
+    ids, _ = rec.recommend([["3", "17", "42"]], k=4)
+    assert cli_ids == list(ids[0])
+    # and the reverse: a CLI run opened in Python
+    cli = tmp_path / "cli"
+    assert main(["train", "--out", str(cli), "--head", "fv", "--set", f"data.dir={syn.path}", "train.epochs=1",
+                 "model.backbone.d_model=16", "model.backbone.d_ff=32", "model.backbone.n_heads=1"]) == 0
+    fv = sidrec.Recommender.load(cli)
+    assert fv.head == "fv" and fv.evaluate(splits="test", save=False)["test"]["exact"]["n_users"] == syn.n_users
+    with pytest.raises(sidrec.errors.UserError, match="beam"):
+        fv.recommend([["3"]], decode="beam")
+
+
+def test_recommend_excludes_history_and_pads(tmp_path, syn):
+    rec = sidrec.Recommender(head="ar", **SMALL).fit(syn, out=tmp_path / "r")
+    hist = [[str(i) for i in range(0, 60)], ["5"]]
+    for decode in ("exact", "beam"):
+        ids, scores = rec.recommend(hist, k=80, decode=decode, beam=20)
+        assert ids.shape == (2, 80) and not set(ids[0]) & set(hist[0])
+        assert np.all(np.diff(scores[0][np.isfinite(scores[0])]) <= 1e-6)
+    ids, scores = rec.recommend(hist, k=120, exclude_seen=True)
+    assert (ids[0] == "").sum() == 60 and np.isneginf(scores[0][-60:]).all()  # only 60 items are left
+    with pytest.raises(sidrec.errors.UserError, match="unknown item"):
+        rec.recommend([["nope"]])
+    saved = rec.save(tmp_path / "copy")
+    assert sidrec.Recommender.load(saved).recommend(hist[:1], k=5)[0].tolist() == rec.recommend(hist[:1], k=5)[0].tolist()
+
+
+def test_from_frame_and_pyarrow(tmp_path):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"u": np.repeat(np.arange(80), 6), "i": rng.integers(0, 25, 480), "t": np.tile(np.arange(6), 80)})
+    data = sidrec.from_frame(pa.Table.from_pandas(df).to_pandas(), user_col="u", item_col="i", time_col="t", kcore=2)
+    assert data.path is None and data.n_users == 80
+    rec = sidrec.Recommender(head="fv", train={"epochs": 1}, model={"backbone": {"d_model": 16, "n_heads": 1}}).fit(
+        data, out=tmp_path / "fv")
+    assert (tmp_path / "fv" / "data" / "sequences.npz").exists()  # in-memory data travels with the run
+    cfg = json.loads(json.dumps(rec.config))
+    assert cfg["data"]["dir"] == "data"  # relative: the run directory can be moved
+    os.rename(tmp_path / "fv", tmp_path / "moved")
+    assert sidrec.Recommender.load(tmp_path / "moved").recommend([["1", "2"]], k=3)[0].shape == (1, 3)
+    with pytest.raises(sidrec.errors.UserError, match="missing column"):
+        sidrec.from_frame(df, user_col="user")
+
+
+def test_defaults_are_the_recipe():
+    from sidrec.config import load_config
+    from sidrec.model import ModelConfig
+
+    beauty = load_config(ROOT / "configs/beauty.yaml")
+    recipe = load_config(None, default="recipe")
+    for section in ("tokenizer", "model", "train", "eval"):
+        assert beauty[section] == recipe[section], section
+    m = ModelConfig()
+    assert m.item_vectors and m.constrained and m.tied and m.backbone.dropout == beauty["model"]["backbone"]["dropout"]
