@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import SHARED
+
 ROOT = Path(__file__).resolve().parents[1]
+#: The benchmarks read the real Beauty file (configs/beauty.yaml -> ../shared/data): without it they skip.
+needs_beauty = pytest.mark.skipif(not (SHARED / "amazon-beauty/s3rec/Beauty.txt").exists() or
+                                  not (ROOT.parent / "shared/data/amazon-beauty/s3rec/Beauty.txt").exists(),
+                                  reason="shared dataset missing: amazon-beauty (../shared/data)")
 
 
 def _run(args, tmp_path):
@@ -17,6 +23,7 @@ def _run(args, tmp_path):
     return r.stdout
 
 
+@needs_beauty
 @pytest.mark.slow
 def test_quality_bench_tiny_slice(tmp_path):
     _run(["bench.quality", "--dataset", "beauty", "--seeds", "1", "--max-users", "400", "--tokenizers", "rq-kmeans",
@@ -58,6 +65,7 @@ def test_quality_bench_tiny_slice(tmp_path):
     assert cb["tokenizer"]["codebook_size"] == 20
 
 
+@needs_beauty
 @pytest.mark.slow
 def test_sweep_and_split_seeds(tmp_path):
     """bench.sweep runs its variants side by side and ranks them; --only-seed runs one seed alone and
@@ -99,6 +107,7 @@ def test_scale_bench_smallest_size(tmp_path):
     assert (tmp_path / "scale.png").exists() and "| 3,000 |" in (tmp_path / "scale.md").read_text()
 
 
+@needs_beauty
 def test_popularity_bench(tmp_path):
     _run(["bench.popularity", "--dataset", "beauty", "--out-root", str(tmp_path / "out"),
           "--results-dir", str(tmp_path)], tmp_path)
@@ -122,6 +131,7 @@ def test_sweep_rejects_a_bad_spec(tmp_path, text):
     (["--tokenizers", "opq", "--parallel-levels", "1", "--set", "tokenizer.codebook_size=4"], "cannot get distinct IDs"),
     (["--set", "model.no_such_key=1"], "unknown config key"),
 ])
+@needs_beauty
 def test_quality_bench_bad_input_is_exit_2(tmp_path, args, message):
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-m", "bench.quality", "--dataset", "beauty", "--seeds", "1", "--max-users", "100",

@@ -436,3 +436,51 @@ def test_no_writes_into_a_run_directory_sidrec_did_not_make(capsys, tmp_path, tr
     user_error(capsys, ["evaluate", str(run), "--decode", "exact", "--no-exclude-seen"])
     user_error(capsys, ["verify", str(run), "--contexts", "8"])
     assert (run / "eval.json").read_text() == "MINE" and (run / "verify.json").read_text() == "MINE"
+
+
+# ------------------------------------------------------------------------- the second probe's finds
+def test_deep_yaml_and_stored_config_types(capsys, tmp_path, trained):
+    cfg = tmp_path / "deep.yaml"
+    cfg.write_text("train: " + "[" * 6000 + "\n")
+    assert "deep.yaml" in user_error(capsys, ["train", str(cfg), "--out", str(tmp_path / "r")])
+    user_error(capsys, ["train", "--out", str(tmp_path / "r"), "--set", "name=" + "[" * 6000 + "]" * 6000])
+    for key, value in (("eval.beam", "x"), ("eval.batch_size", 0), ("model.constrained", "yes"), ("model.tied", [1]),
+                       ("eval.beam_widths", [0, -1])):
+        run = _copy_run(trained, tmp_path / key)
+        stored = yaml.safe_load((run / "config.yaml").read_text())
+        section, name = key.split(".")
+        stored[section][name] = value
+        (run / "config.yaml").write_text(yaml.safe_dump(stored))
+        err = user_error(capsys, ["evaluate", str(run), "--decode", "exact"])
+        assert key in err and "config.yaml" in err
+
+
+def test_set_data_without_a_config_file_replaces_the_synthetic_default(tmp_path, user_dir):
+    from sidrec.config import load_config
+
+    cfg = load_config(None, ["data.format=csv", f"data.path={user_dir / 'log.csv'}"])
+    assert cfg["data"]["synthetic"] is None and cfg["data"]["format"] == "csv"
+    assert load_config(None, ["data.synthetic=null", "data.dir=/x"])["data"]["synthetic"] is None
+    from sidrec.errors import UserError
+    with pytest.raises(UserError, match="one data source"):
+        load_config(None, ["data.dir=/x", "data.synthetic.n_items=10"])
+
+
+def test_conflicting_options_and_odd_inputs(capsys, tmp_path, trained, user_dir):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "r"), "--resume", "--overwrite"])
+    assert e.value.code == 2
+    capsys.readouterr()
+    user_error(capsys, ["verify", str(trained), "--synthetic", "--out", str(tmp_path / "v")])
+    user_error(capsys, ["verify", str(trained), "--quick"])
+    user_error(capsys, ["data", "download", "ml-100k", "--out", str(tmp_path / "d"), "--mirror", ""])
+    user_error(capsys, ["data", "prepare", "--format", "csv", "--path", str(user_dir / "log.csv"), "--out",
+                        str(tmp_path / "p"), "--item-col", "user_id"])
+    run = _copy_run(trained, tmp_path)
+    arrays = dict(np.load(run / "data" / "world.npz"))
+    np.savez(run / "data" / "world.npz", **{**arrays, "latent": arrays["latent"][:50], "bias": arrays["bias"][:50],
+                                             "category": arrays["category"][:50],
+                                             "subcategory": arrays["subcategory"][:50]})
+    out = tmp_path / "pipe"
+    assert "world.npz" in user_error(capsys, ["run", "--out", str(out), "--set", *TINY, "heads=[fv]",
+                                               f"data.dir={run / 'data'}", "data.synthetic=null"])

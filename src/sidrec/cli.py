@@ -73,6 +73,8 @@ def cmd_data_download(a: argparse.Namespace) -> None:
     from sidrec import io
     from sidrec.data.download import download, sha256
 
+    if a.mirror is not None and not a.mirror.strip():
+        raise UserError("--mirror: give a base URL (or leave the option out)")
     io.own_dir(a.out, "download")  # a new directory, or an earlier download to resume
     for p in download(a.name, a.out, base_url=a.mirror):
         print(f"{p}  sha256 {sha256(p)}")

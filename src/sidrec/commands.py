@@ -134,9 +134,10 @@ def add_train(sub) -> None:
     _add_config_args(p)
     p.add_argument("--head", choices=["ar", "fv", "parallel", "ar-unconstrained"], default=None,
                    help="override model.head")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run's last checkpoint (refused if a setting that changes the weights differs)")
-    p.add_argument("--overwrite", action="store_true", help="train an existing run directory again from scratch")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from the run's last checkpoint (refused if a setting that changes the weights differs)")
+    again.add_argument("--overwrite", action="store_true", help="train an existing run directory again from scratch")
     p.set_defaults(func=cmd_train)
 
 
@@ -311,6 +312,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from sidrec import io
     from sidrec.errors import UserError
 
+    if a.synthetic and a.run:
+        raise UserError("give a trained RUN directory or --synthetic, not both")
+    if a.quick and not a.synthetic:
+        raise UserError("--quick applies to --synthetic only")
     if a.synthetic:
         from sidrec.verify.synthetic import SuiteConfig, run_suite
 

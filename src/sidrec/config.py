@@ -57,7 +57,10 @@ def _merge(base: dict, over: dict, path: str = "") -> dict:
             valid = sorted(b for b in base if not b.startswith("_"))
             raise UserError(f"unknown config key {key!r}; valid keys here: {valid}")
         if isinstance(base[k], dict) and base[k]:
-            if v is None:  # an empty section ("eval:" with every line commented out)
+            if v is None and not path:  # an empty top-level section ("eval:" with every line commented out)
+                continue
+            if v is None and key == "data.synthetic":  # the one nullable section: no synthetic data
+                out[k] = None
                 continue
             if not isinstance(v, dict):
                 raise UserError(f"config key {key}: must be a mapping of keys ({', '.join(sorted(base[k]))}), "
@@ -98,6 +101,8 @@ def parse_set(items: list[str]) -> dict:
             node[parts[-1]] = yaml.safe_load(val)
         except yaml.YAMLError:
             node[parts[-1]] = val
+        except RecursionError:
+            raise UserError(f"--set {key.strip()}: value nested too deeply") from None
     return out
 
 
@@ -119,6 +124,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
             with io.reading(p, "config file"):
                 text = p.read_text(encoding="utf-8")
             raw = yaml.safe_load(text) or {}
+        except RecursionError:
+            raise UserError("invalid YAML (nested too deeply)", str(p)) from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             raise UserError(f"invalid YAML ({getattr(e, 'problem', e)})", str(p), line + 1 if line is not None else None) from None
@@ -128,7 +135,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
         cfg["_config_dir"] = str(p.resolve().parent)
     if sections:
         cfg = _merge(cfg, _upgrade(sections, "config"))
-    cfg = _merge({**cfg, "_config_dir": cfg.get("_config_dir")}, _upgrade(parse_set(overrides or []), "--set"))
+    sets = _upgrade(parse_set(overrides or []), "--set")
+    if path is None and default == "synthetic" and isinstance(sets.get("data"), dict) and (
+            sets["data"].get("dir") or sets["data"].get("format")):
+        cfg["data"]["synthetic"] = None  # data named on the command line replaces the embedded synthetic data
+    cfg = _merge({**cfg, "_config_dir": cfg.get("_config_dir")}, sets)
     validate(cfg)
     return cfg
 
@@ -232,6 +243,18 @@ def _check(key: str, value: Any, rule: tuple) -> Any:
     return value
 
 
+def check_stored(cfg: dict, sections=("model", "eval", "tokenizer", "train")) -> None:
+    """Type- and range-check the sections of a config sidrec wrote earlier (a run's config.yaml):
+    the schema without the cross-key rules (a run trained on a GPU still loads on a CPU)."""
+    for key, value in _flat({s: cfg[s] for s in sections if isinstance(cfg.get(s), dict)}).items():
+        rule = SCHEMA.get(key)
+        if rule is not None and key != "train.device":
+            _check(key, value, rule)
+    widths = cfg.get("eval", {}).get("beam_widths", [1])
+    if not isinstance(widths, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in widths):
+        raise UserError(f"config key eval.beam_widths: must be a list of integers >= 1, not {widths!r}")
+
+
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -282,6 +305,9 @@ def validate(cfg: dict) -> None:
 
 def _cross_checks(cfg: dict) -> None:
     m, d = cfg["model"], cfg["data"]
+    sources = [k for k in ("dir", "synthetic", "format") if d.get(k)]
+    if len(sources) > 1:
+        raise UserError(f"config key data: give one data source, not {' and '.join('data.' + k for k in sources)}")
     if m["item_vectors"] and not m["constrained"]:
         raise UserError("model.item_vectors needs model.constrained: true (item vectors exist only for valid IDs)")
     if m["backbone"]["d_model"] % m["backbone"]["n_heads"]:

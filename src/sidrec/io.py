@@ -66,8 +66,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
-    except OSError as e:  # name the file the user asked for, not our temp file
-        if e.filename and Path(str(e.filename)).name.startswith(f".{path.name}."):
+    except OSError as e:  # name the file the user asked for, not our temp file (or no file: a full disk)
+        if not e.filename or Path(str(e.filename)).name.startswith(f".{path.name}."):
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     finally:
@@ -96,10 +96,13 @@ def read_json(path: str | Path) -> Any:
 def append_jsonl(path: str | Path, obj: Any) -> None:
     """Append one JSON line; a line is written with a single write() so readers never see half."""
     line = json.dumps(obj, default=_json_default) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
@@ -265,10 +268,18 @@ def atomic_dir(path: str | Path, kind: str, **marker: Any) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     for p in path.parent.glob(f".{path.name}.*.tmp"):  # a killed earlier attempt
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:  # a write inside the temp directory: name the directory the user asked for
+            if not e.filename or str(tmp) in str(e.filename):
+                raise OSError(e.errno, e.strerror, str(path)) from None
+            raise
         write_marker(tmp, kind, **marker)
         if path.exists():
             old = path.with_name(f".{path.name}.old")

@@ -295,6 +295,9 @@ def run_pipeline(cfg: dict, out: Path, resume: bool = True) -> dict:
         from sidrec.data.synth import bayes_optimal, load_world
 
         world = load_world(data.path)
+        if len(world.latent) != data.n_items:
+            raise UserError(f"the synthetic world has {len(world.latent)} items, the data {data.n_items}",
+                            str(Path(data.path) / "world.npz"))
         summary["bayes_optimal"] = {s: bayes_optimal(world, data, s) for s in ("valid", "test")}
     io.write_json(out / "summary.json", summary)
     write_report(out, summary, cfg)

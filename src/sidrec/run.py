@@ -90,7 +90,7 @@ def data_inputs(data: dict, resolve=lambda p: p) -> dict:
         if data.get(k):
             f = Path(resolve(data[k]))
             if not f.is_file():
-                raise UserError(f"data.{k}: file not found", str(f))
+                raise UserError(f"data.{k}: {'not a file' if f.exists() else 'file not found'}", str(f))
             out[f"data.{k}#sha256"] = file_digest(f)
     return out
 
@@ -238,9 +238,17 @@ class RunDir:
 
     def config(self) -> dict:
         p = self.path / CONFIG
+        from sidrec.config import check_stored
+        from sidrec.model import upgrade_model_dict
+
         with io.reading(p, "run config"):
             cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
             _check_run_config(cfg)
+            cfg["model"] = upgrade_model_dict(cfg["model"])
+        try:
+            check_stored(cfg)
+        except UserError as e:
+            raise UserError(str(e), str(p)) from None
         return cfg
 
     def save_codebook(self, codebook) -> None:

@@ -148,6 +148,8 @@ def read_csv(
             sep = "\t" if p.suffix in (".tsv", ".tab") or p.name.endswith(".tsv.gz") else ","
         df = _read_table(p, sep)
     cols = [user_col, item_col] + ([time_col] if time_col else [])
+    if len(set(cols)) < len(cols):
+        raise UserError(f"the user, item and time columns must differ, got {cols}", str(p))
     _require_columns(df, cols, p, sep)
     if len(df) == 0:
         raise UserError("file has a header but no rows", str(p))
