@@ -57,8 +57,9 @@ def main() -> None:
             if not bucket and head == "parallel":
                 continue
             torch.manual_seed(0)
-            cfg = ModelConfig(head=head, backbone=BackboneConfig(d_model=a.d_model, n_layers=a.layers, n_heads=2,
-                                                                 d_ff=4 * a.d_model, dropout=0.2, max_len=50))
+            # the shipped model: the library defaults (the recipe), at the width asked for
+            cfg = ModelConfig(head=head, backbone=BackboneConfig(d_model=a.d_model, n_layers=a.layers,
+                                                                 d_ff=4 * a.d_model))
             model = SeqRecModel(cfg, data.n_items, cb)
             tc = TrainConfig(batch_size=a.batch_size, bucket=bucket, epochs=a.epochs)
             ts = epoch_times(model, data, tc, a.epochs)

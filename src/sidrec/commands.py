@@ -374,7 +374,8 @@ def add_verify(sub) -> None:
     p.add_argument("--out", help="output directory for --synthetic")
     p.add_argument("--contexts", type=int_range(1), default=512, help="test contexts sampled for the run checks")
     p.add_argument("--overwrite", action="store_true", help="--synthetic: replace an existing --out verify directory")
-    p.add_argument("--quick", action="store_true", help="a small, fast version of --synthetic (for tests)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small, fast version of --synthetic (plumbing; its neural claims need not hold: exit 1 possible)")
     p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0)
     p.set_defaults(func=cmd_verify)
 
