@@ -65,8 +65,8 @@ def add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="rq-kmeans", choices=METHODS)
     p.add_argument("--levels", type=int_range(1, 16), default=3, help="tokens per ID before resolution (default 3)")
     p.add_argument("--codebook-size", type=int_range(2, 1 << 20), default=256, help="codes per level (default 256)")
-    p.add_argument("--embeddings", default="text",
-                   help="text | collab | latent (synthetic data) | PATH.npy of shape [items, d]")
+    p.add_argument("--embeddings", default="collab",
+                   help="collab (default, as the recipe) | text | latent (synthetic data) | PATH.npy of shape [items, d]")
     p.add_argument("--text-model", default=DEFAULT_TEXT_MODEL,
                    help="sentence-transformers model name or local path (e.g. sentence-t5-base)")
     p.add_argument("--collab-dim", type=int_range(1), default=64, help="dimension of collaborative embeddings")

@@ -71,6 +71,19 @@ def _merge(base: dict, over: dict, path: str = "") -> dict:
     return out
 
 
+DATA_SOURCES = ("dir", "synthetic", "format")
+
+
+def _replace_data_source(cfg: dict, layer: dict) -> None:
+    """A layer that names a data source (data.dir, data.synthetic or data.format) replaces the one
+    below it: `--set data.dir=D` on a config that reads a file, or on the embedded synthetic default."""
+    named = [k for k in DATA_SOURCES if isinstance(layer.get("data"), dict) and layer["data"].get(k)]
+    if named and isinstance(cfg.get("data"), dict):
+        for k in DATA_SOURCES:
+            if k not in named:
+                cfg["data"][k] = None
+
+
 def _upgrade(raw: dict, where: str) -> dict:
     """Model keys of earlier sidrec versions, translated (item_vectors all + node_bias true -> true);
     a removed ablation is a user error naming it."""
@@ -133,13 +146,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
             raise UserError("a config must be a YAML mapping", str(p))
         cfg = _merge(cfg, _upgrade(raw, str(p)))
         cfg["_config_dir"] = str(p.resolve().parent)
-    if sections:
-        cfg = _merge(cfg, _upgrade(sections, "config"))
-    sets = _upgrade(parse_set(overrides or []), "--set")
-    if path is None and default == "synthetic" and isinstance(sets.get("data"), dict) and (
-            sets["data"].get("dir") or sets["data"].get("format")):
-        cfg["data"]["synthetic"] = None  # data named on the command line replaces the embedded synthetic data
-    cfg = _merge({**cfg, "_config_dir": cfg.get("_config_dir")}, sets)
+    for layer in (_upgrade(sections or {}, "config"), _upgrade(parse_set(overrides or []), "--set")):
+        _replace_data_source(cfg, layer)
+        cfg = _merge({**cfg, "_config_dir": cfg.get("_config_dir")}, layer)
     validate(cfg)
     return cfg
 
