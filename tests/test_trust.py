@@ -484,3 +484,41 @@ def test_conflicting_options_and_odd_inputs(capsys, tmp_path, trained, user_dir)
     out = tmp_path / "pipe"
     assert "world.npz" in user_error(capsys, ["run", "--out", str(out), "--set", *TINY, "heads=[fv]",
                                                f"data.dir={run / 'data'}", "data.synthetic=null"])
+
+
+# ---------------------------------------------------------------------- a reviewer's finds
+def test_review_fixes(tmp_path, trained):
+    import pandas as pd
+
+    import sidrec
+    from sidrec.errors import UserError
+    from sidrec.run import RunDir, digest
+
+    assert digest({"train.lr": 1}) == digest({"train.lr": 1.0})
+    # a stored evaluation describes the weights it scored: rewritten weights make it stale
+    run = _copy_run(trained, tmp_path)
+    assert main(["evaluate", str(run), "--decode", "exact", "--no-exclude-seen"]) == 0
+    rd = RunDir(run)
+    assert rd.read_eval(False, 20) is not None and rd.read_eval(False, 20, ("exact", "beam")) is None
+    model, _ = rd.load_model()
+    rd.save_weights(model)
+    assert rd.read_eval(False, 20) is None
+    # fit refuses a trained run before touching its data; save(overwrite) never deletes the user's files
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"user_id": np.repeat(np.arange(60), 6), "item_id": rng.integers(0, 20, 360),
+                       "timestamp": np.tile(np.arange(6), 60)})
+    small = {"train": {"epochs": 1}, "model": {"backbone": {"d_model": 16, "n_heads": 1}}}
+    rec = sidrec.Recommender(head="fv", **small).fit(sidrec.from_frame(df, kcore=2), out=tmp_path / "fv")
+    before = snapshot(tmp_path / "fv")
+    other = df.assign(item_id=(df["item_id"] + 1) % 20)
+    with pytest.raises(UserError, match="already holds a trained run"):
+        sidrec.Recommender(head="fv", **small).fit(sidrec.from_frame(other, kcore=2), out=tmp_path / "fv")
+    with pytest.raises(UserError, match="other data"):
+        sidrec.Recommender(head="fv", **small).fit(sidrec.from_frame(other, kcore=2), out=tmp_path / "fv", resume=True)
+    assert snapshot(tmp_path / "fv") == before
+    target = tmp_path / "target"
+    rec.save(target)
+    (target / "important.txt").write_text("mine")
+    with pytest.raises(UserError, match="important.txt"):
+        rec.save(target, overwrite=True)
+    assert (target / "important.txt").read_text() == "mine"

@@ -113,9 +113,11 @@ class Recommender:
         if not isinstance(data, SequenceData):
             data = SequenceData.load(data)
         run = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="sidrec-run-")) / "run"
-        io.check_output_dir(run, "run", exist_ok=True)
+        if io.check_output_dir(run, "run", exist_ok=True) and RunDir(run).has_products() and not (resume or overwrite):
+            raise UserError("already holds a trained run; fit(..., resume=True) continues it, overwrite=True "
+                            "trains it again, or give a new directory", str(run))
         if data.path is None:  # in-memory data travels inside the run
-            data = _persist(data, run)
+            data = _persist(data, run, replace=not resume)
         cfg = head_config(self.config, self.head)
         cfg["data"] = {**cfg["data"], "dir": str(Path(data.path).resolve()), "synthetic": None, "format": None}
         claim_run_dir(cfg, run, resume=resume, overwrite=overwrite)
@@ -237,8 +239,9 @@ def _right_pad(seqs: list[np.ndarray], pad: int) -> np.ndarray:
     return out
 
 
-def _persist(data: SequenceData, run: Path) -> SequenceData:
-    """Write in-memory data into the run's data/ (kept when the same content is already there)."""
+def _persist(data: SequenceData, run: Path, replace: bool) -> SequenceData:
+    """Write in-memory data into the run's data/ (kept when the same content is already there; other
+    content is replaced only when `replace`: a resume must not swap the data under its model)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -247,7 +250,10 @@ def _persist(data: SequenceData, run: Path) -> SequenceData:
     inputs = {"sidrec": rundir.__version__, "data.content#sha256": h.hexdigest()[:16]}
     io.own_dir(run, "run")
     out = run / "data"
-    if rundir.stage_status(out, "data", inputs)[0] != "same":
+    status = rundir.stage_status(out, "data", inputs)[0]
+    if status == "stale" and not replace:
+        raise UserError("cannot resume: the run was trained on other data", str(out))
+    if status != "same":
         data.save(out, marker=rundir.marker_fields(inputs))
     return SequenceData.load(out)
 

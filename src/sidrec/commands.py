@@ -102,6 +102,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
     from sidrec.pipeline import claim_run_dir, ensure_inputs, head_config, train_one
     from sidrec.train.trainer import ddp_setup
+    from sidrec.errors import UserError
 
     cfg = _config(a)
     head = a.head or cfg["model"]["head"]
@@ -109,13 +110,25 @@ def cmd_train(a: argparse.Namespace) -> None:
     out = Path(a.out)
     distributed = ddp_setup()
     rank = dist.get_rank() if distributed else 0
+    failed = None
     if rank == 0:  # rank 0 checks the directory, prepares and tokenizes; the others then load what it wrote
-        claim_run_dir(cfg, out, resume=a.resume, overwrite=a.overwrite)
-        data, codebook = ensure_inputs(cfg, out, [head])
+        try:
+            claim_run_dir(cfg, out, resume=a.resume, overwrite=a.overwrite)
+            data, codebook = ensure_inputs(cfg, out, [head])
+        except Exception as e:  # noqa: BLE001 - tell the other ranks before failing, or they wait forever
+            failed = e
     if distributed:
-        dist.barrier()
+        flag = [failed is None]
+        dist.broadcast_object_list(flag, src=0)
+        if not flag[0]:
+            dist.destroy_process_group()
+            if failed is not None:
+                raise failed
+            raise UserError("rank 0 could not prepare the run (see its message)")
         if rank != 0:
             data, codebook = ensure_inputs(cfg, out, [head])
+    elif failed is not None:
+        raise failed
     state = train_one(cfg, data, codebook, out, resume=a.resume, overwrite=a.overwrite)
     if rank == 0:
         print(f"trained {head} into {out}: best validation NDCG@10 {state['best']:.4f} at epoch "

@@ -32,7 +32,8 @@ MARKER = ".sidrec.json"
 KINDS = ("data", "codebook", "run", "pipeline", "download", "verify")
 #: Files that identify directories written before markers existed (adopted as owned).
 _LEGACY = {"data": ("sequences.npz", "items.parquet"), "codebook": ("codebook.npz", "codebook.json"),
-           "run": ("config.yaml", "metrics.jsonl"), "pipeline": ("config.yaml", "summary.json")}
+           "run": ("config.yaml", "metrics.jsonl", "trainer_state.pt"),
+           "pipeline": ("config.yaml", "summary.json", "report.md")}
 
 
 _UMASK = os.umask(0)
@@ -225,7 +226,10 @@ def own_dir(path: str | Path, kind: str, **marker: Any) -> Path:
 
 #: What sidrec writes into directories it replaces wholesale (anything else there is the user's).
 _OWN_ENTRIES = {"data": {"sequences.npz", "items.parquet", "stats.json", "prepare.json", "world.npz", "embeddings"},
-                "codebook": {"codebook.npz", "codebook.json"}}
+                "codebook": {"codebook.npz", "codebook.json"},
+                "run": {"config.yaml", "codebook", "data", "model.safetensors", "trainer_state.pt", "metrics.jsonl",
+                        "timings.jsonl", "eval.json", "eval-seen-excluded.json", "verify.json", "report.md",
+                        "bench.json"}}
 
 
 def foreign_entries(path: Path, kind: str) -> list[str]:

@@ -315,7 +315,8 @@ def _head_stage(cfg: dict, head: str, data: SequenceData, codebook: Codebook | N
     if not (status == "same" and RunDir(run).training_done()):
         go_on = resume and status == "same"  # an interrupted training of the same settings
         train_one(hc, data, codebook, run, resume=go_on, overwrite=status != "new" and not go_on)
-    ev = RunDir(run).read_eval(ev_cfg["exclude_seen"], ev_cfg["beam"])
+    decodes = ("exact",) if head in ("fv", "parallel") else ("exact", "beam")
+    ev = RunDir(run).read_eval(ev_cfg["exclude_seen"], ev_cfg["beam"], decodes)
     if ev is None:
         ev = evaluate_run(run, beam=ev_cfg["beam"], exclude_seen=ev_cfg["exclude_seen"],
                           batch_size=ev_cfg["batch_size"], data=data)

@@ -44,8 +44,19 @@ RESUME_FREE = frozenset({"train.device", "train.eval_batch_size", "train.log_eve
 
 
 # ------------------------------------------------------------------------------------ fingerprints
+def _canon(v: Any) -> Any:
+    """1 and 1.0 are one setting (YAML and --set spell numbers either way)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, dict):
+        return {k: _canon(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_canon(x) for x in v]
+    return v
+
+
 def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_canon(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 _FILE_DIGESTS: dict[tuple, str] = {}
@@ -99,6 +110,7 @@ def codebook_inputs(tokenizer: dict, data_fp: str, resolve=lambda p: p) -> dict:
     out = {"sidrec": __version__, "data": data_fp, **_flat(tokenizer, "tokenizer.")}
     emb = str(tokenizer.get("embeddings", ""))
     if emb.endswith(".npy"):
+        out["tokenizer.embeddings"] = "file"  # the file's content, not how its path was spelled
         f = Path(resolve(emb))
         if not f.is_file():
             raise UserError("tokenizer.embeddings: file not found", str(f))
@@ -186,6 +198,8 @@ class RunDir:
                             "to train it again from scratch, or give a new directory", str(path))
         if exists and resume and not overwrite and inputs is not None and rd.has_products():
             old = rd.inputs()
+            if old is not None and rd.marker().get("inputs") is None:  # a legacy run: what it recorded
+                inputs = {k: v for k, v in inputs.items() if k in old}
             changed = changed_keys(old, inputs, RESUME_FREE) if old is not None else []
             if changed:
                 raise UserError("cannot --resume: the run was trained with other settings for "
@@ -385,11 +399,20 @@ class RunDir:
         stamped with the fingerprint of the model it scored."""
         p = self.path / eval_file(ev["exclude_seen"])
         self.check_owned(p.name)
-        io.write_json(p, {**ev, "model_fingerprint": self.fingerprint})
+        io.write_json(p, {**ev, "model_fingerprint": self.fingerprint, "weights_stamp": self.weights_stamp()})
         return p
 
-    def read_eval(self, exclude_seen: bool, beam: int | None = None) -> dict | None:
-        """The stored evaluation for a protocol, if it scored this very model (and beam width)."""
+    def weights_stamp(self) -> str | None:
+        """Changes whenever model.safetensors is rewritten (a resumed training, a retrain)."""
+        p = self.path / WEIGHTS
+        if not p.exists():
+            return None
+        st = p.stat()
+        return f"{st.st_size}-{st.st_mtime_ns}"
+
+    def read_eval(self, exclude_seen: bool, beam: int | None = None, decodes: tuple[str, ...] = ("exact",)) -> dict | None:
+        """The stored evaluation for a protocol, if it scored these very weights with `decodes` (and
+        the beam width)."""
         p = self.path / eval_file(exclude_seen)
         if not p.exists():
             return None
@@ -398,6 +421,10 @@ class RunDir:
         except UserError:
             return None  # a damaged stored evaluation is made again
         if not _eval_ok(ev) or ev.get("model_fingerprint") != self.fingerprint or self.fingerprint is None:
+            return None
+        if ev.get("weights_stamp") != self.weights_stamp():
+            return None
+        if not all(d in ev[s] for s in ("valid", "test") for d in decodes):
             return None
         if beam is not None and any(m.get("beam", beam) != beam for s in ("valid", "test")
                                     for m in ev[s].values() if isinstance(m, dict)):
