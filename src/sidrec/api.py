@@ -113,9 +113,7 @@ class Recommender:
         if not isinstance(data, SequenceData):
             data = SequenceData.load(data)
         run = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="sidrec-run-")) / "run"
-        if io.check_output_dir(run, "run", exist_ok=True) and RunDir(run).has_products() and not (resume or overwrite):
-            raise UserError("already holds a trained run; fit(..., resume=True) continues it, overwrite=True "
-                            "trains it again, or give a new directory", str(run))
+        rundir.check_claim(run, resume=resume, overwrite=overwrite, option="out")
         if data.path is None:  # in-memory data travels inside the run
             data = _persist(data, run, replace=not resume)
         cfg = head_config(self.config, self.head)
@@ -203,11 +201,14 @@ class Recommender:
     def _encode_histories(self, histories: list[list[str]], user_history):
         """(model input [B, T]: the most recent max_len internal ids of each history, right-padded with
         n_items; their lengths [B]; every history in full [B, L], padded the same way)."""
+        from sidrec.data.batching import pad_windows
+
         flat = user_history(self.data, [i for h in histories for i in h])  # one lookup for all users
-        parts = np.split(flat, np.cumsum([len(h) for h in histories])[:-1])
-        lengths = np.minimum([len(p) for p in parts], self.model.cfg.backbone.max_len)
-        recent = _right_pad([p[len(p) - n:] for p, n in zip(parts, lengths)], self.model.n_items)
-        full = _right_pad(parts, self.model.n_items)
+        counts = np.array([len(h) for h in histories])
+        ends = np.cumsum(counts)
+        lengths = np.minimum(counts, self.model.cfg.backbone.max_len)
+        recent = pad_windows(flat, ends - lengths, lengths, self.model.n_items)
+        full = pad_windows(flat, ends - counts, counts, self.model.n_items)
         dev = self.device
         return (torch.from_numpy(recent).to(dev), torch.from_numpy(lengths.astype(np.int64)).to(dev),
                 torch.from_numpy(full).to(dev))
@@ -232,22 +233,11 @@ class Recommender:
         return f"Recommender(head={self.head!r}{where})"
 
 
-def _right_pad(seqs: list[np.ndarray], pad: int) -> np.ndarray:
-    lengths = np.array([len(s) for s in seqs])
-    out = np.full((len(seqs), lengths.max()), pad, dtype=np.int64)
-    out[np.repeat(np.arange(len(seqs)), lengths), np.concatenate([np.arange(n) for n in lengths])] = np.concatenate(seqs)
-    return out
-
-
 def _persist(data: SequenceData, run: Path, replace: bool) -> SequenceData:
     """Write in-memory data into the run's data/ (kept when the same content is already there; other
     content is replaced only when `replace`: a resume must not swap the data under its model)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for a in (data.offsets, data.items, data.user_ids.astype(str), data.raw_item_ids()):
-        h.update(np.ascontiguousarray(a).tobytes())
-    inputs = {"sidrec": rundir.__version__, "data.content#sha256": h.hexdigest()[:16]}
+    content = rundir.array_digest(data.offsets, data.items, data.user_ids.astype(str), data.raw_item_ids())
+    inputs = {"sidrec": rundir.__version__, "data.content#sha256": content}
     io.own_dir(run, "run")
     out = run / "data"
     status = rundir.stage_status(out, "data", inputs)[0]

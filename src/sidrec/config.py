@@ -13,6 +13,7 @@ import yaml
 from sidrec import io
 from sidrec.errors import UserError
 from sidrec.model import BackboneConfig, ModelConfig, upgrade_model_dict
+from sidrec.run import flat_keys
 from sidrec.tokenize import METHODS
 from sidrec.train.trainer import TrainConfig
 
@@ -255,23 +256,13 @@ def _check(key: str, value: Any, rule: tuple) -> Any:
 def check_stored(cfg: dict, sections=("model", "eval", "tokenizer", "train")) -> None:
     """Type- and range-check the sections of a config sidrec wrote earlier (a run's config.yaml):
     the schema without the cross-key rules (a run trained on a GPU still loads on a CPU)."""
-    for key, value in _flat({s: cfg[s] for s in sections if isinstance(cfg.get(s), dict)}).items():
+    for key, value in flat_keys({s: cfg[s] for s in sections if isinstance(cfg.get(s), dict)}).items():
         rule = SCHEMA.get(key)
         if rule is not None and key != "train.device":
             _check(key, value, rule)
     widths = cfg.get("eval", {}).get("beam_widths", [1])
     if not isinstance(widths, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in widths):
         raise UserError(f"config key eval.beam_widths: must be a list of integers >= 1, not {widths!r}")
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and not (prefix == "" and k.startswith("_")):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def validate(cfg: dict) -> None:
@@ -285,7 +276,7 @@ def validate(cfg: dict) -> None:
         if unknown:
             raise UserError(f"unknown config key data.synthetic.{sorted(unknown)[0]}; valid keys here: "
                             "['dim', 'n_items', 'n_users', 'seed']")
-    for key, value in _flat({k: v for k, v in cfg.items() if not k.startswith("_") and k != "heads"}).items():
+    for key, value in flat_keys({k: v for k, v in cfg.items() if not k.startswith("_") and k != "heads"}).items():
         if key in SCHEMA:
             checked = _check(key, value, SCHEMA[key])
             if checked is not None and checked is not value:

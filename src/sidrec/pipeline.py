@@ -10,7 +10,6 @@ exactly the stages it affects, saying so.
 from __future__ import annotations
 
 import copy
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -127,11 +126,7 @@ def head_config(cfg: dict, head: str) -> dict:
 
 def codes_fingerprint(codebook: Codebook | None) -> str | None:
     """What a model depends on in a codebook: its codes and sizes (content hash)."""
-    if codebook is None:
-        return None
-    h = hashlib.sha256(np.ascontiguousarray(codebook.codes).tobytes())
-    h.update(str(codebook.sizes).encode())
-    return h.hexdigest()[:16]
+    return None if codebook is None else rundir.array_digest(codebook.codes, np.array(codebook.sizes))
 
 
 def model_inputs(cfg: dict, data: SequenceData | str, codebook: Codebook | str | None) -> dict:
@@ -168,10 +163,7 @@ def claim_run_dir(cfg: dict, run: Path, resume: bool = False, overwrite: bool = 
     foreign directory, a trained run without --resume/--overwrite, a --resume with changed settings."""
     d = cfg["data"]
     inputs = [resolve_path(cfg, d.get("path")), resolve_path(cfg, d.get("meta"))]
-    exists = io.check_output_dir(run, "run", exist_ok=True, inputs=inputs)
-    if exists and RunDir(run).has_products() and not (resume or overwrite):
-        raise UserError("--out already holds a trained run; pass --resume to continue it, --overwrite to train "
-                        "it again from scratch, or give a new directory", str(run))
+    exists = rundir.check_claim(run, resume=resume, overwrite=overwrite, inputs=inputs)
     if resume and not overwrite:
         check_resume(cfg, run)
     if overwrite and exists:

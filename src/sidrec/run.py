@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -59,6 +60,14 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(_canon(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def array_digest(*arrays) -> str:
+    """sha256 of arrays' bytes (content fingerprints of in-memory data and of codes)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
 _FILE_DIGESTS: dict[tuple, str] = {}
 
 
@@ -76,14 +85,26 @@ def file_digest(path: str | Path) -> str:
     return _FILE_DIGESTS[key]
 
 
-def _flat(d: dict, prefix: str) -> dict[str, Any]:
+def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}: the dotted keys configs, schemas and
+    fingerprints speak in."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_keys(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def check_claim(path: str | Path, *, resume: bool, overwrite: bool, inputs: tuple = (), option: str = "--out") -> bool:
+    """Refuse `path` for training: a foreign or other-kind directory, a folder holding `inputs`, or a
+    trained run without `resume` / `overwrite`. True if the directory exists."""
+    exists = io.check_output_dir(path, "run", exist_ok=True, inputs=inputs, option=option)
+    if exists and RunDir(path).has_products() and not (resume or overwrite):
+        raise UserError(f"{option} already holds a trained run; pass --resume to continue it, --overwrite "
+                        "to train it again from scratch, or give a new directory", str(path))
+    return exists
 
 
 def data_inputs(data: dict, resolve=lambda p: p) -> dict:
@@ -92,7 +113,7 @@ def data_inputs(data: dict, resolve=lambda p: p) -> dict:
     if data.get("dir"):
         return {"data.dir": dir_fingerprint(resolve(data["dir"]), "data")}
     if data.get("synthetic") is not None:
-        return {"sidrec": __version__, **_flat({"synthetic": data["synthetic"]}, "data.")}
+        return {"sidrec": __version__, **flat_keys({"synthetic": data["synthetic"]}, "data.")}
     out = {"sidrec": __version__}
     for k in ("format", "kcore", "dedup", "max_seq_len", "item_id_col", "user_col", "item_col", "time_col", "sep"):
         if k in data:
@@ -107,7 +128,7 @@ def data_inputs(data: dict, resolve=lambda p: p) -> dict:
 
 
 def codebook_inputs(tokenizer: dict, data_fp: str, resolve=lambda p: p) -> dict:
-    out = {"sidrec": __version__, "data": data_fp, **_flat(tokenizer, "tokenizer.")}
+    out = {"sidrec": __version__, "data": data_fp, **flat_keys(tokenizer, "tokenizer.")}
     emb = str(tokenizer.get("embeddings", ""))
     if emb.endswith(".npy"):
         out["tokenizer.embeddings"] = "file"  # the file's content, not how its path was spelled
@@ -120,8 +141,8 @@ def codebook_inputs(tokenizer: dict, data_fp: str, resolve=lambda p: p) -> dict:
 
 def model_inputs(cfg: dict, data_fp: str, codebook_fp: str | None) -> dict:
     """What a trained model is made from: model and train settings, its data and codebook."""
-    train = {k: v for k, v in _flat(cfg["train"], "train.").items() if k not in RESUME_FREE}
-    return {"sidrec": __version__, "data": data_fp, "codebook": codebook_fp, **_flat(cfg["model"], "model."), **train}
+    train = {k: v for k, v in flat_keys(cfg["train"], "train.").items() if k not in RESUME_FREE}
+    return {"sidrec": __version__, "data": data_fp, "codebook": codebook_fp, **flat_keys(cfg["model"], "model."), **train}
 
 
 def changed_keys(old: dict, new: dict, ignore=frozenset()) -> list[str]:
@@ -139,8 +160,7 @@ def dir_fingerprint(path: str | Path, kind: str) -> str:
         raise UserError(f"not {what}", str(p))
     if m.get("fingerprint"):
         return m["fingerprint"]
-    main = {"data": "sequences.npz", "codebook": "codebook.npz"}.get(kind)
-    return file_digest(p / main) if main else digest(str(p.resolve()))
+    return file_digest(p / {"data": "sequences.npz", "codebook": "codebook.npz"}[kind])
 
 
 def stage_status(path: str | Path, kind: str, inputs: dict) -> tuple[str, list[str]]:
@@ -191,11 +211,8 @@ class RunDir:
         """Take `path` for training. Refused: a foreign or other-kind directory; an existing run
         unless `resume` (same settings, RESUME_FREE aside: else refused naming the keys, before
         anything is written) or `overwrite` (its products are deleted first)."""
-        exists = io.check_output_dir(path, "run", exist_ok=True, option=option)
+        exists = check_claim(path, resume=resume, overwrite=overwrite, option=option)
         rd = cls(path)
-        if exists and rd.has_products() and not (resume or overwrite):
-            raise UserError(f"{option} already holds a trained run; pass --resume to continue it, --overwrite "
-                            "to train it again from scratch, or give a new directory", str(path))
         if exists and resume and not overwrite and inputs is not None and rd.has_products():
             old = rd.inputs()
             if old is not None and rd.marker().get("inputs") is None:  # a legacy run: what it recorded
@@ -238,7 +255,7 @@ class RunDir:
             return m["inputs"]
         if (self.path / CONFIG).is_file():
             cfg = self.config()
-            return {**_flat(cfg.get("model", {}), "model."), **_flat(cfg.get("train", {}), "train.")}
+            return {**flat_keys(cfg.get("model", {}), "model."), **flat_keys(cfg.get("train", {}), "train.")}
         return None
 
     @property
@@ -268,9 +285,7 @@ class RunDir:
     def save_codebook(self, codebook) -> None:
         """Copy the model's codebook into the run (kept as it is when the run already holds these codes,
         e.g. fitted there by `sidrec train`, so its fingerprint survives)."""
-        import numpy as np
-
-        have = self.codebook() if (self.path / CODEBOOK / "codebook.npz").exists() else None
+        have = self.codebook()
         if have is None or have.sizes != codebook.sizes or not np.array_equal(have.codes, codebook.codes):
             codebook.save(self.path / CODEBOOK)
 
@@ -479,4 +494,4 @@ def eval_file(exclude_seen: bool) -> str:
 
 __all__ = ["RunDir", "NonBijectiveWarning", "digest", "file_digest", "data_inputs", "codebook_inputs",
            "model_inputs", "changed_keys", "stage_status", "dir_fingerprint", "marker_fields", "eval_file",
-           "RESUME_FREE"]
+           "RESUME_FREE", "flat_keys", "check_claim"]

@@ -23,7 +23,8 @@ class Batch:
     n_targets: int
 
 
-def _pad(items: np.ndarray, start: np.ndarray, length: np.ndarray, pad_id: int) -> np.ndarray:
+def pad_windows(items: np.ndarray, start: np.ndarray, length: np.ndarray, pad_id: int) -> np.ndarray:
+    """[B, max(length)] windows items[start:start+length] of a flat array, right-padded with pad_id."""
     t = max(1, int(length.max()))
     idx = start[:, None] + np.arange(t)[None, :]
     valid = np.arange(t)[None, :] < length[:, None]
@@ -70,8 +71,8 @@ class TrainBatches:
 
     def make(self, rows: np.ndarray) -> Batch:
         s, n = self.start[rows], self.length[rows]
-        x = _pad(self.items, s, n, self.pad_id)
-        y = _pad(self.items, s + 1, n, self.pad_id)
+        x = pad_windows(self.items, s, n, self.pad_id)
+        y = pad_windows(self.items, s + 1, n, self.pad_id)
         return Batch(torch.from_numpy(x), torch.from_numpy(y), int(n.sum()))
 
 
@@ -89,5 +90,5 @@ def eval_batches(data: SequenceData, split: str, max_len: int, batch_size: int, 
     users = users[np.argsort(length[users], kind="stable")]
     for i in range(0, len(users), batch_size):
         u = users[i : i + batch_size]
-        x = _pad(data.items, start[u], length[u], data.n_items)
+        x = pad_windows(data.items, start[u], length[u], data.n_items)
         yield u, torch.from_numpy(x), torch.from_numpy(length[u].astype(np.int64))
