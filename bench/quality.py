@@ -6,8 +6,11 @@ Per seed: FV-MLE once (it does not use semantic IDs), then AR-NTP and the parall
 tokenizer (RQ-KMeans with the config's levels, and OPQ with `--parallel-levels` sub-spaces, on the
 config's item embeddings). Test metrics with exact ranking (and beam
 20 for AR), mean ± std over seeds, wall time, hardware and commit go to
-bench/results/quality-<dataset>.json and .md. Hyper-parameters come from configs/<dataset>.yaml,
-which were chosen on the validation split only.
+bench/results/quality-<dataset>.json and .md (the .md rendered by bench.tables). Each run also
+records the machine that trained it (`env` per run), since runs of one result may be spread over
+machines and the file's own `env` is the machine that aggregated them. Hyper-parameters come from
+configs/<dataset>.yaml, which were chosen on the validation split only. Headline results stay in
+bench/results/; one-off ablations belong in bench/results/archive/ (`--results-dir`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, ROOT, write_result
+from bench.common import RESULTS, ROOT, environment, write_result
+from bench.tables import quality_markdown
 from sidrec import io
 from sidrec.config import load_config, resolve_path
 from sidrec.data import SequenceData, prepare, read
@@ -31,11 +35,6 @@ from sidrec.run import RunDir
 
 DATASETS = ("beauty", "sports", "yelp", "ml-100k")  # configs/<name>.yaml says where the data is
 KEYS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr")
-ANCHORS = {
-    "beauty": {"TIGER (published)": (0.0648, 0.0384), "ActionPiece (published)": (0.0775, 0.0424),
-               "RPG (published)": (None, 0.0464)},
-    "sports": {"TIGER (published)": (0.0400, 0.0225), "ActionPiece (published)": (0.0500, 0.0264)},
-}
 
 
 def prepared(dataset: str, cfg: dict, work: Path, max_users: int | None) -> SequenceData:
@@ -82,7 +81,9 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
                 run_dir = runs_root / f"seed{seed}" / name.replace("/", "-")
                 wall = trained(head_config(cfg, head), data, cb, run_dir)
                 seed_wall += wall
-                rec = {"seed": seed, "wall_s": wall, **records(io.read_json(run_dir / "eval.json"), ""),
+                made_on = io.read_json(run_dir / "bench.json").get("env")  # None: trained before runs kept it
+                rec = {"seed": seed, "wall_s": wall, "env": made_on,
+                       **records(io.read_json(run_dir / "eval.json"), ""),
                        **records(io.read_json(run_dir / "eval-seen-excluded.json"), "_seen_excluded")}
                 rows.setdefault(name, []).append(rec)
         walls.append(round(seed_wall, 1))
@@ -91,7 +92,7 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
         result["parallel_levels"] = parallel_levels if set(tokenizers) & {"pq", "opq"} else None
         if only_seed is None:  # one seed of a split-up run: the final call without it aggregates
             write_result(name_out, result, results_dir)  # after every seed: partial results survive
-            io.write_text(results_dir / f"{name_out}.md", markdown(result))
+            io.write_text(results_dir / f"{name_out}.md", quality_markdown(result))
     return result
 
 
@@ -113,7 +114,8 @@ def trained(hc: dict, data: SequenceData, cb, run_dir: Path) -> float:
     """Train and evaluate (both protocols) one run; a finished run is reused only if it was made
     from these very inputs (its fingerprint, `sidrec.run`; runs recorded before fingerprints: the
     config in bench.json), otherwise it is trained again from scratch. Returns the run's wall time
-    (training + both evaluations), as measured when it was made (for a resumed run: since the resume)."""
+    (training + both evaluations), as measured when it was made (for a resumed run: since the resume);
+    bench.json also keeps the environment (machine, commit) the run was trained in."""
     want = {k: v for k, v in hc.items() if not k.startswith("_")}
     bench_file = run_dir / "bench.json"
     made = io.read_json(bench_file) if bench_file.exists() else {}
@@ -128,7 +130,7 @@ def trained(hc: dict, data: SequenceData, cb, run_dir: Path) -> float:
     for excl in (False, True):
         evaluate_run(run_dir, beam=20, data=data, exclude_seen=excl)
     wall = round(time.perf_counter() - t, 1)
-    io.write_json(bench_file, {"config": want, "wall_s": wall})
+    io.write_json(bench_file, {"config": want, "wall_s": wall, "env": environment()})
     return wall
 
 
@@ -184,38 +186,6 @@ def compare(summary: dict, tokenizers: list[str]) -> dict:
     return out
 
 
-def markdown(r: dict) -> str:
-    def cell(s, mode, k):
-        m = s.get(mode, {}).get(k)
-        return f"{m['mean']:.4f} ± {m['std']:.4f}" if m else "—"
-
-    lines = [f"Test split, full ranking, {r['users']:,} users, {r['items']:,} items, mean ± std over "
-             f"{r['seeds']} seed(s); wall time per seed (sum of its runs): {r['wall_seconds_per_seed']} s; per run (train + both "
-             "evaluations, mean over seeds): " + ", ".join(f"{n} {s['wall_s']:.0f} s" for n, s in r["summary"].items()
-                                                              if "wall_s" in s) + ".", "",
-             "| model | decode | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | valid NDCG@10 |",
-             "|---|---|---|---|---|---|---|"]
-    protocols = [("", ""), ("_seen_excluded", ", seen excluded")]
-    if r["config"]["eval"]["exclude_seen"]:  # the protocol the config selects checkpoints on comes first
-        protocols.reverse()
-    for sfx, note in protocols:
-        for name, s in r["summary"].items():
-            for mode in ("exact", "beam"):
-                if mode + sfx in s:
-                    label = {"fv": "FV-MLE (SASRec-style, full softmax)"}.get(
-                        name, name.replace("ar/", "AR-NTP / ").replace("parallel/", "Parallel / "))
-                    if name.endswith(("/pq", "/opq")) and r.get("parallel_levels"):
-                        label += f" ({r['parallel_levels']} sub-spaces)"
-                    valid = cell(s, "valid_exact" + sfx, "ndcg@10") if mode == "exact" else "—"
-                    lines.append(f"| {label} | {mode}{' 20' if mode == 'beam' else ''}{note} | " + " | ".join(
-                        cell(s, mode + sfx, k) for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20"))
-                        + f" | {valid} |")
-    for name, (rec, ndcg) in ANCHORS.get(r["dataset"], {}).items():
-        lines.append(f"| {name} | — | {rec if rec else '—'} | {ndcg} | — | — | — |")
-    lines += ["", "Relative differences: " + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in r["comparisons"].items())]
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="beauty", choices=DATASETS)
@@ -242,7 +212,7 @@ def main() -> None:
     except UserError as e:  # a bad --set, a code too short for the catalogue, ...: one line, exit 2
         print(f"bench.quality: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(markdown(r))
+    print(quality_markdown(r))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ For each catalog size N (synthetic clustered item embeddings, d=64):
 - inference on a batch of 256 users: FV exact full scoring + top-10, AR beam-20 top-10, AR exact
   all-item scoring + top-10; median latency per user.
 Each measurement runs in a fresh subprocess (clean peak-RSS, capped address space). Results:
-bench/results/scale.json, scale.md and scale.png. On a GPU the same code reports absolute times.
+bench/results/scale.json, scale.md (rendered by bench.tables) and scale.png. On a GPU the same code
+reports absolute times.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from bench.common import RESULTS, write_result
+from bench.tables import measured as _get, scale_table
 
 D = 64
 TARGETS = 2048
@@ -176,11 +178,6 @@ def main() -> None:
     write_markdown_and_plot(rows, summary, out_dir)
 
 
-def _get(row, key, field):
-    v = row.get(key, {})
-    return v.get(field) if "error" not in v else None
-
-
 def summarise(rows: list[dict]) -> dict:
     s = {}
     for r in rows:
@@ -206,33 +203,10 @@ def summarise(rows: list[dict]) -> dict:
     return s
 
 
-def _fmt(v, unit=""):
-    if v is None:
-        return "—"
-    return f"{v:.3g}{unit}"
-
-
 def write_markdown_and_plot(rows: list[dict], summary: dict, out_dir: Path) -> None:
     from sidrec import io
 
-    lines = ["| N | FV naive step | FV streamed step | AR step | AR speed-up | FV params | AR params | "
-             "FV exact /user | AR beam-20 /user | AR exact /user | tokenizer fit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        def cell(key, field):
-            v = r.get(key, {})
-            return "OOM" if "OOM" in str(v.get("error", "")) else ("error" if "error" in v else _fmt(v.get(field), " s"))
-
-        per_user = lambda key, field: _fmt(_get(r, key, field) / INFER_BATCH * 1e3, " ms") \
-            if _get(r, key, field) else "—"  # noqa: E731
-        sm = summary[str(r["n"])]
-        lines.append(
-            f"| {r['n']:,} | {cell('train_fv-naive', 'step_seconds')} | {cell('train_fv-chunked', 'step_seconds')} | "
-            f"{cell('train_ar', 'step_seconds')} | {_fmt(sm['train_speedup_ar_vs_best_fv'], '×')} | "
-            f"{_get(r, 'train_fv-chunked', 'output_parameters'):,} | {_get(r, 'train_ar', 'output_parameters'):,} | "
-            f"{per_user('infer_fv', 'exact_seconds')} | {per_user('infer_ar', 'beam20_seconds')} | "
-            f"{per_user('infer_ar', 'exact_seconds')} | {r['tokenizer_fit_seconds']} s |")
-    io.write_text(out_dir / "scale.md", "\n".join(lines) + "\n")
+    io.write_text(out_dir / "scale.md", scale_table({"rows": rows, "summary": summary, "infer_batch": INFER_BATCH}))
     import matplotlib
 
     matplotlib.use("Agg")

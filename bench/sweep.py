@@ -1,13 +1,15 @@
 """Validation sweep: many one-seed `bench.quality` variants, run side by side, ranked on validation.
 
-    python -m bench.sweep bench/sweeps/beauty.yaml --jobs 8
+    python -m bench.sweep bench/sweeps/beauty-backbone.yaml --jobs 2
 
 The YAML names the dataset, the seed and a list of variants, each a `bench.quality` call:
 `{tag, heads, tokenizers, set: [key=value, ...], parallel_levels}`. Variants run as separate processes (`--jobs` at
 a time: one per core pair on a CPU, several per GPU); a finished variant is reused (bench.quality
 reuses any run whose config is unchanged), so a killed sweep resumes. The ranking uses the
 validation NDCG@10 under the config's protocol only; test metrics are listed beside it for the
-record, never used to choose. Writes bench/results/sweep-<name>.{json,md}.
+record, never used to choose. Writes bench/results/archive/sweep-<name>.{json,md}, next to the
+variants' quality-<dataset>-<tag>.{json,md}: sweeps are the evidence behind docs/experiments.md, not
+headline results (bench/results/ holds only those).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import RESULTS, ROOT, write_result
+from bench.common import ARCHIVE, ROOT, write_result
+from bench.tables import sweep_table
 from sidrec import io
 
 
@@ -64,17 +67,6 @@ def rows(dataset: str, variants: list[dict], results: Path, failed: set[str] = f
     return sorted(out, key=lambda x: (x["model"], -(x["valid_ndcg@10"] or 0)))
 
 
-def markdown(rs: list[dict]) -> str:
-    lines = ["| model | variant | overrides | valid NDCG@10 | test R@10 | test NDCG@10 | beam-20 NDCG@10 | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
-    f = lambda x: f"{x:.4f}" if isinstance(x, float) else "—"  # noqa: E731
-    for r in rs:
-        lines.append(f"| {r['model']} | {r['tag']} | {' '.join(r['set']) or '(config)'} | {f(r['valid_ndcg@10'])} | "
-                     f"{f(r['test_recall@10'])} | {f(r['test_ndcg@10'])} | {f(r['beam_ndcg@10'])} | "
-                     f"{r['wall_s'] or '—'} |")
-    return "\n".join(lines) + "\n"
-
-
 def prepare_once(spec: dict, out_root: Path) -> None:
     """Prepare the dataset before the variants start: parallel processes would all build (and
     replace) the same shared data directory at once."""
@@ -108,7 +100,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per variant (default: cores / jobs)")
     ap.add_argument("--only", default="", help="comma-separated tags to run (the table still lists all)")
     ap.add_argument("--out-root", default=str(ROOT / "bench" / "out"))
-    ap.add_argument("--results-dir", default=str(RESULTS))
+    ap.add_argument("--results-dir", default=str(ARCHIVE), help="where the variants' and the sweep's results go")
     a = ap.parse_args()
     spec = load_spec(a.spec)
     out_root, results = Path(a.out_root), Path(a.results_dir)
@@ -126,8 +118,8 @@ def main() -> None:
     name = f"sweep-{Path(a.spec).stem}"
     rs = rows(spec["dataset"], spec["variants"], results, failed)
     write_result(name, {"spec": spec, "rows": rs}, results)
-    io.write_text(results / f"{name}.md", markdown(rs))
-    print(markdown(rs))
+    io.write_text(results / f"{name}.md", sweep_table(rs))
+    print(sweep_table(rs))
 
 
 if __name__ == "__main__":

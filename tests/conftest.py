@@ -7,6 +7,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SIDREC_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that read ../shared/data carry the `shared` marker (those using the Beauty fixture get it
+    here) and are skipped, with the reason counted in the summary, when it is not beside the repo."""
+    for item in items:
+        if "beauty_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared)
+        if item.get_closest_marker("shared") and not SHARED.is_dir():
+            item.add_marker(pytest.mark.skip(reason=f"needs the shared datasets ({SHARED})"))
+
+
 def shared(rel: str) -> Path:
     p = SHARED / rel
     if not p.exists():

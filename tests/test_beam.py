@@ -78,3 +78,53 @@ def test_unconstrained_beam_reports_invalid_ids():
     assert (r.items < 0).any()
     rc = beam_search(head, torch.randn(20, 8, dtype=torch.float64), beam=10, k=5, constrained=True)
     assert rc.n_invalid == 0 and (rc.items >= 0).all()
+
+
+def _random_filter(rng, n_items, rows):
+    """Per row: maybe an allow list, maybe excluded items (a history or a deny list)."""
+    from sidrec.decode import ItemFilter
+
+    allow = [None if rng.random() < 0.5 else rng.choice(n_items, rng.integers(0, n_items + 1), replace=False)
+             for _ in range(rows)]
+    excl = [rng.choice(n_items, rng.integers(0, n_items + 1), replace=False) for _ in range(rows)]
+    return ItemFilter.build(n_items, rows, exclude=excl, allow=allow), allow, excl
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 50), beam=st.integers(1, 12),
+       sizes=st.sampled_from([[4, 4], [3, 5, 2], [8, 2, 3], [2, 2, 2, 2]]), iv=st.booleans())
+def test_filtered_beam_returns_only_allowed_items_and_k_when_k_allowed(seed, n, beam, sizes, iv):
+    """Allow/deny/seen filters act inside the search: only allowed items, min(k, #allowed) of them,
+    each with its exact (unfiltered) log Q."""
+    rng = np.random.default_rng(seed)
+    codes = _random_codes(rng, n, sizes)
+    head = _head(codes, sizes, seed, item_vectors=iv)
+    h = torch.randn(6, 8, dtype=torch.float64)
+    filt, allow, excl = _random_filter(rng, len(codes), 6)
+    k = min(beam, len(codes))
+    r = beam_search(head, h, beam=beam, k=k, item_filter=filt)
+    full = head.log_prob_all(h).detach()
+    for row in range(6):
+        got = r.items[row].numpy()
+        ok = set(range(len(codes))) if allow[row] is None else set(allow[row].tolist())
+        ok -= set(excl[row].tolist())
+        assert set(got[got >= 0].tolist()) <= ok
+        assert (got >= 0).sum() == min(k, len(ok)) and len(ok) == filt.n_allowed()[row]
+        live = got >= 0
+        np.testing.assert_allclose(r.log_probs[row].numpy()[live], full[row, got[live]].numpy(), atol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 40), sizes=st.sampled_from([[4, 4], [3, 5, 2], [6, 7]]))
+def test_filtered_full_beam_equals_masked_exact_ranking(seed, n, sizes):
+    rng = np.random.default_rng(seed)
+    codes = _random_codes(rng, n, sizes)
+    head = _head(codes, sizes, seed)
+    h = torch.randn(5, 8, dtype=torch.float64)
+    filt, _, _ = _random_filter(rng, len(codes), 5)
+    k = len(codes)
+    r = beam_search(head, h, beam=int(np.prod(sizes)), k=k, item_filter=filt)
+    ex_v, ex_i = torch.topk(filt.mask_scores(head.log_prob_all(h).detach().clone()), k, dim=1)
+    np.testing.assert_allclose(r.log_probs.numpy(), ex_v.numpy(), atol=1e-9)
+    same = torch.isfinite(ex_v)
+    assert np.array_equal(np.sort(np.where(same, r.items, -1), 1), np.sort(np.where(same, ex_i, -1), 1))

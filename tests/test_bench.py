@@ -11,9 +11,13 @@ from .conftest import SHARED
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The benchmarks read the real Beauty file (configs/beauty.yaml -> ../shared/data): without it they skip.
-needs_beauty = pytest.mark.skipif(not (SHARED / "amazon-beauty/s3rec/Beauty.txt").exists() or
-                                  not (ROOT.parent / "shared/data/amazon-beauty/s3rec/Beauty.txt").exists(),
-                                  reason="shared dataset missing: amazon-beauty (../shared/data)")
+_skip = pytest.mark.skipif(not (SHARED / "amazon-beauty/s3rec/Beauty.txt").exists() or
+                           not (ROOT.parent / "shared/data/amazon-beauty/s3rec/Beauty.txt").exists(),
+                           reason="shared dataset missing: amazon-beauty (../shared/data)")
+
+
+def needs_beauty(test):
+    return pytest.mark.shared(_skip(test))
 
 
 def _run(args, tmp_path):

@@ -115,6 +115,7 @@ def test_evaluate_beam_on_fv_run_is_user_error(synthetic_run, capsys):
     assert "beam search needs an AR-NTP run" in capsys.readouterr().err
 
 
+@pytest.mark.shared
 def test_movielens_prepare_tokenize_train_evaluate(tmp_path, capsys):
     data = tmp_path / "ml"
     assert main(["data", "prepare", "--format", "ml-100k", "--path", str(shared("movielens-100k/raw/u.data")),

@@ -13,6 +13,7 @@ from sidrec.data.readers import read_csv
 from .conftest import shared
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize(
     "name,path,meta,counts",
     [
@@ -46,6 +47,7 @@ def test_beauty_sequences_keep_file_order(beauty_data):
     assert list(raw[beauty_data.sequence(u)]) == first[1:]
 
 
+@pytest.mark.shared
 def test_movielens_100k_raw_and_recbole_agree():
     raw = prepare(read("ml-100k", shared("movielens-100k/raw/u.data"), shared("movielens-100k/raw/u.item")), kcore_k=0)
     rb = prepare(read("recbole", shared("movielens-100k/recbole/ml-100k.inter"),

@@ -156,62 +156,90 @@ class Recommender:
 
     # -- using it ----------------------------------------------------------------------------
     def recommend(self, histories: list[list[str]], k: int = 10, *, decode: str = "exact", beam: int = 20,
-                  exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                  exclude_seen: bool = True, allow: list | None = None,
+                  deny: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k next items for each history of raw item ids (oldest first): (ids [B, k] raw item ids,
-        scores [B, k] log Q(item | history)); "" / -inf pad rows with fewer than k candidates.
+        scores [B, k] log Q(item | history)); "" / -inf pad rows with fewer than k allowed items.
         decode: "exact" ranks all items; "beam" is trie-constrained beam search (AR-NTP only).
-        exclude_seen: items of the history are never recommended."""
-        from sidrec.decode.beam import beam_search
-        from sidrec.pipeline import user_history
+        exclude_seen: items of the history are never recommended. allow / deny: one list of raw ids
+        per history (or None): only / never these items. All three act inside decoding, so k items
+        come back whenever k are allowed."""
+        self._fitted()
+        if not histories or any(not isinstance(h, (list, tuple)) or not h for h in histories):
+            raise UserError("histories must be a non-empty list of non-empty lists of item ids")
+        b = len(histories)
+        lists = {"allow": allow, "deny": deny}
+        for name, value in lists.items():
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != b or
+                                      any(x is not None and not isinstance(x, (list, tuple)) for x in value)):
+                raise UserError(f"{name} must be a list with one list of item ids (or None) per history")
+        hist = [self._indices(h, "histories") for h in histories]
+        allow_i = [None if a is None else self._indices(a, "allow") for a in allow] if allow is not None else None
+        deny_i = [None if d is None else self._indices(d, "deny") for d in deny] if deny is not None else None
+        idx, scores = self.recommend_indices(hist, k, decode=decode, beam=beam, exclude_seen=exclude_seen,
+                                             allow=allow_i, deny=deny_i)
+        ok = idx >= 0
+        return np.where(ok, self.raw_ids[np.where(ok, idx, 0)], ""), np.where(ok, scores, -np.inf)
+
+    @property
+    def raw_ids(self) -> np.ndarray:
+        """Raw item id of every internal item id."""
+        return self.data.raw_item_ids()
+
+    def item_index(self, raw: list[str] | np.ndarray) -> np.ndarray:
+        """Internal ids of raw item ids, -1 for ids the catalogue does not hold (one sorted lookup)."""
+        if getattr(self, "_sorted", None) is None or len(self._sorted[0]) != self.model.n_items:
+            order = np.argsort(self.raw_ids)
+            self._sorted = (self.raw_ids[order], order)
+        keys, order = self._sorted
+        raw = np.asarray(raw, dtype=str) if len(raw) else np.zeros(0, dtype=str)
+        pos = np.searchsorted(keys, raw).clip(max=len(keys) - 1)
+        return np.where(keys[pos] == raw, order[pos], -1) if len(raw) else np.zeros(0, np.int64)
+
+    def _indices(self, raw: list, what: str) -> np.ndarray:
+        idx = self.item_index([str(i) for i in raw])
+        if (idx < 0).any():
+            missing = [str(r) for r, i in zip(raw, idx) if i < 0]
+            raise UserError(f"{what}: unknown item id(s): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        return idx
+
+    def recommend_indices(self, histories: list[np.ndarray], k: int, *, decode: str = "exact", beam: int = 20,
+                          exclude_seen: bool = True, allow: list[np.ndarray | None] | None = None,
+                          deny: list[np.ndarray | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`recommend` on internal item ids (what the server batches): ([B, k] ids, -1 where fewer
+        than k items are allowed; [B, k] log Q, -inf there)."""
+        from sidrec.data.batching import pad_windows
+        from sidrec.decode import ItemFilter, beam_search
 
         self._fitted()
         if decode not in ("exact", "beam"):
             raise UserError(f"decode must be exact or beam, not {decode!r}")
         if decode == "beam" and not self.model.supports_beam:
             raise UserError(f"beam decoding needs an AR-NTP run; this run's head is {self.head}")
-        if not isinstance(k, int) or not 1 <= k <= self.model.n_items or not isinstance(beam, int) or beam < 1:
-            raise UserError(f"k must be in [1, {self.model.n_items}] and beam >= 1 (got k={k}, beam={beam})")
-        if not histories or any(not isinstance(h, (list, tuple)) or not h for h in histories):
-            raise UserError("histories must be a non-empty list of non-empty lists of item ids")
-        items, lengths, full = self._encode_histories([[str(i) for i in h] for h in histories], user_history)
-        with torch.no_grad():
-            h = self.model.encode(items, lengths)
-            seen = full if exclude_seen else None  # the whole history, not only the part the model reads
-            if decode == "exact":
-                s = self.model.head.log_prob_all(h)
-                if seen is not None:  # one padding column takes the padding ids' writes
-                    s = torch.cat([s, s.new_zeros(len(s), 1)], 1).scatter_(1, seen, float("-inf"))[:, :-1]
-                scores, idx = torch.topk(s, k, dim=1)
-            else:
-                extra = seen.shape[1] if exclude_seen else 0
-                r = beam_search(self.model.head, h, beam=max(beam, k + extra), k=min(k + extra, max(beam, k + extra)))
-                idx, scores = r.items, r.log_probs
-                if seen is not None:
-                    drop = (idx[:, :, None] == seen[:, None, :]).any(-1) | (idx < 0)
-                    order = torch.argsort(drop.to(torch.int8), dim=1, stable=True)
-                    idx, scores = torch.gather(idx, 1, order), torch.gather(scores, 1, order)
-                    dropped = torch.gather(drop, 1, order)
-                    idx, scores = idx.masked_fill(dropped, -1), scores.masked_fill(dropped, float("-inf"))
-                idx, scores = idx[:, :k], scores[:, :k]
-        idx, scores = idx.cpu().numpy(), scores.float().cpu().numpy()
-        ok = (idx >= 0) & np.isfinite(scores)
-        raw = self.data.raw_item_ids()
-        return np.where(ok, raw[np.where(ok, idx, 0)], ""), np.where(ok, scores, -np.inf)
-
-    def _encode_histories(self, histories: list[list[str]], user_history):
-        """(model input [B, T]: the most recent max_len internal ids of each history, right-padded with
-        n_items; their lengths [B]; every history in full [B, L], padded the same way)."""
-        from sidrec.data.batching import pad_windows
-
-        flat = user_history(self.data, [i for h in histories for i in h])  # one lookup for all users
-        counts = np.array([len(h) for h in histories])
+        n = self.model.n_items
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n or \
+                isinstance(beam, bool) or not isinstance(beam, (int, np.integer)) or beam < 1:
+            raise UserError(f"k must be in [1, {n}] and beam >= 1 (got k={k}, beam={beam})")
+        counts = np.array([len(h) for h in histories], dtype=np.int64)
+        flat = np.concatenate(histories).astype(np.int64)
         ends = np.cumsum(counts)
         lengths = np.minimum(counts, self.model.cfg.backbone.max_len)
-        recent = pad_windows(flat, ends - lengths, lengths, self.model.n_items)
-        full = pad_windows(flat, ends - counts, counts, self.model.n_items)
+        recent = pad_windows(flat, ends - lengths, lengths, n)  # the most recent max_len items
+        excl = [np.concatenate([h if exclude_seen else h[:0], d if d is not None else h[:0]])
+                for h, d in zip(histories, deny or [None] * len(histories))]
+        filt = ItemFilter.build(n, len(histories), exclude=excl, allow=allow)
         dev = self.device
-        return (torch.from_numpy(recent).to(dev), torch.from_numpy(lengths.astype(np.int64)).to(dev),
-                torch.from_numpy(full).to(dev))
+        with torch.no_grad():
+            h = self.model.encode(torch.from_numpy(recent).to(dev), torch.from_numpy(lengths).to(dev))
+            if decode == "exact":
+                s = filt.mask_scores(self.model.head.log_prob_all(h).contiguous())
+                scores, idx = torch.topk(s, int(k), dim=1)
+            else:
+                r = beam_search(self.model.head, h, beam=max(int(beam), int(k)), k=int(k), item_filter=filt)
+                idx, scores = r.items, r.log_probs
+        idx, scores = idx.cpu().numpy(), scores.float().cpu().numpy()
+        ok = (idx >= 0) & np.isfinite(scores)
+        return np.where(ok, idx, -1), np.where(ok, scores, -np.inf)
 
     def evaluate(self, splits=("valid", "test"), *, decode: str | None = None, beam: int = 20,
                  exclude_seen: bool | None = None, save: bool = True) -> dict:

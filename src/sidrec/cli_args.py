@@ -28,3 +28,19 @@ def one_char(text: str) -> str:
     if len(text) != 1:
         raise argparse.ArgumentTypeError(f"must be one character (or 'tab'), got {text!r}")
     return text
+
+
+def float_range(lo: float, hi: float):
+    """An argparse `type` accepting finite numbers in [lo, hi]."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not lo <= v <= hi:  # also false for nan
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {text}")
+        return v
+
+    parse.__name__ = "number"
+    return parse

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sidrec.cli_args import int_range
+from sidrec.cli_args import float_range, int_range
 
 
 def print_codebook(info: dict) -> None:
@@ -296,7 +296,9 @@ def cmd_compare(a: argparse.Namespace) -> None:
     res = compare_runs(a.run_a, a.run_b, split=a.split, exclude_seen=seen, batch_size=a.batch_size)
     print(format_comparison(res))
     if a.out:
-        io.write_json(Path(a.out), res)
+        from sidrec.run import environment
+
+        io.write_json(Path(a.out), {"env": environment(), "command": "sidrec compare " + " ".join(sys.argv[2:]), **res})
         print(f"wrote {a.out}")
 
 
@@ -394,3 +396,41 @@ def add_verify(sub) -> None:
 
 
 REGISTER.append(add_verify)
+
+
+# ----------------------------------------------------------------------------------------- serve
+def cmd_serve(a: argparse.Namespace) -> None:
+    from sidrec.serve import Batching, Limits, serve
+
+    serve(a.run, host=a.host, port=a.port, device=a.device, decode=a.decode, beam=a.beam, threads=a.threads,
+          batching=Batching(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue),
+          limits=Limits(max_history=a.max_history, max_k=a.max_k, max_body_bytes=a.max_body_kb * 1024))
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a trained run over HTTP (JSON; micro-batched decoding)",
+                       description="An HTTP JSON service: POST /recommend {history, k, exclude_seen, allow, deny}, "
+                       "POST /recommend/batch {requests: [...]}, GET /health, /info, /metrics (Prometheus). "
+                       "Concurrent requests are decoded together; filters act inside constrained decoding. "
+                       "SIGINT/SIGTERM finish the requests in flight, then exit.")
+    p.add_argument("run", help="trained run directory (AR-NTP, FV-MLE or parallel head)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int_range(0, 65535), default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--decode", choices=["exact", "beam"], default=None,
+                   help="default decoding (beam for AR-NTP runs, exact otherwise); a request may choose its own")
+    p.add_argument("--beam", type=int_range(1, 512), default=20, help="default beam width (default 20)")
+    p.add_argument("--max-batch", type=int_range(1, 4096), default=64,
+                   help="users decoded in one batched call (default 64; 1: one request per call)")
+    p.add_argument("--max-wait-ms", type=float_range(0, 1000), default=2.0,
+                   help="under concurrent load, how long a batch may wait to fill (default 2 ms)")
+    p.add_argument("--max-queue", type=int_range(1), default=1024,
+                   help="requests waiting for the decoder before new ones get 503 (default 1024)")
+    p.add_argument("--max-history", type=int_range(1), default=2000, help="items per history (default 2000)")
+    p.add_argument("--max-k", type=int_range(1), default=1000, help="largest k a request may ask for (default 1000)")
+    p.add_argument("--max-body-kb", type=int_range(1), default=4096, help="largest request body (default 4096 KiB)")
+    p.add_argument("--threads", type=int_range(1), default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to decode")
+    p.set_defaults(func=cmd_serve)
+
+
+REGISTER.append(add_serve)

@@ -314,14 +314,3 @@ def _head_stage(cfg: dict, head: str, data: SequenceData, codebook: Codebook | N
                           batch_size=ev_cfg["batch_size"], data=data)
     return ev
 
-
-def user_history(data: SequenceData, raw_items: list[str]) -> np.ndarray:
-    """Map raw item ids to internal ids; unknown ids are a user error listing them."""
-    raw = data.raw_item_ids()
-    order = np.argsort(raw)
-    pos = np.searchsorted(raw[order], raw_items).clip(max=len(raw) - 1)
-    found = raw[order][pos] == np.asarray(raw_items)
-    if not found.all():
-        missing = [r for r, f in zip(raw_items, found) if not f]
-        raise UserError(f"unknown item id(s): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-    return order[pos]

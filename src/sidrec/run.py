@@ -189,9 +189,29 @@ def _commit() -> str | None:
     try:
         r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                            capture_output=True, text=True, timeout=5)
-        return r.stdout.strip() or None
+        commit = r.stdout.strip()
+        if not commit:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)src", ":(top)bench",
+                                ":(top)configs", ":(top,exclude)bench/results"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+        return commit + ("+uncommitted" if dirty else "")  # the code that ran is not exactly that commit
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def environment() -> dict:
+    """The commit and machine a result was produced on (written into every result file)."""
+    import os
+    import platform
+    import time
+
+    return {
+        "commit": _commit(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(),
+        "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 # --------------------------------------------------------------------------------------- the run

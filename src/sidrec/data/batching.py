@@ -1,7 +1,7 @@
 """Batching: bucketed training batches (little padding) and padded evaluation histories.
 
-Real sequences are short (Beauty: mean 8.9) while max_len is 50: padding every sequence to
-max_len wastes most of the compute. Training users are sorted by length (with a seeded jitter
+Real histories are usually far shorter than max_len (`sidrec data stats` prints their lengths):
+padding every sequence to max_len wastes most of the compute. Training users are sorted by length (with a seeded jitter
 so batches differ between epochs), cut into batches, and the batch order is shuffled; each
 batch is padded only to its own longest sequence.
 """

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sidrec.decode.filters import ItemFilter
+
 
 @dataclass
 class BeamResult:
@@ -21,14 +23,19 @@ class BeamResult:
 
 
 @torch.no_grad()
-def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained: bool | None = None) -> BeamResult:
+def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained: bool | None = None,
+                item_filter: ItemFilter | None = None) -> BeamResult:
     """Top-k items by beam search (beam width `beam` >= k).
 
     `constrained=None` follows the head's own normalisation. In constrained mode every returned
     ID is a valid item; unconstrained mode can generate invalid IDs and counts them.
+    `item_filter` (constrained mode): per-row allow/deny/seen restrictions, applied by masking trie
+    nodes with no allowed item below, so min(k, #allowed) allowed items come back.
     """
     if k > beam:
         raise ValueError(f"k={k} needs a beam of at least k (got {beam})")
+    if item_filter is not None and not item_filter.empty and not (head.constrained if constrained is None else constrained):
+        raise ValueError("item filters need constrained decoding")
     trie = head.trie
     cons = head.constrained if constrained is None else constrained
     b, dev = h.shape[0], h.device
@@ -47,6 +54,11 @@ def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained:
             mask[live] = trie.valid_mask(j, flat_nodes[live])
             s = s.masked_fill(~mask, float("-inf"))
         lp = torch.log_softmax(s, -1).nan_to_num(nan=float("-inf"))  # dead beams: all -inf
+        if item_filter is not None and not item_filter.empty:  # after normalising: scores stay log Q
+            keep = torch.zeros_like(lp, dtype=torch.bool)
+            rows = torch.arange(b, device=dev).repeat_interleave(w)
+            keep[live] = item_filter.valid_mask(trie, j, flat_nodes[live], rows[live])
+            lp = lp.masked_fill(~keep, float("-inf"))
         total = (logp.reshape(-1, 1) + lp).reshape(b, w * v)
         top_lp, top_i = torch.topk(total, min(beam, w * v), dim=1)
         parent_beam, tok = top_i // v, top_i % v

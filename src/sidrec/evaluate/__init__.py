@@ -8,6 +8,7 @@ import torch
 from sidrec.data.batching import eval_batches
 from sidrec.data.prepare import SequenceData
 from sidrec.decode.beam import beam_search
+from sidrec.decode.filters import ItemFilter
 from sidrec.decode.exact import exact_scores
 from sidrec.evaluate.metrics import metrics_from_ranks, ranks_in_lists
 
@@ -73,14 +74,13 @@ def evaluate_split(
                 lists.append(torch.topk(s, min(LIST_K, s.shape[1]), dim=1).indices.cpu().numpy())
             ranks.append(r.cpu().numpy())
         else:
-            res = beam_search(head, h, beam=beam, k=min(beam, LIST_K + (items.shape[1] if exclude_seen else 0)))
+            filt = None
+            if exclude_seen:  # seen items are masked inside the search, as `recommend` and the server do
+                hist = items.cpu().numpy()
+                filt = ItemFilter.build(data.n_items, len(hist), exclude=[r[r < data.n_items] for r in hist])
+            res = beam_search(head, h, beam=beam, k=min(beam, LIST_K), item_filter=filt)
             n_invalid += res.n_invalid
             top = res.items
-            if exclude_seen:
-                seen = (top[:, :, None] == items[:, None, :]).any(-1) | (top < 0)
-                order_k = torch.argsort(seen.to(torch.int8), dim=1, stable=True)
-                top = torch.where(torch.gather(seen, 1, order_k), -1, torch.gather(top, 1, order_k))
-            top = top[:, :LIST_K]
             ranks.append(ranks_in_lists(top.cpu().numpy(), tgt.cpu().numpy()))
             lists.append(top.cpu().numpy())
         order.append(u)

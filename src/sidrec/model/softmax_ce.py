@@ -4,7 +4,7 @@
 
 - chunk_size=None: one [n, N] buffer. Forward turns the logits into probabilities in place and
   keeps them; backward turns them into the logit gradient in place (softmax - onehot) and runs
-  the two GEMMs. Fewer passes over the big matrix than log_softmax + nll_loss (~25% faster here).
+  the two GEMMs. Fewer passes over the big matrix than log_softmax + nll_loss.
 - chunk_size=C: the memory-efficient variant (for catalogs of 10^6+ items). Forward streams item
   chunks with an online logsumexp; backward recomputes each chunk's logits. Peak extra memory is
   O(n * C) instead of O(n * N), for one more GEMM.

@@ -1,0 +1,384 @@
+"""Markdown tables rendered from the result JSON files, so a table in the docs cannot drift from its file.
+
+    python -m bench.tables           # rewrite every marked region, and each bench/results/NAME.md
+    python -m bench.tables --check   # write nothing; exit 1 naming each table that differs
+
+A marked region in README.md or docs/*.md is
+
+    <!-- table: NAME -->
+    ...generated...
+    <!-- /table -->
+
+where NAME is a result file's stem (bench/results/NAME.json, else bench/results/archive/NAME.json) or
+`headline` (the README's datasets x models table). The stem's prefix picks the renderer. Every region
+ends with a source line (file, commit, machine, date) taken from the file itself, because a commit
+or machine typed by hand drifts as easily as a number. This is the only place result tables are
+rendered: bench.quality, bench.sweep and bench.scale import their .md renderers from here.
+Standard library only, so the check runs anywhere in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+REGION = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+#: Published rows (Recall@10, NDCG@10 on the test split), copied from the papers, not re-run here:
+#: TIGER: Rajput et al., "Recommender Systems with Generative Retrieval", NeurIPS 2023;
+#: ActionPiece: Hou et al., "ActionPiece: Contextually Tokenizing Action Sequences for Generative
+#: Recommendation", ICML 2025; RPG: Hou et al., "Generating Long Semantic IDs in Parallel for
+#: Recommendation", KDD 2025 (its Recall@10 is not carried here).
+PUBLISHED: dict[str, dict[str, tuple[float | None, float]]] = {
+    "beauty": {"TIGER (published)": (0.0648, 0.0384), "ActionPiece (published)": (0.0775, 0.0424),
+               "RPG (published)": (None, 0.0464)},
+    "sports": {"TIGER (published)": (0.0400, 0.0225), "ActionPiece (published)": (0.0500, 0.0264)},
+}
+HEADLINE = ("quality-beauty", "quality-sports", "quality-yelp")
+
+
+def load(name: str) -> tuple[Path, dict]:
+    """A result file by stem: the curated top level first, then the archive."""
+    for path in (RESULTS / f"{name}.json", RESULTS / "archive" / f"{name}.json"):
+        if path.exists():
+            return path, json.loads(path.read_text())
+    raise KeyError(f"no result file bench/results/{name}.json or bench/results/archive/{name}.json")
+
+
+def machine(env: dict | None) -> str:
+    """One phrase for the machine a file's `env` describes (the process that wrote the file)."""
+    if not env:
+        return "no commit or machine recorded"
+    dev = env.get("cuda") or "CPU only"
+    return f"commit `{env.get('commit') or '?'}`, {dev}, {env.get('cpu_count')} cores, torch {env.get('torch')}, " \
+           f"{str(env.get('date', '?'))[:10]}"
+
+
+def source(path: Path, r: dict) -> str:
+    """The generated provenance line under every table. Results made before runs recorded their own
+    machine carry only the machine that wrote (aggregated) the file; the docs say so where it matters."""
+    line = f"Source: `{path.relative_to(ROOT)}`; {machine(r.get('env'))}."
+    runs = r.get("runs") if r.get("summary") else None  # bench.quality: {model: [one record per seed]}
+    run_envs = [rec.get("env") for recs in (runs or {}).values() for rec in recs]
+    if run_envs and all(run_envs):
+        devs = sorted({e.get("cuda") or "CPU" for e in run_envs})
+        line += f" Runs trained on: {', '.join(devs)}."
+    return line
+
+
+# ---- quality (bench.quality) ------------------------------------------------------------------------
+
+def pub(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def cell(s: dict, mode: str, k: str, std: bool = True) -> str:
+    """'mean ± std' of one metric over seeds ('mean' alone for one seed in the docs' view)."""
+    m = s.get(mode, {}).get(k)
+    return "—" if not m else f"{m['mean']:.4f} ± {m['std']:.4f}" if std else f"{m['mean']:.4f}"
+
+
+def quality_markdown(r: dict) -> str:
+    """bench/results/quality-*.md: every model, decode and protocol of one bench.quality result."""
+    walls = ", ".join(f"{n} {s['wall_s']:.0f} s" for n, s in r["summary"].items() if "wall_s" in s)
+    lines = [f"Test split, full ranking, {r['users']:,} users, {r['items']:,} items, mean ± std over "
+             f"{r['seeds']} seed(s); wall time per seed (sum of its runs): {r['wall_seconds_per_seed']} s; "
+             f"per run (train + both evaluations, mean over seeds): {walls}.", "",
+             "| model | decode | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 | valid NDCG@10 |",
+             "|---|---|---|---|---|---|---|"]
+    protocols = [("", ""), ("_seen_excluded", ", seen excluded")]
+    if r["config"]["eval"]["exclude_seen"]:  # the protocol the config selects checkpoints on comes first
+        protocols.reverse()
+    for sfx, note in protocols:
+        for name, s in r["summary"].items():
+            for mode in ("exact", "beam"):
+                if mode + sfx in s:
+                    label = {"fv": "FV-MLE (SASRec-style, full softmax)"}.get(
+                        name, name.replace("ar/", "AR-NTP / ").replace("parallel/", "Parallel / "))
+                    if name.endswith(("/pq", "/opq")) and r.get("parallel_levels"):
+                        label += f" ({r['parallel_levels']} sub-spaces)"
+                    valid = cell(s, "valid_exact" + sfx, "ndcg@10") if mode == "exact" else "—"
+                    lines.append(f"| {label} | {mode}{' 20' if mode == 'beam' else ''}{note} | " + " | ".join(
+                        cell(s, mode + sfx, k) for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20"))
+                        + f" | {valid} |")
+    for name, (rec, ndcg) in PUBLISHED.get(r["dataset"], {}).items():
+        lines.append(f"| {name} | — | {rec if rec else '—'} | {ndcg} | — | — | — |")
+    lines += ["", "Relative differences: " + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in r["comparisons"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def model_label(name: str, r: dict) -> str:
+    """'ar/opq' -> 'AR-NTP, OPQ 4×256'. Results written before --parallel-levels existed have no
+    `parallel_levels`: their PQ/OPQ codes had the 4 sub-spaces bench.quality then hard-coded."""
+    head, _, tok = name.partition("/")
+    tc = r["config"]["tokenizer"]
+    levels = (r.get("parallel_levels") or 4) if tok in ("pq", "opq") else tc["levels"]
+    heads = {"fv": "FV-MLE", "ar": "AR-NTP", "parallel": "Parallel head", "ar-unconstrained": "AR-NTP, unconstrained"}
+    toks = {"rq-kmeans": "RQ-KMeans", "rq-kmeans-balanced": "balanced RQ-KMeans", "opq": "OPQ", "pq": "PQ",
+            "rq-vae": "RQ-VAE"}
+    return heads.get(head, head) + (f", {toks.get(tok, tok)} {levels}×{tc['codebook_size']}" if tok else "")
+
+
+def quality_table(path: Path, r: dict) -> str:
+    """The docs' view of a bench.quality result: exact ranking under both protocols (the config's
+    first), NDCG@10 relative to FV-MLE, beam-20 NDCG@10, the validation score, and published rows."""
+    lines = ["| model | seen items | Recall@10 | NDCG@10 | vs FV-MLE | beam 20 NDCG@10 | valid NDCG@10 |",
+             "|---|---|---|---|---|---|---|"]
+    protocols = [("_seen_excluded", "excluded"), ("", "kept")]
+    if not r["config"]["eval"]["exclude_seen"]:
+        protocols.reverse()
+    for sfx, note in protocols:
+        fv = r["summary"].get("fv", {}).get("exact" + sfx, {}).get("ndcg@10", {}).get("mean")
+        for name, s in r["summary"].items():
+            if "exact" + sfx not in s:
+                continue
+            ndcg = s["exact" + sfx]["ndcg@10"]["mean"]
+            gap = f"{100 * (ndcg - fv) / fv:+.1f}%" if fv and name != "fv" else "—"
+            beam = s.get("beam" + sfx, {}).get("ndcg@10", {}).get("mean")
+            std = r["seeds"] > 1
+            lines.append(f"| {model_label(name, r)} | {note} | {cell(s, 'exact' + sfx, 'recall@10', std)} | "
+                         f"{cell(s, 'exact' + sfx, 'ndcg@10', std)} | {gap} | {f'{beam:.4f}' if beam else '—'} | "
+                         f"{cell(s, 'valid_exact' + sfx, 'ndcg@10', std)} |")
+    for name, (rec, ndcg) in PUBLISHED.get(r["dataset"], {}).items():
+        lines.append(f"| {name} | — | {pub(rec)} | {pub(ndcg)} | | | |")
+    seeds = f"mean ± std over {r['seeds']} seeds" if r["seeds"] > 1 else "one seed"
+    head = f"Test split, full ranking over {r['items']:,} items, {r['users']:,} users, {seeds}; exact ranking."
+    return "\n".join([head, "", *lines, "", source(path, r)])
+
+
+def headline(names: tuple[str, ...] = HEADLINE) -> str:
+    """README's table: Recall@10 / NDCG@10 per dataset, the config's protocol, exact ranking."""
+    files = [load(n) for n in names]
+    datasets = [r["dataset"] for _, r in files]
+    lines = ["| model | " + " | ".join(d.capitalize() for d in datasets) + " |", "|---|" + "---|" * len(files)]
+    rows = (("fv", "FV-MLE (full softmax, same backbone)"), ("ar/rq-kmeans", "**AR-NTP, RQ-KMeans 3×256**"))
+    for name, label in rows:
+        cells = []
+        for _, r in files:
+            s = r["summary"][name]["exact" + ("_seen_excluded" if r["config"]["eval"]["exclude_seen"] else "")]
+            cells.append(f"{s['recall@10']['mean']:.4f} / {s['ndcg@10']['mean']:.4f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for name in dict.fromkeys(k for d in datasets for k in PUBLISHED.get(d, {})):
+        vals = [PUBLISHED.get(d, {}).get(name) for d in datasets]
+        lines.append(f"| {name} | " + " | ".join(f"{pub(v[0])} / {pub(v[1])}" if v else "—" for v in vals) + " |")
+    protocol = {"seen items excluded" if r["config"]["eval"]["exclude_seen"] else "seen items kept" for _, r in files}
+    seeds = {str(r["seeds"]) for _, r in files}
+    src = "; ".join(f"`{p.relative_to(ROOT)}` ({(r.get('env') or {}).get('commit') or 'no commit'})" for p, r in files)
+    return "\n".join([*lines, "", f"Test Recall@10 / NDCG@10, full ranking, exact, {' / '.join(sorted(protocol))}, "
+                                 f"mean of {' / '.join(sorted(seeds))} seeds. Source: {src}."])
+
+
+# ---- sweeps, comparisons, popularity --------------------------------------------------------------
+
+def sweep_table(rows: list[dict]) -> str:
+    """One line per (variant, model) of a bench.sweep, as ranked there (validation NDCG@10)."""
+    lines = ["| model | variant | overrides | valid NDCG@10 | test R@10 | test NDCG@10 | beam-20 NDCG@10 | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    f = lambda x: f"{x:.4f}" if isinstance(x, float) else "—"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['tag']} | {' '.join(r['set']) or '(config)'} | {f(r['valid_ndcg@10'])} | "
+                     f"{f(r['test_recall@10'])} | {f(r['test_ndcg@10'])} | {f(r['beam_ndcg@10'])} | "
+                     f"{r['wall_s'] or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def hybrid(key: str) -> str:
+    """'B2+A' (sidrec compare's key) -> "B's first 2 tokens, A's rest"."""
+    m = re.fullmatch(r"([AB])(\d+)\+([AB])", key)
+    if not m:
+        return key
+    first = "first token" if m[2] == "1" else f"first {m[2]} tokens"
+    return f"{m[1]}'s {first}, {m[3]}'s rest"
+
+
+def compare_table(path: Path, r: dict) -> str:
+    """`sidrec compare A B`: per-level NLL of both runs, then ranking by each run and each hybrid."""
+    levels = " / ".join(str(i + 1) for i in range(r["levels"]))
+    lines = [f"| {r['split']} split, {r['n_users']:,} users | NLL token {levels} | NLL total | Recall@10 | NDCG@10 |",
+             "|---|---|---|---|---|"]
+    names = {"A": f"A: `{r['runs']['A']}`", "B": f"B: `{r['runs']['B']}`", "ensemble": "mean of the two log Q"}
+    for key, m in r["ranking"].items():
+        nll = r["level_nll"].get(key)
+        per = " / ".join(f"{x:.3f}" for x in nll["per_level"]) if nll else ""
+        label = names.get(key) or hybrid(key)
+        total = f"{nll['total']:.3f}" if nll else ""
+        lines.append(f"| {label} | {per} | {total} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} |")
+    return "\n".join([*lines, "", source(path, r)])
+
+
+def popularity_table(path: Path, r: dict) -> str:
+    lines = ["| split | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 |", "|---|---|---|---|---|"]
+    for split in ("valid", "test"):
+        m = r[split]
+        lines.append(f"| {split} | " + " | ".join(f"{m[k]:.4f}" for k in ("recall@10", "ndcg@10", "recall@20",
+                                                                         "ndcg@20")) + " |")
+    return "\n".join([*lines, "", source(path, r)])
+
+
+# ---- speed, scale, tokenizers -----------------------------------------------------------------------
+
+def measured(row: dict, key: str, field: str):
+    """A field of one bench.scale measurement, or None when that measurement failed."""
+    v = row.get(key, {})
+    return v.get(field) if "error" not in v else None
+
+
+def _g(v, unit: str = "") -> str:
+    return "—" if v is None else f"{v:.3g}{unit}"
+
+
+def scale_table(r: dict) -> str:
+    """bench/results/scale.md (and the docs' scale table): one line per catalogue size."""
+    lines = ["| N | FV naive step | FV streamed step | AR step | AR speed-up | FV params | AR params | "
+             "FV exact /user | AR beam-20 /user | AR exact /user | tokenizer fit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    batch = r.get("infer_batch", 256)
+    for row in r["rows"]:
+        def step(key):
+            v = row.get(key, {})
+            return "OOM" if "OOM" in str(v.get("error", "")) else ("error" if "error" in v else
+                                                                   _g(v.get("step_seconds"), " s"))
+
+        def per_user(key, field):
+            v = measured(row, key, field)
+            return _g(v / batch * 1e3, " ms") if v else "—"
+
+        speedup = _g(r["summary"][str(row["n"])]["train_speedup_ar_vs_best_fv"], "×")
+        lines.append(
+            f"| {row['n']:,} | {step('train_fv-naive')} | {step('train_fv-chunked')} | {step('train_ar')} | "
+            f"{speedup} | {measured(row, 'train_fv-chunked', 'output_parameters'):,} | "
+            f"{measured(row, 'train_ar', 'output_parameters'):,} | {per_user('infer_fv', 'exact_seconds')} | "
+            f"{per_user('infer_ar', 'beam20_seconds')} | {per_user('infer_ar', 'exact_seconds')} | "
+            f"{row['tokenizer_fit_seconds']} s |")
+    return "\n".join(lines) + "\n"
+
+
+def tokenize_table(path: Path, r: dict) -> str:
+    lines = ["| data | method | codes | fit time | collisions before resolution | bijective after | "
+             "rel. reconstruction error | max items under a prefix |", "|---|---|---|---|---|---|---|---|"]
+    for x in r["results"]:
+        codes = " × ".join([str(x["codebook_size"])] * x["levels"])
+        lines.append(f"| {x['dataset']} | {x['method']} | {codes} | {x['seconds']} s | "
+                     f"{100 * x['collision_rate_before']:.1f}% | {'yes' if x['bijective'] else 'NO'} | "
+                     f"{x['reconstruction_error']:.3f} | {x['max_items_per_prefix']} |")
+    return "\n".join([*lines, "", source(path, r)])
+
+
+def train_speed_table(path: Path, r: dict) -> str:
+    s = r["summary"]
+    by = {(x["head"], x["bucketed"]): x for x in r["results"]}
+    lines = ["| head | epoch, length-bucketed batches | epoch, random batches | output-layer parameters |",
+             "|---|---|---|---|"]
+    for head, label in (("fv", "FV-MLE"), ("ar", "AR-NTP"), ("parallel", "Parallel")):
+        if (head, True) in by:
+            rnd = by.get((head, False))
+            random = f"{rnd['median_epoch_seconds']} s" if rnd else "—"
+            lines.append(f"| {label} | {by[head, True]['median_epoch_seconds']} s | {random} | "
+                         f"{by[head, True]['output_layer_parameters']:,} |")
+    note = (f"{s['dataset'].capitalize()}, {s['users']:,} users, {s['items']:,} items; d = {s['d_model']}, "
+            f"{s['layers']} layers, history {s['max_len']}, batch {s['batch_size']}; median epoch. AR-NTP / FV-MLE "
+            f"epoch-time ratio {s['ar_over_fv_epoch_ratio']}, peak RSS {s['peak_rss_gib']} GiB.")
+    return "\n".join([*lines, "", note, "", source(path, r)])
+
+
+def serve_table(r: dict) -> str:
+    """bench.serve: throughput and client-side latency per run, batching mode and concurrency."""
+    lines = ["| run | decode | micro-batching | concurrency | req/s | p50 ms | p95 ms | p99 ms | non-200 | "
+             "invalid | rows per call |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in r["load"]:
+        dec = f"beam {x['beam']}" if x["decode"] == "beam" else "exact"
+        lines.append(f"| {x['run']} | {dec} | {x['batching']} | {x['concurrency']} | {x['requests_per_s']:,.0f} | "
+                     f"{x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {x['non_200']} | {x['invalid_answers']} | "
+                     f"{x['rows_per_call']} |")
+    lines += ["", "| run | offline ceiling (in-process, batches of 256), users/s | micro-batching speed-up at the "
+              "highest concurrency |", "|---|---|---|"]
+    for name, o in r["offline"].items():
+        lines.append(f"| {name} ({o['decode']}) | {o['users_per_s']:,.0f} | "
+                     f"{r.get('speedup_batching', {}).get(name, '—')}× |")
+    return "\n".join(lines) + f"\n\n`{r['command']}`, k = {r['k']}; client: {r['settings']['client']}.\n"
+
+
+# ---- regions ------------------------------------------------------------------------------------
+
+def render(name: str) -> str:
+    """The body of the region `<!-- table: NAME -->` (without the markers)."""
+    if name == "headline":
+        return headline() + "\n"
+    path, r = load(name)
+    kind = name.split("-")[0]
+    if kind == "quality":
+        body = quality_table(path, r)
+    elif kind == "sweep":
+        body = sweep_table(r["rows"]) + "\n" + source(path, r)
+    elif kind in ("scale", "serve"):
+        body = {"scale": scale_table, "serve": serve_table}[kind](r) + "\n" + source(path, r)
+    elif kind in ("compare", "popularity", "tokenize", "train_speed"):
+        body = {"compare": compare_table, "popularity": popularity_table, "tokenize": tokenize_table,
+                "train_speed": train_speed_table}[kind](path, r)
+    else:
+        raise KeyError(f"no renderer for result file {name!r}")
+    return body.rstrip("\n") + "\n"
+
+
+def fill(text: str) -> tuple[str, list[str]]:
+    """The text with every marked region re-rendered, and the names of the regions that changed."""
+    changed = []
+
+    def sub(m: re.Match) -> str:
+        body = render(m["name"])
+        if body != m["body"]:
+            changed.append(m["name"])
+        return m.group(1) + body + m.group(4)
+
+    return REGION.sub(sub, text), changed
+
+
+#: The kept bench/results/NAME.md files and how each is rendered from NAME.json.
+MD = {"quality": quality_markdown, "scale": scale_table, "sweep": lambda r: sweep_table(r["rows"]), "serve": serve_table}
+
+
+def targets() -> list[tuple[Path, str, str]]:
+    """(file, what, rendered text) for every generated file and every doc holding a marked region."""
+    out = []
+    for md in sorted(RESULTS.glob("*.md")):
+        kind = md.stem.split("-")[0]
+        if kind in MD and md.with_suffix(".json").exists():
+            out.append((md, md.stem, MD[kind](json.loads(md.with_suffix(".json").read_text()))))
+    for doc in DOCS:
+        text = doc.read_text()
+        new, changed = fill(text)
+        out.append((doc, ", ".join(changed), new))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.tables", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if any table differs from its JSON")
+    a = ap.parse_args(argv)
+    try:
+        todo = targets()
+    except (KeyError, ValueError, json.JSONDecodeError) as e:
+        print(f"bench.tables: error: {e}", file=sys.stderr)
+        return 2
+    stale = [(path, what, new) for path, what, new in todo if path.read_text() != new]
+    for path, what, new in stale:
+        rel = path.relative_to(ROOT)
+        if a.check:
+            print(f"bench.tables: {rel}: table {what or rel.stem} differs from its JSON "
+                  "(run `python -m bench.tables`)", file=sys.stderr)
+        else:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(new)
+            tmp.replace(path)  # atomic: a reader never sees half a document
+            print(f"rewrote {rel}" + (f" ({what})" if what and what != path.stem else ""))
+    return 1 if a.check and stale else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Micro-batching: concurrent requests decoded together in one batched call, off the event loop.
+
+Requests wait in a bounded queue (a full queue is refused at once: back-pressure, never an
+unbounded pile-up). One worker coroutine takes everything queued, up to `max_batch` rows, and runs
+the decode function in a single worker thread, so the event loop keeps accepting and validating
+requests while the model runs. Requests that arrive during a decode form the next batch; when the
+server is under concurrent load (the last batch held more than one request) the worker also waits
+up to `max_wait` seconds for a batch to fill. At concurrency 1 it never waits. `max_batch=1` is
+one request per call (the baseline the benchmark compares with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+class Overloaded(Exception):
+    """The queue is full or the server is shutting down: answer 503."""
+
+
+@dataclass
+class _Entry:
+    rows: list[Any]
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """`await submit(rows)` -> the decode function's results for those rows.
+
+    fn(rows) -> results (one per row, same order) runs in one worker thread; an exception it raises
+    fails every request of that batch (the server answers 500 and keeps running).
+    on_batch(n_rows, seconds) is called after every decode (metrics).
+    """
+
+    def __init__(self, fn: Callable[[list], list], *, max_batch: int = 64, max_wait: float = 0.002,
+                 max_queue: int = 1024, on_batch: Callable[[int, float], None] | None = None):
+        self.fn, self.max_batch, self.max_wait, self.max_queue = fn, max_batch, max_wait, max_queue
+        self.on_batch = on_batch
+        self.queue: asyncio.Queue | None = None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidrec-decode")
+        self.closing = False
+        self._task: asyncio.Task | None = None
+        self._last_batch = 1
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue(self.max_queue)
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize() if self.queue is not None else 0
+
+    async def submit(self, rows: list) -> list:
+        if self.closing or self.queue is None:
+            raise Overloaded("the server is shutting down")
+        entry = _Entry(rows, asyncio.get_running_loop().create_future())
+        try:
+            self.queue.put_nowait(entry)
+        except asyncio.QueueFull:
+            raise Overloaded(f"the request queue is full ({self.max_queue} requests waiting)") from None
+        return await entry.future
+
+    async def close(self) -> None:
+        """Refuse new requests, finish every queued one, stop the worker."""
+        self.closing = True
+        if self._task is not None:
+            await self.queue.put(_STOP)
+            await self._task
+        self.pool.shutdown(wait=True)
+
+    async def _loop(self) -> None:
+        pending = None  # an entry taken from the queue that belongs to the next batch (or _STOP)
+        while True:
+            first = pending if pending is not None else await self.queue.get()
+            pending = None
+            if first is _STOP:
+                return
+            batch, n = [first], len(first.rows)
+            deadline = time.perf_counter() + (self.max_wait if self._last_batch > 1 else 0.0)
+            while n < self.max_batch:
+                if self.queue.empty():
+                    if time.perf_counter() >= deadline:
+                        break
+                    await asyncio.sleep(0.0002)  # let the event loop read more requests
+                    continue
+                nxt = self.queue.get_nowait()
+                if nxt is _STOP or n + len(nxt.rows) > self.max_batch:
+                    pending = nxt
+                    break
+                batch.append(nxt)
+                n += len(nxt.rows)
+            await self._run(batch)
+
+    async def _run(self, batch: list[_Entry]) -> None:
+        rows = [r for e in batch for r in e.rows]
+        t = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.pool, self.fn, rows)
+            error = None
+        except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
+            results, error = None, e
+        if self.on_batch is not None:
+            self.on_batch(len(rows), time.perf_counter() - t)
+        self._last_batch = len(batch)
+        i = 0
+        for e in batch:
+            if not e.future.done():  # done: the client went away
+                if error is not None:
+                    e.future.set_exception(error)
+                else:
+                    e.future.set_result(results[i:i + len(e.rows)])
+            i += len(e.rows)
+
+
+_STOP = object()

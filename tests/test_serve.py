@@ -1,0 +1,202 @@
+"""`sidrec serve`: a live server process on 127.0.0.1 and a real HTTP client (httpx).
+
+Answers equal the library's `recommend`; filters act inside decoding; malformed requests get 4xx
+and never hurt the server; concurrent requests are batched; SIGTERM finishes what is in flight.
+"""
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+import sidrec
+from sidrec.serve.process import ServerProcess
+
+SMALL = {"train": {"epochs": 2, "batch_size": 64}, "tokenizer": {"codebook_size": 8, "levels": 3, "embeddings": "latent"},
+         "model": {"backbone": {"d_model": 16, "d_ff": 32, "n_heads": 1}}}
+
+
+class Live(ServerProcess):
+    """A live server with an httpx client on it."""
+
+    def __init__(self, run, *args):
+        super().__init__(run, *args)
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def post(self, path, body):
+        return self.client.post(path, content=body if isinstance(body, (bytes, str)) else json.dumps(body))
+
+    def stop(self) -> int:
+        self.client.close()
+        return super().stop()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    data = sidrec.synthetic(root / "data", n_items=300, n_users=1200)
+    ar = sidrec.Recommender(head="ar", **SMALL).fit(data, out=root / "ar")
+    fv = sidrec.Recommender(head="fv", **SMALL).fit(data, out=root / "fv")
+    return {"ar": ar, "fv": fv, "data": data}
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    s = Live(runs["ar"].run.path, "--max-wait-ms", "5")
+    yield s
+    assert s.stop() == 0
+
+
+def _histories(runs, n=40, seed=0):
+    data, rng = runs["data"], np.random.default_rng(seed)
+    raw = data.raw_item_ids()
+    out = []
+    for u in rng.choice(data.n_users, n, replace=False):
+        seq = raw[data.sequence(u)].tolist()
+        out.append(seq[: rng.integers(1, len(seq) + 1)])
+    return out
+
+
+@pytest.mark.parametrize("decode", ["beam", "exact"])
+def test_served_answers_equal_the_library(runs, server, decode):
+    rec = runs["ar"]
+    hist = _histories(runs)
+    ids, scores = rec.recommend(hist, k=10, decode=decode, beam=20)
+    for h, want_ids, want_scores in zip(hist, ids, scores):
+        r = server.post("/recommend", {"history": h, "k": 10, "decode": decode})
+        assert r.status_code == 200, r.text
+        assert r.json()["items"] == [i for i in want_ids.tolist() if i]
+        np.testing.assert_allclose(r.json()["scores"], want_scores[np.isfinite(want_scores)], atol=1e-5)
+    batch = server.post("/recommend/batch", {"requests": [{"history": h, "k": 10, "decode": decode} for h in hist]})
+    assert [x["items"] for x in batch.json()["results"]] == [[i for i in row.tolist() if i] for row in ids]
+
+
+def test_filters_act_inside_decoding(runs, server):
+    """allow / deny / seen items: never an excluded or unknown item, and k items whenever k are allowed."""
+    rng = np.random.default_rng(1)
+    raw = runs["data"].raw_item_ids().tolist()
+    catalogue = set(raw)
+    for trial, h in enumerate(_histories(runs, 30, seed=2)):
+        k = int(rng.integers(1, 30))
+        allow = rng.choice(raw, int(rng.integers(1, 60)), replace=False).tolist() if trial % 2 else None
+        deny = rng.choice(raw, int(rng.integers(0, 200)), replace=False).tolist()
+        for decode in ("beam", "exact"):
+            body = {"history": h, "k": k, "deny": deny, "decode": decode, **({"allow": allow} if allow else {})}
+            r = server.post("/recommend", body)
+            assert r.status_code == 200, r.text
+            items = r.json()["items"]
+            ok = (set(allow) if allow else catalogue) - set(deny) - set(h)
+            assert set(items) <= ok and len(items) == len(set(items))
+            assert len(items) == min(k, len(ok)), (decode, k, len(ok))
+    r = server.post("/recommend", {"history": raw[:3], "k": 5, "allow": raw[:3]})  # all allowed items are seen
+    assert r.status_code == 200 and r.json()["items"] == []
+
+
+def test_malformed_request_storm_gets_4xx_and_the_server_stays_healthy(runs, server):
+    raw = runs["data"].raw_item_ids().tolist()
+    bad = [b"", b"{", b"[]", b"null", b'"text"', b"{\"history\": [\"1\"]", "{\"history\": [\"\u00e9\"]}".encode("latin-1"),
+           {"history": []}, {"history": "1,2"}, {"history": [1.5]}, {"history": [True]}, {"history": [None]},
+           {"history": [{"id": 1}]}, {"history": [raw[0]], "k": 0}, {"history": [raw[0]], "k": -3},
+           {"history": [raw[0]], "k": 301}, {"history": [raw[0]], "k": 10**9}, {"history": [raw[0]], "k": "10"},
+           {"history": [raw[0]], "k": 2.0}, {"history": [raw[0]], "beam": 0}, {"history": [raw[0]], "decode": "greedy"},
+           {"history": ["no-such-item"]}, {"history": [raw[0]], "allow": ["no-such-item"]},
+           {"history": [raw[0]], "deny": [7.5]}, {"history": [raw[0]], "extra": 1}, {"history": ["x" * 300]},
+           {"history": [raw[0]] * 2001}, {"history": [raw[0]], "exclude_seen": "yes"}, {"requests": []},
+           {"history": [raw[0]], "on_unknown": "maybe"}]
+    codes = []
+    for body in bad:
+        r = server.post("/recommend", body)
+        codes.append(r.status_code)
+        assert 400 <= r.status_code < 500, (body if not isinstance(body, bytes) else body[:40], r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["status"] == r.status_code and err["message"]
+    assert server.post("/recommend", {"history": ["no-such-item"]}).json()["error"]["field"] == "history"
+    assert server.post("/recommend", {"history": [raw[0]], "k": 0}).json()["error"]["field"] == "k"
+    assert server.post("/recommend/batch", {"requests": [{"history": [raw[0]]}, {"history": [raw[0]], "k": 0}]}) \
+        .json()["error"]["field"] == "requests[1].k"
+    big = b'{"history": ["' + b"1" * (5 << 20) + b'"]}'
+    assert server.post("/recommend", big).status_code == 413
+    assert server.client.get("/nope").status_code == 404 and server.client.get("/recommend").status_code == 405
+    r = server.post("/recommend", {"history": [raw[0], "no-such-item"], "k": 3, "on_unknown": "ignore"})
+    assert r.status_code == 200 and r.json()["ignored"] == {"history": ["no-such-item"]} and len(r.json()["items"]) == 3
+    assert server.client.get("/health").json() == {"status": "ok"}
+    metrics = server.client.get("/metrics").text
+    assert not re.search(r'status="5\d\d"', metrics)
+
+
+def test_info_and_concurrent_requests_are_batched(runs, server):
+    info = server.client.get("/info").json()
+    assert info["head"] == "ar" and info["n_items"] == 300 and info["codebook"]["sizes"] == [8, 8, 8]
+    assert info["decode"] == "beam" and info["beam"] == 20
+    hist = _histories(runs, 64, seed=4)
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            return await asyncio.gather(*(c.post("/recommend", json={"history": h, "k": 5}) for h in hist))
+
+    answers = asyncio.run(fire())
+    assert all(a.status_code == 200 and len(a.json()["items"]) == 5 for a in answers)
+    text = server.client.get("/metrics").text
+    count = float(re.search(r"^sidrec_batch_rows_count ([\d.e+]+)$", text, re.M).group(1))
+    largest = [float(le) for le, n in re.findall(r'^sidrec_batch_rows_bucket\{le="([\d.]+)"\} ([\d.e+]+)$', text, re.M)
+               if float(n) == count][0]
+    assert largest > 1  # some call decoded more than one request
+    assert re.search(r'^sidrec_requests_total\{endpoint="/recommend",status="200"\} ', text, re.M)
+    assert "sidrec_request_seconds_bucket" in text and "sidrec_queue_depth" in text
+
+
+def test_fv_run_serves_exact_and_refuses_beam(runs):
+    s = Live(runs["fv"].run.path)
+    try:
+        h = _histories(runs, 5, seed=5)
+        want, _ = runs["fv"].recommend(h, k=7)
+        for hh, w in zip(h, want):
+            assert s.post("/recommend", {"history": hh, "k": 7}).json()["items"] == w.tolist()
+        r = s.post("/recommend", {"history": h[0], "decode": "beam"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "decode"
+        assert s.client.get("/info").json()["decode"] == "exact"
+    finally:
+        assert s.stop() == 0
+
+
+def test_full_queue_answers_503_and_shutdown_finishes_in_flight(runs):
+    """Back-pressure: beyond --max-queue waiting requests the server answers 503 at once; SIGTERM
+    during a burst lets every accepted request finish with 200 and the process exit 0."""
+    s = Live(runs["ar"].run.path, "--max-queue", "2", "--max-batch", "1")
+    hist = _histories(runs, 40, seed=6)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+            return await asyncio.gather(*(c.post("/recommend", json={"history": h, "k": 10, "beam": 64}) for h in hist))
+
+    codes = [a.status_code for a in asyncio.run(burst())]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes
+    assert s.client.get("/health").status_code == 200
+
+    async def burst_then_stop():
+        async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+            tasks = [asyncio.create_task(c.post("/recommend", json={"history": h, "k": 10, "beam": 64})) for h in hist[:2]]
+            await asyncio.sleep(0.05)
+            s.proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks)
+
+    assert [a.status_code for a in asyncio.run(burst_then_stop())] == [200, 200]
+    assert s.proc.wait(60) == 0
+    s.client.close()
+
+
+def test_serve_option_errors_are_one_line(runs, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sidrec.cli", "serve", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a trained run directory" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "sidrec.cli", "serve", str(runs["fv"].run.path), "--decode", "beam"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "AR-NTP" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "sidrec.cli", "serve", str(runs["ar"].run.path), "--max-wait-ms", "nan"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--max-wait-ms" in r.stderr
