@@ -137,9 +137,11 @@ class Recommender:
 
     def _open(self, rd: RunDir, data: SequenceData | None) -> "Recommender":
         self.run = rd
-        self.model, cfg = rd.load_model(self.device)
+        self._version = rd.catalog_version()  # read once: model and item table from the same version
+        self.model, cfg = rd.load_model(self.device, version=self._version)
         self.config = cfg
-        self.data = data if data is not None else rd.data(cfg)
+        self.data = data if data is not None else rd.data(cfg, version=self._version)
+        self._sorted = None
         return self
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -188,7 +190,7 @@ class Recommender:
 
     def item_index(self, raw: list[str] | np.ndarray) -> np.ndarray:
         """Internal ids of raw item ids, -1 for ids the catalogue does not hold (one sorted lookup)."""
-        if getattr(self, "_sorted", None) is None or len(self._sorted[0]) != self.model.n_items:
+        if self._sorted is None:
             order = np.argsort(self.raw_ids)
             self._sorted = (self.raw_ids[order], order)
         keys, order = self._sorted
@@ -251,6 +253,49 @@ class Recommender:
         splits = (splits,) if isinstance(splits, str) else tuple(splits)
         return evaluate_run(self.run.path, decodes=(decode,) if decode else None, beam=beam,
                             exclude_seen=exclude_seen, splits=splits, device=self.device, data=self.data, write=save)
+
+    def add_items(self, items: pd.DataFrame | str | Path, *, embeddings: np.ndarray | str | Path | None = None,
+                  id_col: str = "item_id") -> dict:
+        """Add new items to the fitted run, recommendable at once (no retraining): each gets a
+        semantic ID from its content with the fitted tokenizer, in a new catalogue version of the run
+        (`sidrec.catalog`; the previous version is kept). items: a table (or a JSONL / CSV / Parquet
+        file) with `id_col` and text fields; embeddings: [m, d] (or a .npy file) in the tokenizer's
+        space, needed unless the IDs were fitted on text. Returns what was added and how the IDs were
+        found (direct / resolved / fallback); this object then serves the new catalogue."""
+        from sidrec import catalog
+        from sidrec.data.readers import read_item_table
+        from sidrec.embed import check_embeddings, load_npy
+
+        self._fitted()
+        if isinstance(items, pd.DataFrame):
+            if id_col not in items.columns:
+                raise UserError(f"items: missing column {id_col!r}; columns are {list(items.columns)}")
+            table = items.rename(columns={id_col: "item"}).assign(item=lambda t: t["item"].astype(str))
+        else:
+            table = read_item_table(items, id_col)
+        if not len(table):
+            raise UserError("no new items given")
+        if isinstance(embeddings, (str, Path)):
+            embeddings = load_npy(embeddings, len(table))
+        elif embeddings is not None:
+            embeddings = check_embeddings(np.asarray(embeddings), len(table), "embeddings")
+        info = catalog.add_items(self.run, self.model, self.codebook, self.data.item_table, table, embeddings,
+                                 parent=self._version)
+        return {**info, "n_items": self._open(self.run, None).model.n_items}
+
+    @property
+    def codebook(self):
+        """The semantic-ID codebook of the catalogue this object serves (None for FV-MLE on item ids)."""
+        self._fitted()
+        from sidrec import catalog
+
+        return catalog.load_version(self.run.path, self._version)[0] if self._version else self.run.codebook()
+
+    @property
+    def catalog_version(self) -> str | None:
+        """The catalogue version this object serves (None: the items it was trained on)."""
+        self._fitted()
+        return self._version
 
     def _fitted(self) -> None:
         if self.model is None:

@@ -434,3 +434,66 @@ def add_serve(sub) -> None:
 
 
 REGISTER.append(add_serve)
+
+
+# ----------------------------------------------------------------------------------------- items
+def cmd_items(a: argparse.Namespace) -> None:
+    from sidrec import catalog
+    from sidrec.run import RunDir
+
+    if a.items_cmd == "list":
+        rd = RunDir.open(a.run)
+        active = rd.catalog_version() or "v0000"
+        print(f"{'':2}{'version':<8} {'items':>9} {'added':>7}  created")
+        print(f"{'*' if active == 'v0000' else ' ':2}{'v0000':<8} {rd.config()['n_items']:>9,} {'':>7}  (as trained)")
+        for v in catalog.versions(a.run):
+            print(f"{'*' if active == v['version'] else ' ':2}{v['version']:<8} {v['n_items']:>9,} {v['added']:>7,}  {v['created']}")
+        return
+    if a.items_cmd == "use":
+        RunDir.open(a.run)
+        catalog.use(a.run, a.version)
+        print(f"{a.run}: catalogue {a.version} is active (a running server picks it up on POST /admin/reload or SIGHUP)")
+        return
+    from sidrec.api import Recommender
+
+    rec = Recommender.load(a.run, device="cpu")
+    info = rec.add_items(a.items, embeddings=a.embeddings, id_col=a.id_col)
+    if not info.get("added"):
+        print(f"nothing added: all {info['already_present']} items are already in the catalogue")
+        return
+    ids = info["ids"]
+    print(f"{a.run}: catalogue {info['version']} ({info['n_items']:,} items): added {info['added']:,}"
+          + (f", {info['already_present']:,} already present (unchanged)" if info["already_present"] else ""))
+    print(f"  semantic IDs: {ids['direct']:,} nearest ID free, {ids['resolved']:,} resolved under their own prefix, "
+          f"{ids['fallback']:,} fell back to the next prefix with room")
+    if ids["full_prefixes"]:
+        print(f"  full prefixes (no free last-level code left): {ids['full_prefixes'][:5]}"
+              + (" ..." if len(ids["full_prefixes"]) > 5 else ""))
+
+
+def add_items(sub) -> None:
+    p = sub.add_parser("items", help="add new items to a trained run (no retraining), list or switch catalogue versions")
+    ic = p.add_subparsers(dest="items_cmd", required=True, metavar="{add,list,use}")
+    q = ic.add_parser("add", help="give new items semantic IDs with the fitted tokenizer; a new catalogue version",
+                      description="New items get a semantic ID from their content with the run's fitted tokenizer "
+                      "(no refit; existing IDs never move) and are recommendable at once: AR-NTP scores them "
+                      "through their tokens; what the model never trained for them (item vector, node bias) is "
+                      "the mean of their ID prefix. Written as a new catalogue version of the run; the previous "
+                      "one is kept (`sidrec items use`). FV-MLE runs refuse: a new item has no output vector.")
+    q.add_argument("run", help="trained run directory (AR-NTP or parallel head)")
+    q.add_argument("--items", required=True, help="new items: JSONL, CSV/TSV or Parquet with an id column and text fields")
+    q.add_argument("--id-col", default="item_id", help="id column of --items (default item_id)")
+    q.add_argument("--embeddings", default=None,
+                   help="NEW.npy [new items, d] in the tokenizer's embedding space (default: embed the items' text, "
+                   "for runs whose IDs were fitted on text)")
+    q.set_defaults(func=cmd_items)
+    q = ic.add_parser("list", help="the run's catalogue versions (* = active)")
+    q.add_argument("run")
+    q.set_defaults(func=cmd_items)
+    q = ic.add_parser("use", help="make a catalogue version active (v0000: the items the run was trained on)")
+    q.add_argument("run")
+    q.add_argument("version", help="e.g. v0002")
+    q.set_defaults(func=cmd_items)
+
+
+REGISTER.append(add_items)

@@ -29,7 +29,7 @@ import numpy as np
 from sidrec.errors import UserError
 
 MARKER = ".sidrec.json"
-KINDS = ("data", "codebook", "run", "pipeline", "download", "verify")
+KINDS = ("data", "codebook", "run", "pipeline", "download", "verify", "catalog")
 #: Files that identify directories written before markers existed (adopted as owned).
 _LEGACY = {"data": ("sequences.npz", "items.parquet"), "codebook": ("codebook.npz", "codebook.json"),
            "run": ("config.yaml", "metrics.jsonl", "trainer_state.pt"),
@@ -229,7 +229,8 @@ _OWN_ENTRIES = {"data": {"sequences.npz", "items.parquet", "stats.json", "prepar
                 "codebook": {"codebook.npz", "codebook.json"},
                 "run": {"config.yaml", "codebook", "data", "model.safetensors", "trainer_state.pt", "metrics.jsonl",
                         "timings.jsonl", "eval.json", "eval-seen-excluded.json", "verify.json", "report.md",
-                        "bench.json"}}
+                        "bench.json", "catalog"},
+                "catalog": {"items.parquet", "codebook", "catalog.json"}}
 
 
 def foreign_entries(path: Path, kind: str) -> list[str]:

@@ -260,9 +260,12 @@ class RunDir:
 
     def clear(self) -> None:
         """Delete what training and evaluation wrote (not data/ or codebook/, which have their own
-        fingerprints)."""
+        fingerprints), and the catalogue versions made on top of the old weights."""
+        import shutil
+
         for f in PRODUCTS:
             (self.path / f).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "catalog", ignore_errors=True)
         io.clean_stale(self.path)
 
     def marker(self) -> dict:
@@ -315,6 +318,12 @@ class RunDir:
         p = self.path / CODEBOOK
         return Codebook.load(p) if (p / "codebook.npz").exists() else None
 
+    def catalog_version(self) -> str | None:
+        """The active catalogue version ("v0002"), None for the catalogue the run was trained on."""
+        from sidrec import catalog
+
+        return catalog.current(self.path)
+
     def data_dir(self, cfg: dict | None = None) -> Path:
         """The run's data directory: data.dir of its config, relative to the run when not absolute
         (data kept inside the run travels with it)."""
@@ -324,14 +333,27 @@ class RunDir:
             raise UserError("the run config names no data.dir", str(self.path / CONFIG))
         return Path(d) if Path(d).is_absolute() else self.path / d
 
-    def data(self, cfg: dict | None = None):
+    def data(self, cfg: dict | None = None, version: str | None = "current"):
+        """The run's data; with a catalogue version (default: the active one), its item table is the
+        catalogue's (the trained items first, then the added ones), so ids and rankings cover every item."""
+        from sidrec import catalog
         from sidrec.data import SequenceData
 
-        return SequenceData.load(self.data_dir(cfg))
+        data = SequenceData.load(self.data_dir(cfg))
+        version = self.catalog_version() if version == "current" else version
+        if version:
+            table = catalog.load_version(self.path, version)[1]
+            n0 = data.n_items
+            if len(table) < n0 or table["item"].astype(str).iloc[:n0].tolist() != data.raw_item_ids().tolist():
+                raise UserError(f"catalogue {version} does not start with the run's {n0} trained items",
+                                str(self.path / catalog.DIR / version))
+            data.item_table = table
+        return data
 
     # -- weights and checkpoints -------------------------------------------------------------
-    def load_model(self, device: str | torch.device = "cpu"):
-        """(model, config) rebuilt from config.yaml + codebook/ + model.safetensors, in eval mode.
+    def load_model(self, device: str | torch.device = "cpu", version: str | None = "current"):
+        """(model, config) rebuilt from config.yaml + codebook/ + model.safetensors, in eval mode,
+        extended to a catalogue version (default: the active one; None: as trained).
         Warns (NonBijectiveWarning) when the codebook gives two items one ID."""
         from safetensors.torch import load_model as st_load_model
 
@@ -346,6 +368,11 @@ class RunDir:
             model = SeqRecModel(ModelConfig.from_dict(cfg["model"]), int(cfg["n_items"]), codebook)
         with io.reading(self.path / WEIGHTS, "model weights"):
             st_load_model(model, str(self.path / WEIGHTS), device=str(device))
+        version = self.catalog_version() if version == "current" else version
+        if version:
+            from sidrec import catalog as cat
+
+            model = cat.extend_model(model, codebook, cat.load_version(self.path, version)[0])
         if codebook is not None and not codebook.bijective and not codebook.meta.get("counter_example"):
             warnings.warn(f"{self.path}: the codebook is not bijective ({codebook.n_collisions} items share an ID "
                           "with another item): scores are not a distribution over items and colliding items "

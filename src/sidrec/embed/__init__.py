@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from sidrec import io
 from sidrec.data.prepare import SequenceData
@@ -35,17 +36,17 @@ def resolve_text_model(name_or_path: str) -> str:
     return name_or_path  # a hub name: needs network access where it runs
 
 
-def item_texts(data: SequenceData, fields: tuple[str, ...] = DEFAULT_FIELDS) -> list[str]:
-    """One string per item: 'field: value; ...' over the fields the item table has."""
+def item_texts(data: SequenceData | pd.DataFrame, fields: tuple[str, ...] = DEFAULT_FIELDS) -> list[str]:
+    """One string per item: 'field: value; ...' over the fields the item table has (a data
+    directory's table, or any table of items such as new ones to add)."""
     import html
 
-    t = data.item_table
+    t = data.item_table if isinstance(data, SequenceData) else data
     cols = [c for c in fields if c in t.columns]
     if not cols:
+        where = str(data.path) if isinstance(data, SequenceData) and data.path else None
         raise UserError(
-            f"the item table has none of the text fields {list(fields)}; use --embeddings collab or a .npy file",
-            str(data.path) if data.path else None,
-        )
+            f"the item table has none of the text fields {list(fields)}; use --embeddings collab or a .npy file", where)
     parts = [t[c].fillna("").astype(str).map(html.unescape) for c in cols]
     out = []
     for vals in zip(*parts):
@@ -58,16 +59,28 @@ def embed_text(
     batch_size: int = 256, device: str | None = None,
 ) -> np.ndarray:
     """Sentence-transformers embeddings of item text (L2-normalised, float32)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from sentence_transformers import SentenceTransformer
+    return embed_table_text(data, model, fields, batch_size, device)
 
-    texts = item_texts(data, fields)
+
+def embed_table_text(table: SequenceData | pd.DataFrame, model: str = DEFAULT_TEXT_MODEL,
+                     fields: tuple[str, ...] = DEFAULT_FIELDS, batch_size: int = 256,
+                     device: str | None = None) -> np.ndarray:
+    """`embed_text` for any item table (e.g. new items added to a trained run: the same text, the
+    same model, the same normalisation as the items the tokenizer was fitted on)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in a command's output
+
+    texts = item_texts(table, fields)
     path = resolve_text_model(model)
     try:
         st = SentenceTransformer(path, device=device)
     except Exception as e:  # network / missing model errors come in many types
         raise UserError(f"cannot load text model {model!r} ({type(e).__name__}: {e})") from None
-    emb = st.encode(texts, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True,
+    emb = st.encode(texts, batch_size=batch_size, show_progress_bar=len(texts) > 10 * batch_size, convert_to_numpy=True,
                     normalize_embeddings=True)
     return emb.astype(np.float32)
 

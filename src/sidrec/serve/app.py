@@ -12,6 +12,8 @@ Filters (allow, deny, seen items) act inside decoding (`sidrec.decode.filters`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 import socket
 import sys
@@ -68,18 +70,34 @@ class Service:
     def __init__(self, run: str | Path, *, device: str = "auto", decode: str | None = None, beam: int = 20):
         from sidrec.api import Recommender
 
-        self.run = Path(run)
+        self.run, self.device = Path(run), device
         self.rec = Recommender.load(run, device=device)
         self.decode = decode or ("beam" if self.rec.model.supports_beam else "exact")
         if self.decode == "beam" and not self.rec.model.supports_beam:
             raise UserError(f"--decode beam needs an AR-NTP run; this run's head is {self.rec.head}")
         self.beam = beam
 
+    def reload(self) -> dict:
+        """Load the run's active catalogue version and swap it in if it changed. Runs off the event
+        loop; requests keep being answered by the old one until the swap (one attribute assignment).
+        Internal ids of existing items never change across versions, so requests mapped with the old
+        catalogue decode correctly with the new one."""
+        from sidrec.api import Recommender
+
+        before = self.rec.catalog_version
+        if self.rec.run.catalog_version() == before:
+            return {"reloaded": False, "version": before or "v0000", "n_items": int(self.rec.model.n_items)}
+        rec = Recommender.load(self.run, device=self.device)
+        self.rec = rec
+        return {"reloaded": True, "version": rec.catalog_version or "v0000", "previous": before or "v0000",
+                "n_items": int(rec.model.n_items)}
+
     def info(self) -> dict:
         from sidrec.run import array_digest
 
-        cb = self.rec.run.codebook()
+        cb = self.rec.codebook
         return {"run": str(self.run), "head": self.rec.head, "n_items": int(self.rec.model.n_items),
+                "catalog_version": self.rec.catalog_version or "v0000",
                 "max_len": self.rec.model.cfg.backbone.max_len, "device": str(self.rec.device),
                 "decode": self.decode, "beam": self.beam if self.decode == "beam" else None,
                 "codebook": None if cb is None else {"levels": cb.levels, "sizes": cb.sizes, "method": cb.meta.get("method"),
@@ -95,17 +113,19 @@ class Service:
         if req.k > n:
             raise BadRequest(422, where + "k", f"k must be at most the catalogue size ({n}), not {req.k}")
         ignored: dict[str, list[str]] = {}
-        history = self._ids(req.history, where + "history", req.on_unknown, ignored)
+        rec = self.rec
+        history = self._ids(rec, req.history, where + "history", req.on_unknown, ignored)
         if not len(history):
             raise BadRequest(422, where + "history", "no item of the history is in the catalogue", unknown=ignored["history"])
-        deny = self._ids(req.deny, where + "deny", req.on_unknown, ignored) if req.deny else history[:0]
-        allow = self._ids(req.allow, where + "allow", req.on_unknown, ignored) if req.allow is not None else None
+        deny = self._ids(rec, req.deny, where + "deny", req.on_unknown, ignored) if req.deny else history[:0]
+        allow = self._ids(rec, req.allow, where + "allow", req.on_unknown, ignored) if req.allow is not None else None
         exclude = np.concatenate([history, deny]) if req.exclude_seen else deny
         return Row(history, req.k, decode, max(req.beam or self.beam, req.k), exclude, allow), ignored
 
-    def _ids(self, raw: list, field: str, on_unknown: str, ignored: dict) -> np.ndarray:
+    @staticmethod
+    def _ids(rec, raw: list, field: str, on_unknown: str, ignored: dict) -> np.ndarray:
         raw = [str(x) for x in raw]
-        idx = self.rec.item_index(raw)
+        idx = rec.item_index(raw)
         if (idx < 0).any():
             unknown = [r for r, i in zip(raw, idx) if i < 0]
             if on_unknown == "error":
@@ -117,15 +137,16 @@ class Service:
 
     # -- in the decode worker: one batched call per (decode, beam) --------------------------------
     def decode_rows(self, rows: list[Row]) -> list[tuple[list, list]]:
+        rec = self.rec  # one catalogue for the whole batch, at least as new as its rows' (see reload)
         out: list = [None] * len(rows)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault((r.decode, r.beam), []).append(i)
-        raw = self.rec.raw_ids
+        raw = rec.raw_ids
         for (decode, beam), members in groups.items():
             rs = [rows[i] for i in members]
             k = max(r.k for r in rs)
-            idx, scores = self.rec.recommend_indices([r.history for r in rs], k, decode=decode, beam=beam,
+            idx, scores = rec.recommend_indices([r.history for r in rs], k, decode=decode, beam=beam,
                                                      exclude_seen=False, allow=[r.allow for r in rs],
                                                      deny=[r.exclude for r in rs])
             for i, r, ids, sc in zip(members, rs, idx, scores):
@@ -156,7 +177,7 @@ class Metrics:
         self.decode_s.observe(seconds)
 
 
-ENDPOINTS = {"/recommend", "/recommend/batch", "/health", "/info", "/metrics"}
+ENDPOINTS = {"/recommend", "/recommend/batch", "/health", "/info", "/metrics", "/admin/reload"}
 
 
 class MetricsMiddleware:
@@ -206,9 +227,18 @@ def create_app(service: Service, batching: Batching = Batching(), limits: Limits
     metrics = Metrics(batcher)
     batcher.on_batch = metrics.on_batch
 
+    reloading = asyncio.Lock()
+
+    async def reload() -> dict:
+        async with reloading:  # one reload at a time; requests are answered throughout
+            return await asyncio.to_thread(service.reload)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not on Windows / not main thread
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
         yield
         await batcher.close()  # uvicorn has finished the in-flight requests by now
 
@@ -248,6 +278,10 @@ def create_app(service: Service, batching: Batching = Batching(), limits: Limits
         results = await batcher.submit([r for r, _ in rows])
         return JSON({"results": [{"items": items, "scores": scores, **({"ignored": ign} if ign else {})}
                                  for (items, scores), (_, ign) in zip(results, rows)]})
+
+    @app.post("/admin/reload", summary="Serve the run's active catalogue version (after `sidrec items add`)")
+    async def admin_reload():
+        return JSON(await reload())
 
     @app.get("/health")
     async def health():

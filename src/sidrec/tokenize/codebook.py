@@ -201,6 +201,12 @@ class Codebook:
         out[hit] = self._order[pos[hit]]
         return out
 
+    def extend(self, new_codes: np.ndarray, meta: dict | None = None) -> "Codebook":
+        """A codebook with `new_codes` [m, k] appended as items N..N+m-1 (existing codes unchanged;
+        refused if the result is not bijective). The fitted parameters travel with it."""
+        codes = np.concatenate([self.codes, np.asarray(new_codes, dtype=np.int64).reshape(-1, self.levels)])
+        return Codebook(codes, self.sizes, meta={**self.meta, **(meta or {})}, extras=self.extras)
+
     def diagnostics(self) -> dict:
         return codebook_diagnostics(self.codes, self.sizes)
 

@@ -129,7 +129,7 @@ def product_quantize(x: np.ndarray, levels: int, k: int, seed: int = 0, rotate: 
     if pad:
         x = np.concatenate([x, np.zeros((n, pad), np.float32)], 1)
     d += pad
-    extras: dict[str, np.ndarray] = {}
+    extras: dict[str, np.ndarray] = {"embedding_dim": np.array(d - pad)}  # new items are padded the same way
     rot = np.eye(d, dtype=np.float32)
     if rotate:
         opq = faiss.OPQMatrix(d, levels)

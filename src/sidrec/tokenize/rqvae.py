@@ -109,7 +109,11 @@ def rq_vae(x: np.ndarray, levels: int, k: int, seed: int = 0, cfg: RQVAEConfig |
         r = z[torch.from_numpy(idx)] - sum((cbs[l][torch.from_numpy(cur[:, l])] for l in range(j)), 0)
         return torch.cdist(r, cbs[j]).pow(2).numpy()
 
-    extras = {"codebooks": cbs.numpy()}
+    extras = {"codebooks": cbs.numpy()}  # + the encoder, so new items can be encoded without a refit
+    linears = [m for m in model.encoder if isinstance(m, nn.Linear)]
+    for i, lin in enumerate(linears):
+        extras[f"encoder_{i}_weight"] = lin.weight.detach().numpy().copy()
+        extras[f"encoder_{i}_bias"] = lin.bias.detach().numpy().copy()
     return Quantized(codes.numpy().astype(np.int64), [k] * levels, recon, level_dist, extras)
 
 

@@ -1,0 +1,209 @@
+"""Catalogue versions of a trained run: items added after training, recommendable at once.
+
+A new item gets a semantic ID from its content with the run's fitted tokenizer (no refit:
+`sidrec.tokenize.encode`); the AR-NTP head then scores it through its tokens like any other item.
+What the model holds per item and was never trained for a new one is filled by the *prefix mean*:
+
+- its item vector (the tied item-ID table: the backbone's input row and, in the AR head, the
+  vector averaged into every trie node above it) is the mean trained vector of the items that share
+  its longest ID prefix — its siblings under the same k-1 tokens, else k-2, ... else all items;
+- a trie node that did not exist (its leaf, and any new prefix) gets the mean trained bias of its
+  siblings the same way.
+
+So a new item starts as "a typical item of its ID prefix": the prefix's own score is unchanged and
+the item competes with its siblings as their average. These values are derived from the trained
+weights at load time (never stored), so they always match the weights. FV-MLE has no content path
+(a new item has no output vector) and refuses; the parallel head needs only the codes.
+
+Layout inside the run directory (version 0 is the run as trained: codebook/ and the data's items):
+
+    catalog/CURRENT          the active version's name (replaced atomically)
+    catalog/v0001/           one directory per version, never changed once written
+        catalog.json         version, parent, sizes, the added ids and how their IDs were found
+        items.parquet        the whole item table: trained items first (same order), then added ones
+        codebook/            the extended codebook (existing codes unchanged)
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sidrec import io
+from sidrec.errors import UserError
+from sidrec.tokenize.codebook import Codebook, mixed_radix
+
+DIR, CURRENT = "catalog", "CURRENT"
+
+
+# --------------------------------------------------------------------------------------- versions
+def current(run: str | Path) -> str | None:
+    """The active catalogue version of a run ("v0003"), or None when it serves what it was trained on."""
+    p = Path(run) / DIR / CURRENT
+    if not p.exists():
+        return None
+    with io.reading(p, "catalogue pointer"):
+        name = p.read_text(encoding="utf-8").strip()
+        if not (Path(run) / DIR / name / "catalog.json").is_file():
+            raise ValueError(f"names a missing version {name!r}")
+    return name
+
+
+def versions(run: str | Path) -> list[dict]:
+    """Every catalogue version of a run, oldest first (their catalog.json)."""
+    root = Path(run) / DIR
+    return [io.read_json(p / "catalog.json") for p in sorted(root.glob("v[0-9][0-9][0-9][0-9]"))
+            if (p / "catalog.json").is_file()]
+
+
+def use(run: str | Path, version: str) -> None:
+    """Make `version` (e.g. "v0002", or "v0000" for the run as trained) the active one."""
+    root = Path(run) / DIR
+    if not re.fullmatch(r"v\d{4}", version):
+        raise UserError(f"a catalogue version is written v0001, v0002, ... (v0000: as trained), not {version!r}")
+    if version == "v0000":
+        (root / CURRENT).unlink(missing_ok=True)
+        return
+    if not (root / version / "catalog.json").is_file():
+        raise UserError(f"no catalogue version {version!r} (have: v0000, "
+                        f"{', '.join(v['version'] for v in versions(run)) or 'no others'})", str(run))
+    io.write_text(root / CURRENT, version + "\n")
+
+
+def load_version(run: str | Path, name: str) -> tuple[Codebook, pd.DataFrame, dict]:
+    """(codebook, item table, catalog.json) of one version."""
+    p = Path(run) / DIR / name
+    info = io.read_json(p / "catalog.json")
+    with io.reading(p / "items.parquet", "catalogue item table"):
+        table = pd.read_parquet(p / "items.parquet")
+        if "item" not in table.columns:
+            raise ValueError("no 'item' column")
+    cb = Codebook.load(p / "codebook")
+    if cb.n_items != len(table):
+        raise UserError(f"the catalogue's codebook has {cb.n_items} items, its table {len(table)}", str(p))
+    return cb, table, info
+
+
+# ------------------------------------------------------------------------------ adding items
+def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataFrame,
+              embeddings: np.ndarray | None, *, parent: str | None = None, text_model: str | None = None) -> dict:
+    """Write a new catalogue version with the items of `new` (column `item` + text fields) appended,
+    and make it the active one.
+
+    run: the RunDir; model/codebook/table: the catalogue version `parent` (None: as trained). Items already in the
+    catalogue are skipped (their codes never move). embeddings: [m, d] in the tokenizer's space, or
+    None to embed the items' text with the run's text model (runs whose IDs were fitted on text)."""
+    from sidrec.tokenize.encode import encode_new
+
+    if not model.supports_beam and model.cfg.head == "fv":
+        raise UserError("FV-MLE has no content path: a new item has no trained output vector, so it could never be "
+                        "ranked; new items need a semantic-ID head (AR-NTP or parallel), or retrain FV-MLE")
+    ids = new["item"].astype(str)
+    if ids.duplicated().any():
+        raise UserError(f"item id {ids[ids.duplicated()].iloc[0]!r} appears twice in the new items")
+    known = ids.isin(set(table["item"].astype(str)))
+    fresh = new[~known.to_numpy()].reset_index(drop=True)
+    if embeddings is not None and len(embeddings) != len(new):
+        raise UserError(f"{len(embeddings)} embeddings for {len(new)} new items")
+    if not len(fresh):
+        return {"version": parent or "v0000", "added": 0, "already_present": int(known.sum())}
+    tok = codebook.meta.get("tokenizer", {})
+    text_model = text_model or tok.get("text_model", "all-MiniLM-L6-v2")
+    x = embeddings[~known.to_numpy()] if embeddings is not None else _text_embeddings(codebook, fresh, text_model)
+    codes, report = encode_new(codebook, x)
+    parent = parent or "v0000"
+    name = f"v{max([int(v['version'][1:]) for v in versions(run.path)] + [0]) + 1:04d}"
+    ext = codebook.extend(codes, meta={"catalog_version": name})
+    cols = [c for c in table.columns if c in fresh.columns]
+    full = pd.concat([table, fresh[cols].assign(item=fresh["item"].astype(str))], ignore_index=True)
+    info = {"version": name, "parent": parent, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "n_items": int(ext.n_items), "n_trained": int(run.config()["n_items"]), "added": int(len(fresh)),
+            "already_present": int(known.sum()), "ids": report.to_dict(),
+            "embeddings": "given" if embeddings is not None else f"text ({text_model})",
+            "added_items": fresh["item"].astype(str).tolist()[:1000]}
+    root = run.path / DIR
+    with io.atomic_dir(root / name, "catalog") as tmp:
+        full.to_parquet(tmp / "items.parquet", index=False)
+        ext.save(tmp / "codebook")
+        io.write_json(tmp / "catalog.json", info)
+    use(run.path, name)  # the pointer moves last: a reader sees the old version or the whole new one
+    return info
+
+
+def _text_embeddings(codebook: Codebook, items: pd.DataFrame, text_model: str) -> np.ndarray:
+    from sidrec.embed import embed_table_text
+
+    tok = codebook.meta.get("tokenizer", {})
+    source = str(tok.get("embeddings", codebook.meta.get("embeddings", "")))
+    if source != "text":
+        raise UserError(f"this run's semantic IDs were fitted on {source or 'unknown'} embeddings, which a new item "
+                        "cannot be given from its text: pass --embeddings NEW.npy with vectors in the same space "
+                        "(one row per new item)")
+    return embed_table_text(items, text_model)
+
+
+# ---------------------------------------------------------------------------- the extended model
+def prefix_mean(base_codes: np.ndarray, values: torch.Tensor, query_codes: np.ndarray, sizes: list[int]) -> torch.Tensor:
+    """For each query code row: the mean of `values` over the base rows that share its longest prefix
+    (all its tokens but the last first, then shorter prefixes, down to the mean of all rows)."""
+    depth = query_codes.shape[1]
+    out = values.new_zeros((len(query_codes), *values.shape[1:]))
+    done = np.zeros(len(query_codes), dtype=bool)
+    for length in range(depth - 1, -1, -1):
+        bk = mixed_radix(base_codes[:, :length], sizes[:length])
+        qk = mixed_radix(query_codes[:, :length], sizes[:length])
+        uniq, inv = np.unique(bk, return_inverse=True)
+        sums = values.new_zeros((len(uniq), *values.shape[1:])).index_add_(0, torch.as_tensor(inv), values)
+        counts = torch.as_tensor(np.bincount(inv, minlength=len(uniq)), dtype=values.dtype)
+        pos = np.searchsorted(uniq, qk).clip(max=len(uniq) - 1)
+        hit = (uniq[pos] == qk) & ~done
+        idx = torch.as_tensor(pos[hit])
+        out[torch.as_tensor(np.flatnonzero(hit))] = sums[idx] / counts[idx].reshape(-1, *[1] * (values.dim() - 1))
+        done |= hit
+    return out
+
+
+def extend_model(model, base: Codebook, ext: Codebook):
+    """A model over the extended catalogue: trained weights for trained items and nodes, prefix means
+    (see the module doc) for what is new. Same configuration, n_items = ext.n_items."""
+    from sidrec.model import SeqRecModel
+
+    n0, n = base.n_items, ext.n_items
+    device = next(model.parameters()).device
+    new = SeqRecModel(model.cfg, n, ext)
+    old = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {}
+    for key, target in new.state_dict().items():
+        value = old[key]
+        if value.shape == target.shape:
+            state[key] = value
+        elif key in ("backbone.item_emb.weight", "head.item_emb.weight"):
+            rows = value[:n0]
+            added = prefix_mean(base.codes, rows, ext.codes[n0:], ext.sizes)
+            pad = value[n0:]  # the padding row of the input table (empty for the head's own table)
+            state[key] = torch.cat([rows, added, pad])
+        elif key.startswith("head.node_bias."):
+            state[key] = _node_values(int(key.rsplit(".", 1)[1]) + 1, value, base, ext)
+        else:
+            raise RuntimeError(f"cannot extend parameter {key} from {tuple(value.shape)} to {tuple(target.shape)}")
+    new.load_state_dict(state)
+    return new.to(device).eval()
+
+
+def _node_values(depth: int, value: torch.Tensor, base: Codebook, ext: Codebook) -> torch.Tensor:
+    """Depth-`depth` node biases on the extended trie: trained nodes keep theirs, new nodes the prefix mean."""
+    bt, et = base.trie, ext.trie
+    pos = np.searchsorted(bt.keys[depth], et.keys[depth]).clip(max=len(bt.keys[depth]) - 1)
+    known = bt.keys[depth][pos] == et.keys[depth]
+    out = value.new_empty(et.n_nodes(depth))
+    out[torch.as_tensor(np.flatnonzero(known))] = value[torch.as_tensor(pos[known])]
+    if (~known).any():
+        base_codes = base.codes[bt.first_item[depth], :depth]
+        new_codes = ext.codes[et.first_item[depth][~known], :depth]
+        out[torch.as_tensor(np.flatnonzero(~known))] = prefix_mean(base_codes, value, new_codes, ext.sizes)
+    return out
