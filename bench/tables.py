@@ -234,28 +234,40 @@ def _g(v, unit: str = "") -> str:
 
 
 def scale_table(r: dict) -> str:
-    """bench/results/scale.md (and the docs' scale table): one line per catalogue size."""
-    lines = ["| N | FV naive step | FV streamed step | AR step | AR speed-up | FV params | AR params | "
-             "FV exact /user | AR beam-20 /user | AR exact /user | tokenizer fit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """bench/results/scale.md (and the docs' scale table): training step per catalogue size and
+    output layer, parameters, inference latency per user."""
     batch = r.get("infer_batch", 256)
-    for row in r["rows"]:
-        def step(key):
-            v = row.get(key, {})
-            return "OOM" if "OOM" in str(v.get("error", "")) else ("error" if "error" in v else
-                                                                   _g(v.get("step_seconds"), " s"))
+    rows = r["rows"]
+    kinds = [k for k in ("fv-naive", "fv-streamed", "fv-chunked", "fv-sampled-uniform-256", "fv-sampled-uniform-4096",
+                         "fv-sampled-popularity-4096", "fv-sampled-in-batch", "ar", "ar-token")
+             if any(f"train_{k}" in row for row in rows)]
 
-        def per_user(key, field):
-            v = measured(row, key, field)
-            return _g(v / batch * 1e3, " ms") if v else "—"
+    def step(row, kind):
+        v = row.get(f"train_{kind}", {})
+        return "OOM" if "OOM" in str(v.get("error", "")) else ("error" if "error" in v else _g(v.get("step_seconds"), " s"))
 
-        speedup = _g(r["summary"][str(row["n"])]["train_speedup_ar_vs_best_fv"], "×")
-        lines.append(
-            f"| {row['n']:,} | {step('train_fv-naive')} | {step('train_fv-chunked')} | {step('train_ar')} | "
-            f"{speedup} | {measured(row, 'train_fv-chunked', 'output_parameters'):,} | "
-            f"{measured(row, 'train_ar', 'output_parameters'):,} | {per_user('infer_fv', 'exact_seconds')} | "
-            f"{per_user('infer_ar', 'beam20_seconds')} | {per_user('infer_ar', 'exact_seconds')} | "
-            f"{row['tokenizer_fit_seconds']} s |")
+    def per_user(row, key, field):
+        v = measured(row, key, field)
+        return _g(v / batch * 1e3, " ms") if v else "—"
+
+    lines = ["Training step of the output layer (2,048 targets, forward + backward + AdamW), seconds:", "",
+             "| N | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines += [f"| {row['n']:,} | " + " | ".join(step(row, k) for k in kinds) + " |" for row in rows]
+    params = [k for k in ("fv-streamed", "fv-chunked", "ar", "ar-token") if any(f"train_{k}" in row for row in rows)]
+    lines += ["", "Output-layer parameters (of which the N × d item table) and top-10 inference per user (batch "
+              f"{batch}):", "", "| N | " + " | ".join(f"{k} params" for k in params) +
+              " | FV exact | AR beam-20 | AR token-only beam-20 | AR exact | tokenizer fit |",
+              "|---|" + "---|" * (len(params) + 5)]
+    for row in rows:
+        cells = []
+        for k in params:
+            total, table = measured(row, f"train_{k}", "output_parameters"), measured(row, f"train_{k}", "item_table_parameters")
+            cells.append("—" if total is None else f"{total:,}" + (f" ({table:,})" if table else ""))
+        beam_key = "infer_ar-token" if "infer_ar-token" in row else None
+        lines.append(f"| {row['n']:,} | " + " | ".join(cells) + f" | {per_user(row, 'infer_fv', 'exact_seconds')} | "
+                     f"{per_user(row, 'infer_ar', 'beam20_seconds')} | "
+                     f"{per_user(row, beam_key, 'beam20_seconds') if beam_key else '—'} | "
+                     f"{per_user(row, 'infer_ar', 'exact_seconds')} | {row['tokenizer_fit_seconds']} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -304,6 +316,26 @@ def serve_table(r: dict) -> str:
     return "\n".join(lines) + f"\n\n`{r['command']}`, k = {r['k']}; client: {r['settings']['client']}.\n"
 
 
+def coldstart_table(r: dict) -> str:
+    """bench.coldstart: Recall@10 / NDCG@10 overall, on cold test items and on warm ones."""
+    lines = [f"Beauty, {r['cold_items']:,} of {r['items']:,} items cold ({100 * r['cold_share']:.0f}%, seed {r['seed']}); "
+             f"test users {r['test_users']:,}, of which {r['cold_test_users']:,} have a cold test item. "
+             "Recall@10 / NDCG@10, full ranking, seen items excluded.", "",
+             "| model | overall | cold test items | warm test items |", "|---|---|---|---|"]
+    for label, row in r["rows"].items():
+        cells = [f"{row[s]['recall@10']:.4f} / {row[s]['ndcg@10']:.4f}" for s in ("overall", "cold", "warm")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    added = next((row["add_items"] for row in r["rows"].values() if row.get("add_items")), None)
+    if added:
+        ids = added["ids"]
+        lines += ["", f"`items add` of the {added['added']:,} cold items: {ids['direct']:,} took their nearest ID, "
+                  f"{ids['resolved']:,} a free code under the same prefix, {ids['fallback']:,} the next prefix with "
+                  f"room; {added['seconds']} s."]
+    lines += ["", f"Warm NDCG@10 of the model with cold items added vs the model trained on the full catalogue: "
+              f"{100 * r['warm_ndcg10_vs_full_catalogue']:+.1f}%.", "", f"`{r['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
 # ---- regions ------------------------------------------------------------------------------------
 
 def render(name: str) -> str:
@@ -316,8 +348,8 @@ def render(name: str) -> str:
         body = quality_table(path, r)
     elif kind == "sweep":
         body = sweep_table(r["rows"]) + "\n" + source(path, r)
-    elif kind in ("scale", "serve"):
-        body = {"scale": scale_table, "serve": serve_table}[kind](r) + "\n" + source(path, r)
+    elif kind in ("scale", "serve", "coldstart"):
+        body = {"scale": scale_table, "serve": serve_table, "coldstart": coldstart_table}[kind](r) + "\n" + source(path, r)
     elif kind in ("compare", "popularity", "tokenize", "train_speed"):
         body = {"compare": compare_table, "popularity": popularity_table, "tokenize": tokenize_table,
                 "train_speed": train_speed_table}[kind](path, r)
@@ -340,7 +372,8 @@ def fill(text: str) -> tuple[str, list[str]]:
 
 
 #: The kept bench/results/NAME.md files and how each is rendered from NAME.json.
-MD = {"quality": quality_markdown, "scale": scale_table, "sweep": lambda r: sweep_table(r["rows"]), "serve": serve_table}
+MD = {"quality": quality_markdown, "scale": scale_table, "sweep": lambda r: sweep_table(r["rows"]), "serve": serve_table,
+      "coldstart": coldstart_table}
 
 
 def targets() -> list[tuple[Path, str, str]]:

@@ -239,3 +239,57 @@ def test_legacy_model_configs_load(legacy, want):
                      {"item_vectors": "all", "node_bias": False}, {"head_dropout": 0.2}):
         with pytest.raises(ValueError, match="ablation|separate"):
             upgrade_model_dict(ablation)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "popularity", "in-batch"])
+def test_sampled_softmax_estimates_the_full_loss(kind):
+    """logQ-corrected sampled softmax: its value approaches the exact cross-entropy as K grows, its
+    gradient reaches the sampled items only, and accidental hits never count as negatives."""
+    from sidrec.model.sampled import NegativeSampler, sampled_softmax_nll
+
+    torch.manual_seed(0)
+    n, d = 300, 8
+    w = torch.randn(n, d, requires_grad=True)
+    b = torch.randn(n)
+    h = torch.randn(3000, d)
+    y = torch.multinomial(torch.arange(1, n + 1, dtype=torch.float) ** -1.0, 3000, replacement=True)
+    full = torch.nn.functional.cross_entropy(h @ w.T + b, y).item()
+    s = NegativeSampler(n, kind, 20_000)
+    s.set_counts(torch.bincount(y, minlength=n))
+    est = sampled_softmax_nll(h, w, b, y, s).mean()
+    assert est.item() == pytest.approx(full, rel=0.02)
+    est.backward()
+    small = NegativeSampler(n, "uniform", 4)
+    w.grad = None
+    sampled_softmax_nll(h[:2], w, b, y[:2], small).sum().backward()
+    assert int((w.grad.abs().sum(1) > 0).sum()) <= 6  # 2 targets + 4 negatives
+    same = torch.tensor([3, 3])  # in-batch: each row's only negatives are its own target, removed as hits
+    assert sampled_softmax_nll(h[:2], w, b, same, NegativeSampler(n, "in-batch")).abs().max().item() == 0.0
+
+
+def test_fv_with_sampled_softmax_trains_and_scores_exactly(tmp_path):
+    import sidrec
+
+    data = sidrec.synthetic(tmp_path / "d", n_items=150, n_users=600)
+    rec = sidrec.Recommender(head="fv", train={"epochs": 2, "batch_size": 64},
+                             model={"fv_loss": "sampled", "fv_sampler": "popularity", "fv_negatives": 32,
+                                    "backbone": {"d_model": 16, "d_ff": 32, "n_heads": 1}}).fit(data, out=tmp_path / "r")
+    assert rec.model.head.sampler is not None and rec.model.head.sampler.kind == "popularity"
+    with torch.no_grad():  # scoring is the full softmax: a distribution over all items
+        h = torch.randn(4, 16)
+        assert torch.allclose(rec.model.head.log_prob_all(h).exp().sum(1), torch.ones(4), atol=1e-5)
+    assert 0 < rec.evaluate(splits="test", save=False)["test"]["exact"]["ndcg@10"] <= 1
+
+
+def test_node_means_bottom_up_equal_direct_means():
+    """The AR head's node vectors average the items below each node; computing them level by level
+    from the children's sums (one pass over the items) gives the direct means up to rounding."""
+    rng = np.random.default_rng(0)
+    codes = np.unique(rng.integers(0, 6, size=(150, 3)), axis=0)
+    cb = Codebook(codes, [6, 6, 6])
+    head = AutoregressiveHead(8, cb).double()
+    w = head.item_emb.weight.detach()
+    for j, got in enumerate(head.node_means("cpu")):
+        node = torch.as_tensor(cb.trie.item_node[j + 1])
+        want = torch.stack([w[node == n].mean(0) for n in range(cb.trie.n_nodes(j + 1))])
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -100,6 +100,7 @@ def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataF
     None to embed the items' text with the run's text model (runs whose IDs were fitted on text)."""
     from sidrec.tokenize.encode import encode_new
 
+    t0 = time.perf_counter()
     if not model.supports_beam and model.cfg.head == "fv":
         raise UserError("FV-MLE has no content path: a new item has no trained output vector, so it could never be "
                         "ranked; new items need a semantic-ID head (AR-NTP or parallel), or retrain FV-MLE")
@@ -125,7 +126,8 @@ def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataF
             "n_items": int(ext.n_items), "n_trained": int(run.config()["n_items"]), "added": int(len(fresh)),
             "already_present": int(known.sum()), "ids": report.to_dict(),
             "embeddings": "given" if embeddings is not None else f"text ({text_model})",
-            "added_items": fresh["item"].astype(str).tolist()[:1000]}
+            "added_items": fresh["item"].astype(str).tolist()[:1000],
+            "seconds": round(time.perf_counter() - t0, 2)}  # embedding the text and finding the IDs
     root = run.path / DIR
     with io.atomic_dir(root / name, "catalog") as tmp:
         full.to_parquet(tmp / "items.parquet", index=False)

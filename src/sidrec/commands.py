@@ -428,7 +428,8 @@ def add_serve(sub) -> None:
     p.add_argument("--max-history", type=int_range(1), default=2000, help="items per history (default 2000)")
     p.add_argument("--max-k", type=int_range(1), default=1000, help="largest k a request may ask for (default 1000)")
     p.add_argument("--max-body-kb", type=int_range(1), default=4096, help="largest request body (default 4096 KiB)")
-    p.add_argument("--threads", type=int_range(1), default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int_range(1), default=None,
+                   help="torch intra-op threads for decoding (default: half the CPU cores)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to decode")
     p.set_defaults(func=cmd_serve)
 

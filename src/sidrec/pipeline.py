@@ -196,6 +196,9 @@ def train_one(cfg: dict, data: SequenceData, codebook: Codebook | None, run: Pat
         rd = RunDir(run)
     torch.manual_seed(tc.seed)
     model = SeqRecModel(mc, data.n_items, codebook)
+    sampler = getattr(model.head, "sampler", None)
+    if sampler is not None:  # popularity / in-batch logQ: the training targets' counts
+        sampler.set_counts(torch.from_numpy(data.train_target_counts()))
     validate = validator(data, exclude_seen=tc.exclude_seen, batch_size=tc.eval_batch_size,
                          n_users=tc.eval_users, seed=tc.seed)
     t0 = time.perf_counter()

@@ -76,6 +76,13 @@ class SequenceData:
         """The held-out item of each user for `valid` or `test`."""
         return self.items[self.history_end(split)]
 
+    def train_target_counts(self) -> np.ndarray:
+        """[N] how often each item occurs in the training prefixes (popularity: never the valid or
+        test items)."""
+        user = np.repeat(np.arange(self.n_users), self.lengths)
+        in_train = np.arange(self.n_interactions) < self.history_end("train")[user]
+        return np.bincount(self.items[in_train], minlength=self.n_items)
+
     def raw_item_ids(self) -> np.ndarray:
         return self.item_table["item"].to_numpy(dtype=str)
 

@@ -40,6 +40,9 @@ def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained:
     cons = head.constrained if constrained is None else constrained
     b, dev = h.shape[0], h.device
     qs = head.contexts(h)
+    # constrained: every valid child's score from the head's node tables (cached between weight
+    # updates); the unconstrained counter-example scores all V_j tokens
+    tables = head.eval_cache(dev) if cons else None
     nodes = torch.zeros(b, 1, dtype=torch.long, device=dev)
     logp = torch.zeros(b, 1, dtype=h.dtype, device=dev)
     codes = torch.zeros(b, 1, 0, dtype=torch.long, device=dev)
@@ -48,11 +51,10 @@ def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained:
         v = head.sizes[j]
         flat_nodes = nodes.reshape(-1)
         live = flat_nodes >= 0
-        s = head.level_scores(j, q.repeat_interleave(w, 0), codes.reshape(b * w, j), flat_nodes)
-        if cons:
-            mask = torch.zeros_like(s, dtype=torch.bool)
-            mask[live] = trie.valid_mask(j, flat_nodes[live])
-            s = s.masked_fill(~mask, float("-inf"))
+        if cons:  # -inf off the trie (and for dead beams)
+            s = head.child_scores(j, q, flat_nodes, tables)
+        else:
+            s = head.level_scores(j, q.repeat_interleave(w, 0), codes.reshape(b * w, j), flat_nodes)
         lp = torch.log_softmax(s, -1).nan_to_num(nan=float("-inf"))  # dead beams: all -inf
         if item_filter is not None and not item_filter.empty:  # after normalising: scores stay log Q
             keep = torch.zeros_like(lp, dtype=torch.bool)

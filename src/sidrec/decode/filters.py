@@ -111,12 +111,26 @@ class ItemFilter:
 
     def alive(self, trie, depth: int, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         """Boolean, same shape as `nodes` (depth-`depth` nodes, >= 0) and `rows`: does the row
-        have an allowed item below the node?"""
-        below = self._n_below(trie, depth, nodes.device)
-        free = below[nodes] - self._lookup(trie, depth, "excl", rows, nodes)
-        allowed = self._lookup(trie, depth, "allow", rows, nodes)
-        has_allow = torch.from_numpy(self.has_allow).to(nodes.device)[rows]
-        return torch.where(has_allow, allowed > 0, free > 0)
+        have an allowed item below the node? Only nodes that could be dead are looked up: an allow
+        list's row, or a node with no more items below it than the row excludes."""
+        dev = nodes.device
+        below = self._n_below(trie, depth, dev)[nodes]
+        has_allow = self._row_tensor("has_allow", dev)[rows]
+        check = has_allow | (below <= self._row_tensor("n_excl", dev)[rows])
+        out = torch.ones_like(nodes, dtype=torch.bool)
+        r, n = rows[check], nodes[check]
+        free = below[check] - self._lookup(trie, depth, "excl", r, n)
+        allowed = self._lookup(trie, depth, "allow", r, n)
+        out[check] = torch.where(has_allow[check], allowed > 0, free > 0)
+        return out
+
+    def _row_tensor(self, name: str, device) -> torch.Tensor:
+        """Per row: has_allow, or n_excl (how many items it excludes)."""
+        key = (name, str(device))
+        if key not in self._cache:
+            value = self.has_allow if name == "has_allow" else np.bincount(self.excl_rows, minlength=self.n_rows)
+            self._cache[key] = torch.from_numpy(value).to(device)
+        return self._cache[key]
 
     def _n_below(self, trie, depth: int, device) -> torch.Tensor:
         key = ("below", depth, str(device))
@@ -127,10 +141,8 @@ class ItemFilter:
     def valid_mask(self, trie, j: int, nodes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Boolean [M, V_j]: tokens that extend each depth-j node (of row `rows`) to a valid prefix
         with at least one allowed item below (the trie's own mask, narrowed by the filter)."""
-        tok, child = trie.children_padded(j, nodes.device)
-        tok, child = tok[nodes], child[nodes]  # [M, F], -1 = padding
-        ok = child >= 0
-        ok &= self.alive(trie, j + 1, rows[:, None].expand_as(child), child.clamp(min=0))
-        mask = torch.zeros(len(nodes), trie.sizes[j] + 1, dtype=torch.bool, device=nodes.device)
-        mask.scatter_(1, torch.where(ok, tok, trie.sizes[j]), ok)  # padding lands in the extra column
-        return mask[:, :-1]
+        which, child = trie.children(j, nodes)
+        ok = self.alive(trie, j + 1, rows[which], child)
+        mask = torch.zeros(len(nodes), trie.sizes[j], dtype=torch.bool, device=nodes.device)
+        mask[which[ok], trie.torch("node_tok", j + 1, nodes.device)[child[ok]]] = True
+        return mask

@@ -120,9 +120,7 @@ def validator(data: SequenceData, *, exclude_seen: bool = False, batch_size: int
 def popularity_ranking(data: SequenceData, split: str) -> dict:
     """Metrics of ranking every item by its count in the training prefixes (a sanity baseline;
     full ranking, same protocol as the models)."""
-    user = np.repeat(np.arange(data.n_users), data.lengths)
-    in_train = np.arange(data.n_interactions) < data.history_end("train")[user]
-    counts = np.bincount(data.items[in_train], minlength=data.n_items).astype(np.float64)
+    counts = data.train_target_counts().astype(np.float64)
     order = np.argsort(-counts, kind="stable")
     rank_of = np.empty(data.n_items, dtype=np.float64)
     rank_of[order] = np.arange(1, data.n_items + 1)

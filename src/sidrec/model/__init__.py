@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sidrec.model.backbone import Backbone, BackboneConfig
+from sidrec.model.sampled import NegativeSampler
 from sidrec.model.heads import (AutoregressiveHead, FullSoftmaxHead, Head, ItemVectors, ParallelHead,
                                 SharedTokenVectors, segment_logsumexp)
 from sidrec.tokenize.codebook import Codebook
@@ -26,6 +27,9 @@ class ModelConfig:
     item_vectors: bool = True  # ar: node vector += mean item vector below it, plus one bias per node
     head_hidden: int | None = None  # hidden width of the head MLPs (default 2 * d_model)
     fv_chunk: int | None = 1024  # fv: items per chunk of the streamed softmax loss (None: one pass)
+    fv_loss: str = "full"  # fv: full (exact softmax) | sampled (sampled softmax with logQ correction)
+    fv_sampler: str = "uniform"  # fv, sampled: uniform | popularity | in-batch negatives
+    fv_negatives: int = 256  # fv, sampled: negatives per step (uniform, popularity)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,7 +113,8 @@ class SeqRecModel(nn.Module):
 
 def _fv(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook) -> FullSoftmaxHead:
     tied = backbone.item_emb.weight if (cfg.tied and backbone.item_emb is not None) else None
-    return FullSoftmaxHead(d, n_items, tied, cfg.fv_chunk)
+    sampler = NegativeSampler(n_items, cfg.fv_sampler, cfg.fv_negatives) if cfg.fv_loss == "sampled" else None
+    return FullSoftmaxHead(d, n_items, tied, cfg.fv_chunk, sampler)
 
 
 def _ar(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook) -> AutoregressiveHead:

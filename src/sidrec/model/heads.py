@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidrec.model.sampled import NegativeSampler, sampled_softmax_nll
 from sidrec.model.softmax_ce import softmax_ce
 from sidrec.tokenize.codebook import Codebook
 
@@ -112,24 +113,33 @@ class ItemVectors:
 
 
 class FullSoftmaxHead(nn.Module):
-    """FV-MLE: P(i | h) = softmax_i(<h, w_i> + b_i) over all N items."""
+    """FV-MLE: P(i | h) = softmax_i(<h, w_i> + b_i) over all N items.
+
+    Trained with the exact loss (streamed over item chunks), or, with a `sampler`, with sampled
+    softmax and logQ correction (`sidrec.model.sampled`): what large catalogues use in practice, an
+    approximation of MLE. Scoring and evaluation always use the full softmax."""
 
     supports_beam = False
 
     def __init__(self, d: int, n_items: int, tied_weight: nn.Parameter | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, sampler: NegativeSampler | None = None):
         super().__init__()
         self.n_items = n_items
         self.chunk_size = chunk_size  # item chunk of the memory-efficient loss (None: one pass)
         self.weight = tied_weight if tied_weight is not None else nn.Parameter(torch.randn(n_items, d) * 0.02)
         self.bias = nn.Parameter(torch.zeros(n_items))
+        self.sampler = sampler
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return h @ self.weight[: self.n_items].T + self.bias
 
     def nll(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The training loss per target (grad enabled: streamed exact CE, or sampled softmax when the
+        head has a sampler); without grad, the exact -log P(item | h)."""
         if h.dtype != torch.float32 or not torch.is_grad_enabled():
             return F.cross_entropy(self.logits(h), items, reduction="none")  # float64 checks, inference
+        if self.sampler is not None:
+            return sampled_softmax_nll(h, self.weight[: self.n_items], self.bias, items, self.sampler)
         return softmax_ce(h, self.weight[: self.n_items], self.bias, items, self.chunk_size)
 
     def log_prob(self, h, items):
@@ -190,6 +200,7 @@ class AutoregressiveHead(nn.Module):
         self.tok_out = token_vectors(self.sizes, d, shared_tokens)
         self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
         self.item_emb, self.node_bias = None, None
+        self._means_cache = self._tables_cache = None
         if item_vectors:
             if item_table is not None:
                 self.item_emb = ItemVectors(item_table, codebook.n_items)
@@ -212,9 +223,10 @@ class AutoregressiveHead(nn.Module):
         return [m(h) for m in self.ctx]
 
     def level_scores(self, j: int, q: torch.Tensor, prefix_codes: torch.Tensor,
-                     nodes: torch.Tensor | None = None) -> torch.Tensor:
+                     nodes: torch.Tensor | None = None, means: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Scores s_j [B, V_j] of every level-j token after each row's prefix (teacher forcing, beam).
-        `nodes` [B]: the rows' depth-j prefix nodes (-1: a dead beam); needed for the item terms."""
+        `nodes` [B]: the rows' depth-j prefix nodes (-1: a dead beam); needed for the item terms.
+        `means`: `node_means()` when the caller scores several levels (computed once)."""
         film = self._film(j, prefix_codes)
         if film is not None:
             q = q * (1 + film[0]) + film[1]
@@ -223,43 +235,50 @@ class AutoregressiveHead(nn.Module):
             return s
         if nodes is None:
             nodes = torch.zeros(len(q), dtype=torch.long, device=q.device)
-        return s + self._item_terms(j, q, nodes, s.shape[1])
+        nv = (means or self.node_means(q.device))[j]
+        return s + self._item_terms(j, q, nodes, s.shape[1], nv)
 
-    def node_item_vectors(self, j: int, device) -> torch.Tensor:
-        """[P_{j+1}, d]: the mean item vector below each depth-(j+1) node (a leaf: its item's vector)."""
+    def node_means(self, device) -> list[torch.Tensor]:
+        """Per level j, [P_{j+1}, d]: the mean item vector below each depth-(j+1) node (a leaf: its
+        item's vector). Computed bottom-up, each level's sums from its children's: one pass over the
+        N item vectors for all levels, the rest over the (much smaller) upper levels."""
         w = self.item_emb.weight
-        if j == len(self.sizes) - 1:
-            return torch.index_select(w, 0, self.trie.torch("first_item", j + 1, device))
-        node = self.trie.torch("item_node", None, device)[j + 1]
-        n = self.trie.n_nodes(j + 1)
-        total = w.new_zeros(n, w.shape[1]).index_add(0, node, w)
-        count = torch.bincount(node, minlength=n).clamp(min=1).to(w.dtype)
-        return total / count[:, None]
+        key = (str(device), w.data_ptr(), w._version)  # _version: bumped by every in-place update
+        if not torch.is_grad_enabled() and self._means_cache is not None and self._means_cache[0] == key:
+            return self._means_cache[1]  # decoding and scoring: constant between weight updates
+        k = len(self.sizes)
+        sums = torch.index_select(w, 0, self.trie.torch("first_item", k, device))  # leaves, in node order
+        out = [sums]
+        for depth in range(k - 1, 0, -1):
+            parent = self.trie.torch("node_parent", depth + 1, device)
+            sums = sums.new_zeros(self.trie.n_nodes(depth), w.shape[1]).index_add(0, parent, sums)
+            out.append(sums / self.trie.torch("items_below", depth, device).clamp(min=1).to(w.dtype)[:, None])
+        out = out[::-1]
+        if not torch.is_grad_enabled():
+            self._means_cache = (key, out)
+        return out
 
-    def _item_terms(self, j: int, q: torch.Tensor, nodes: torch.Tensor, v: int) -> torch.Tensor:
-        """<q, mean e_i> + b_n of each row's valid children, scattered to their tokens [B, V_j]."""
-        nv, nb = self.node_item_vectors(j, q.device), self.node_bias[j]
-        tok, child = self.trie.children_padded(j, q.device)
-        if len(tok) == 1:  # the root: every row has the same children, one GEMM
-            x = q @ nv[child[0]].T
-            x = x.to(torch.promote_types(x.dtype, nb.dtype)) + nb[child[0]]
-            return x.new_zeros(len(q), v).index_add(1, tok[0], x)
-        tok, child = tok[nodes.clamp(min=0)], child[nodes.clamp(min=0)]  # [B, F], -1 = padding
-        c0 = child.clamp(min=0)
-        step = max(1, (1 << 24) // (child.shape[1] * q.shape[1]))  # bound the [rows, F, d] gather
-        parts = []
-        for i in range(0, len(q), step):  # index_select: its backward is a fast index_add
-            e = torch.index_select(nv, 0, c0[i:i + step].reshape(-1)).view(*c0[i:i + step].shape, -1)
-            parts.append(torch.einsum("bd,bfd->bf", q[i:i + step], e))
-        add = torch.cat(parts)
-        add = add.to(torch.promote_types(add.dtype, nb.dtype)) + torch.index_select(nb, 0, c0.reshape(-1)).view(c0.shape)
-        add = add * ((child >= 0) & (nodes >= 0)[:, None])  # padding, dead beams: 0
-        return add.new_zeros(len(q), v).scatter_add(1, tok.clamp(min=0), add)
+    def _item_terms(self, j: int, q: torch.Tensor, nodes: torch.Tensor, v: int, nv: torch.Tensor) -> torch.Tensor:
+        """<q, mean e_i> + b_n of each row's valid children, scattered to their tokens [B, V_j]
+        (0 elsewhere and for dead beams). Children are gathered as a flat ragged list, so the cost
+        is the number of real children, not rows x the largest fan-out."""
+        nb = self.node_bias[j]
+        if j == 0:  # the root: every row has the same children, one GEMM
+            kids = self.trie.torch("node_tok", 1, q.device)
+            x = q @ nv.T
+            x = x.to(torch.promote_types(x.dtype, nb.dtype)) + nb
+            return x.new_zeros(len(q), v).index_copy(1, kids, x)
+        rows, child = self.trie.children(j, nodes)
+        tok = self.trie.torch("node_tok", j + 1, q.device)[child]
+        # index_select: its backward is a fast index_add
+        dots = (torch.index_select(q, 0, rows) * torch.index_select(nv, 0, child)).sum(-1)
+        dots = dots.to(torch.promote_types(dots.dtype, nb.dtype)) + torch.index_select(nb, 0, child)
+        return dots.new_zeros(len(q) * v).index_add(0, rows * v + tok, dots).view(len(q), v)
 
     def level_log_probs(self, j: int, q: torch.Tensor, prefix_codes: torch.Tensor,
-                        nodes: torch.Tensor) -> torch.Tensor:
+                        nodes: torch.Tensor, means: list[torch.Tensor] | None = None) -> torch.Tensor:
         """log P(c_j = v | prefix, h) for all v: [B, V_j]; -inf on invalid tokens if constrained."""
-        s = self.level_scores(j, q, prefix_codes, nodes)
+        s = self.level_scores(j, q, prefix_codes, nodes, means)
         if self.constrained:
             s = s.masked_fill(~self.trie.valid_mask(j, nodes), NEG_INF)
         return torch.log_softmax(s, dim=-1)
@@ -269,9 +288,10 @@ class AutoregressiveHead(nn.Module):
         """Teacher-forced sum of token losses: -sum_j log P(c*_j | c*_<j, h)."""
         codes = self.codes[items]
         nodes = self.trie.torch("item_node", None, h.device)[:, items]
+        means = self.node_means(h.device) if self.item_emb is not None else None
         loss = h.new_zeros(len(items))
         for j, q in enumerate(self.contexts(h)):
-            lp = self.level_log_probs(j, q, codes[:, :j], nodes[j])
+            lp = self.level_log_probs(j, q, codes[:, :j], nodes[j], means)
             loss = loss - lp.gather(1, codes[:, j : j + 1]).squeeze(1)
         return loss
 
@@ -279,14 +299,48 @@ class AutoregressiveHead(nn.Module):
         return -self.nll(h, items)
 
     def eval_cache(self, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per level, the context-free vectors and offsets of every trie node (see the class doc).
-        They depend only on parameters: compute once per evaluation pass."""
+        """Per level, the context-free vectors and offsets of every trie node (see the class doc):
+        s_j(n | h) = <q_j(h), w_n> + c_n. They depend only on the parameters, so without grad they are
+        kept until a parameter changes (evaluation passes, beam search, a server's requests)."""
+        key = self._param_key(device)
+        if not torch.is_grad_enabled() and self._tables_cache is not None and self._tables_cache[0] == key:
+            return self._tables_cache[1]
         out = []
+        means = self.node_means(device) if self.item_emb is not None else None
         for j in range(len(self.sizes)):
             parent = self.trie.torch("node_parent", j + 1, device)
             tok = self.trie.torch("node_tok", j + 1, device)
-            out.append(self._node_vectors(j, parent, tok, device))
+            out.append(self._node_vectors(j, parent, tok, device, means))
+        if not torch.is_grad_enabled():
+            self._tables_cache = (key, out)
         return out
+
+    def _param_key(self, device) -> tuple:
+        """Changes whenever any parameter is replaced or updated in place (tensor version counters)."""
+        params = [*self.parameters(), *([self.item_emb.weight] if self.item_emb is not None else []),
+                  *(self.tok_out if isinstance(self.tok_out, SharedTokenVectors) else [])]
+        return (str(device), *((p.data_ptr(), p._version) for p in params))
+
+    def child_scores(self, j: int, q: torch.Tensor, nodes: torch.Tensor, tables) -> torch.Tensor:
+        """Scores [B * W, V_j] of the valid children of each beam's depth-j node (`nodes` [B * W],
+        beams of user u at rows u*W .. u*W+W-1; `q` [B, d] the users' level-j contexts) from the node
+        tables; -inf for tokens that lead nowhere and for dead beams. What constrained beam search
+        needs, with no per-beam MLP. Two ways to the same numbers, whichever reads less: one GEMM of
+        each user's context with every depth-(j+1) node (small levels), or the beams' real children
+        gathered as a flat list (large levels: independent of the catalogue size)."""
+        w, c = tables[j]
+        v = self.sizes[j]
+        beams = len(nodes) // len(q)
+        rows, child = self.trie.children(j, nodes)
+        tok = self.trie.torch("node_tok", j + 1, q.device)[child]
+        if len(q) * len(w) <= 16 * len(child):  # per-user GEMM over all nodes of the level, then a gather
+            s = torch.addmm(c, q, w.T)  # [B, P_{j+1}]
+            dots = s[torch.div(rows, beams, rounding_mode="floor"), child]
+        else:
+            qs = torch.index_select(q, 0, torch.div(rows, beams, rounding_mode="floor"))
+            dots = (qs * torch.index_select(w, 0, child)).sum(-1) + c[child]
+        out = dots.new_full((len(nodes) * v,), NEG_INF)
+        return out.index_copy(0, rows * v + tok, dots).view(len(nodes), v)
 
     def log_prob_all(self, h: torch.Tensor, cache=None) -> torch.Tensor:
         """Exact log Q(i | h) for all N items [B, N], level by level over the trie (no per-item passes).
@@ -315,11 +369,11 @@ class AutoregressiveHead(nn.Module):
             out[nodes] = block if n_children == 1 else torch.logsumexp(block.view(len(nodes), n_children, -1), 1)
         return out
 
-    def _node_vectors(self, j, parent, tok, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _node_vectors(self, j, parent, tok, device, means=None) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.tok_out[j][tok]
         b = self.tok_bias[j][tok]
         if self.item_emb is not None:
-            e = e + self.node_item_vectors(j, device)
+            e = e + means[j]
             b = b + self.node_bias[j]
         film = self._film(j, self._node_codes(j, device)) if j else None  # over the [P_j, j] parents
         if film is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -308,8 +309,9 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device:
     import torch
     import uvicorn
 
-    if threads:
-        torch.set_num_threads(threads)
+    # micro-batches are small: intra-op threads beyond half the cores mostly spin and starve the
+    # event loop that parses requests (and, on one machine, the clients)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
     service = Service(run, device=device, decode=decode, beam=beam)
     app = create_app(service, batching, limits)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

@@ -81,6 +81,11 @@ class Trie:
         """[P_j] how many items lie below each depth-j node (1 at the leaves of a bijection)."""
         return np.bincount(self.item_node[j], minlength=self.n_nodes(j))
 
+    @property
+    def items_below(self) -> list[np.ndarray]:
+        """n_items_below for every depth (what `torch("items_below", j)` caches)."""
+        return [self.n_items_below(j) for j in range(self.depth + 1)]
+
     def torch(self, name: str, j: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         """Cached torch copy of a trie array on `device`."""
         key = (name, j, str(device))
@@ -105,30 +110,24 @@ class Trie:
             self._t[key] = groups
         return self._t[key]
 
-    def children_padded(self, j: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Children of every depth-j node padded to the largest fan-out: (tokens, depth-(j+1) node
-        ids), each [P_j, F], -1 = padding (cached). Lets a batch of rows gather their own children."""
-        key = ("children", j, str(device))
-        if key not in self._t:
-            ptr = self.child_ptr[j]
-            idx = ptr[:-1, None] + np.arange(np.diff(ptr).max())[None, :]
-            ok = idx < ptr[1:, None]
-            tok = np.where(ok, self.node_tok[j + 1][np.where(ok, idx, 0)], -1)
-            self._t[key] = (torch.as_tensor(tok).to(device), torch.as_tensor(np.where(ok, idx, -1)).to(device))
-        return self._t[key]
+    def children(self, j: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The children of depth-j `nodes` [M] as a flat ragged list: (row of each child in `nodes`,
+        its depth-(j+1) node id), in row order. Rows with node -1 (dead beams) have none. Only real
+        children are listed (no padding to the largest fan-out), so work is proportional to them."""
+        dev = nodes.device
+        ptr = self.torch("child_ptr", j, dev)
+        live = nodes >= 0
+        start = ptr[nodes.clamp(min=0)]
+        counts = torch.where(live, ptr[nodes.clamp(min=0) + 1] - start, torch.zeros_like(start))
+        rows = torch.repeat_interleave(torch.arange(len(nodes), device=dev), counts)
+        first = torch.repeat_interleave(start - torch.cumsum(counts, 0) + counts, counts)
+        return rows, first + torch.arange(len(rows), device=dev)
 
     def valid_mask(self, j: int, nodes: torch.Tensor) -> torch.Tensor:
         """Boolean [B, V_j]: which tokens extend each depth-j prefix node to a valid prefix."""
-        dev = nodes.device
-        ptr = self.torch("child_ptr", j, dev)
-        tok = self.torch("node_tok", j + 1, dev)
-        start, stop = ptr[nodes], ptr[nodes + 1]
-        counts = stop - start
-        rows = torch.repeat_interleave(torch.arange(len(nodes), device=dev), counts)
-        first = torch.repeat_interleave(start - torch.cumsum(counts, 0) + counts, counts)
-        idx = first + torch.arange(int(counts.sum()), device=dev)
-        mask = torch.zeros(len(nodes), self.sizes[j], dtype=torch.bool, device=dev)
-        mask[rows, tok[idx]] = True
+        rows, child = self.children(j, nodes)
+        mask = torch.zeros(len(nodes), self.sizes[j], dtype=torch.bool, device=nodes.device)
+        mask[rows, self.torch("node_tok", j + 1, nodes.device)[child]] = True
         return mask
 
     def child(self, j: int, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

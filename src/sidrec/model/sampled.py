@@ -1,0 +1,67 @@
+"""Sampled softmax with logQ correction: FV-MLE's training loss at catalogue scale.
+
+The exact loss needs every item's logit per target (O(N) per target). Sampled softmax scores the
+target against K negatives drawn from a proposal Q shared by the batch, each negative's logit
+corrected by -log(K Q(i)) (logQ correction) and negatives equal to the target removed: the sum of
+the corrected exponentials estimates the partition function without bias, so the loss estimates
+the full cross-entropy, but its log makes it (and its gradient) biased for finite K, which is why
+sampled softmax only approximates MLE (Bengio & Senecal 2008; Jean et al. 2015). Samplers:
+
+- uniform: Q(i) = 1/N (the correction is a constant and cancels);
+- popularity: Q(i) proportional to the item's count in the training data (plus one), drawn by
+  inverse-CDF search, O(K log N) per step;
+- in-batch: the negatives are the batch's own targets, so Q is again the popularity distribution
+  (K = the number of targets in the batch); no extra item vectors are read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SAMPLERS = ("uniform", "popularity", "in-batch")
+
+
+class NegativeSampler(torch.nn.Module):
+    """Draws K shared negatives per step and knows log Q of any item."""
+
+    def __init__(self, n_items: int, kind: str = "uniform", k: int = 256):
+        super().__init__()
+        if kind not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, not {kind!r}")
+        self.n_items, self.kind, self.k = n_items, kind, k
+        # popularity: set from the training data by `set_counts`; until then uniform
+        self.register_buffer("cdf", torch.zeros(0), persistent=False)
+        self.register_buffer("log_q", torch.zeros(0), persistent=False)
+
+    def set_counts(self, counts: torch.Tensor) -> None:
+        """Item counts in the training targets (popularity and in-batch samplers)."""
+        p = counts.double() + 1.0
+        p = p / p.sum()
+        self.cdf = torch.cumsum(p, 0).to(self.cdf.device)
+        self.log_q = torch.log(p).float().to(self.log_q.device)
+
+    def item_log_q(self, items: torch.Tensor) -> torch.Tensor:
+        if self.kind == "uniform" or not len(self.log_q):
+            return torch.full(items.shape, -math.log(self.n_items), device=items.device)
+        return self.log_q[items]
+
+    def sample(self, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(negatives [K], K); in-batch: the batch's targets."""
+        if self.kind == "in-batch":
+            return targets, len(targets)
+        if self.kind == "popularity" and len(self.cdf):
+            u = torch.rand(self.k, dtype=torch.float64, device=targets.device)
+            return torch.searchsorted(self.cdf, u).clamp(max=self.n_items - 1), self.k
+        return torch.randint(0, self.n_items, (self.k,), device=targets.device), self.k
+
+
+def sampled_softmax_nll(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, targets: torch.Tensor,
+                        sampler: NegativeSampler) -> torch.Tensor:
+    """Per-target sampled-softmax loss [n] for logits h @ w.T + b (see the module doc)."""
+    neg, k = sampler.sample(targets)
+    pos = (h * w[targets]).sum(-1) + b[targets]
+    logits = h @ w[neg].T + b[neg] - (math.log(k) + sampler.item_log_q(neg))  # [n, K], logQ-corrected
+    logits = logits.masked_fill(neg[None, :] == targets[:, None], float("-inf"))  # accidental hits
+    return torch.logsumexp(torch.cat([pos[:, None], logits], 1), 1) - pos
