@@ -336,18 +336,81 @@ def coldstart_table(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scale_fit_table(r: dict) -> str:
+    """bench.scale_fit: fit to a known P* under one training-time budget per catalogue size."""
+    lines = ["| N | model | steps | s/step | test NLL | KL(P* ‖ Q) | Recall@10 | NDCG@10 | s to sampled FV's KL |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        b = row["bayes_optimal"]
+        for m in row["models"]:
+            t = m.get("seconds_to_sampled_fv_final_kl")
+            lines.append(f"| {row['n']:,} | {m['model']} | {m['steps']:,} | {m['seconds_per_step']} | {m['nll']:.3f} | "
+                         f"{m['kl_to_pstar']:.3f} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | "
+                         f"{'—' if t is None else t} |")
+        lines.append(f"| {row['n']:,} | Bayes-optimal (P* itself; entropy {b['entropy']:.3f}) | | | {b['nll']:.3f} | 0 | "
+                     f"{b['recall@10']:.4f} | {b['ndcg@10']:.4f} | |")
+    budget = r["rows"][0]["budget_seconds"] if r["rows"] else 0
+    return "\n".join(lines) + f"\n\nTraining-time budget per model: {budget:.0f} s. `{r['command']}`\n"
+
+
+def synthetic_table(r: dict) -> str:
+    """bench.synthetic: the quick start's test table on the synthetic default."""
+    labels = {"ar": "AR-NTP", "fv": "FV-MLE (full softmax)", "parallel": "Parallel head (non-AR)"}
+    lines = ["| model (one shared backbone) | Recall@10 | NDCG@10 | Recall@20 | NDCG@20 |", "|---|---|---|---|---|"]
+    for head, decs in r["test"].items():
+        for dec, m in decs.items():
+            name = labels.get(head, head) + ("" if head != "ar" else ", exact ranking" if dec == "exact" else
+                                             ", beam search (20)")
+            lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in ("recall@10", "ndcg@10", "recall@20",
+                                                                              "ndcg@20")) + " |")
+    b = r["bayes_optimal"]
+    lines.append("| Bayes-optimal (ranking by the true P*) | " +
+                 " | ".join(f"{b[k]:.4f}" for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def verify_table(r: dict) -> str:
+    """bench.synthetic: each claim of `sidrec verify --synthetic`, its measured value and tolerance."""
+    lines = ["| claim | measured | tolerance | pass |", "|---|---|---|---|"]
+    for c in r["claims"]:
+        lines.append(f"| {c['claim']} | {c['value']:.3g} | {c['tolerance']:.3g} | {'yes' if c['pass'] else 'no'} |")
+    return "\n".join(lines) + f"\n\n{r['seconds']['total']} s in all.\n"
+
+
 # ---- regions ------------------------------------------------------------------------------------
+
+def serve_headline() -> str:
+    """The README's one-paragraph serving figures, from bench/results/serve.json."""
+    path, r = load("serve")
+    rows = {(x["run"], x["batching"], x["concurrency"]): x for x in r["load"]}
+    top = max(x["concurrency"] for x in r["load"])
+    parts = []
+    for run, o in r["offline"].items():
+        on, one = rows.get((run, "on", top)), rows.get((run, "on", 1))
+        label = "AR-NTP beam 20" if o["decode"] == "beam" else "FV-MLE exact"
+        if on and one:
+            parts.append(f"{label}: {on['requests_per_s']:,.0f} req/s at concurrency {top} (p99 {on['p99_ms']:.0f} ms), "
+                         f"{one['p50_ms']:.1f} ms median alone, {r['speedup_batching'].get(run, '—')}× one request per call")
+    env = r.get("env", {})
+    return "; ".join(parts) + f" (Beauty, k = 10; commit `{env.get('commit')}`, {env.get('cpu_count')} CPU cores).\n"
+
 
 def render(name: str) -> str:
     """The body of the region `<!-- table: NAME -->` (without the markers)."""
     if name == "headline":
         return headline() + "\n"
+    if name == "serve-headline":
+        return serve_headline()
     path, r = load(name)
     kind = name.split("-")[0]
     if kind == "quality":
         body = quality_table(path, r)
     elif kind == "sweep":
         body = sweep_table(r["rows"]) + "\n" + source(path, r)
+    elif name.startswith("scale-fit"):
+        body = scale_fit_table(r) + "\n" + source(path, r)
+    elif name in ("synthetic", "verify-synthetic"):
+        body = {"synthetic": synthetic_table, "verify-synthetic": verify_table}[name](r) + "\n" + source(path, r)
     elif kind in ("scale", "serve", "coldstart"):
         body = {"scale": scale_table, "serve": serve_table, "coldstart": coldstart_table}[kind](r) + "\n" + source(path, r)
     elif kind in ("compare", "popularity", "tokenize", "train_speed"):
@@ -374,15 +437,17 @@ def fill(text: str) -> tuple[str, list[str]]:
 #: The kept bench/results/NAME.md files and how each is rendered from NAME.json.
 MD = {"quality": quality_markdown, "scale": scale_table, "sweep": lambda r: sweep_table(r["rows"]), "serve": serve_table,
       "coldstart": coldstart_table}
+MD_BY_PREFIX = {"scale-fit": scale_fit_table}
 
 
 def targets() -> list[tuple[Path, str, str]]:
     """(file, what, rendered text) for every generated file and every doc holding a marked region."""
     out = []
     for md in sorted(RESULTS.glob("*.md")):
-        kind = md.stem.split("-")[0]
-        if kind in MD and md.with_suffix(".json").exists():
-            out.append((md, md.stem, MD[kind](json.loads(md.with_suffix(".json").read_text()))))
+        render_md = next((f for prefix, f in MD_BY_PREFIX.items() if md.stem.startswith(prefix)),
+                         MD.get(md.stem.split("-")[0]))
+        if render_md and md.with_suffix(".json").exists():
+            out.append((md, md.stem, render_md(json.loads(md.with_suffix(".json").read_text()))))
     for doc in DOCS:
         text = doc.read_text()
         new, changed = fill(text)

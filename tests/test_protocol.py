@@ -108,3 +108,26 @@ def test_neural_equivalence_claims_hold_at_documented_tolerances(tmp_path):
     for cid in ("2.neural_kl_ar", "2.neural_kl_fv", "3.unconstrained_leak"):
         assert by[cid]["pass"], by[cid]
     assert res["all_pass"], [c for c in res["claims"] if not c["pass"]]
+
+
+def test_time_budget_stops_training_with_a_validated_checkpoint(tmp_path):
+    data, cb = cyclic_data(), grid_codebook()
+    model = SeqRecModel(ModelConfig(head="ar", backbone=BackboneConfig(d_model=16, n_heads=2, d_ff=32, max_len=8)),
+                        data.n_items, cb)
+    calls = []
+    tc = TrainConfig(epochs=50, batch_size=8, warmup_steps=1, max_seconds=1e-9, log_every=1)
+    state = Trainer(model, data, tc, tmp_path, lambda m: calls.append(1) or {"ndcg@10": 0.5}).fit()
+    assert state["done"] and state["step"] == 1 and calls == [1] and (tmp_path / "model.safetensors").exists()
+
+
+def test_runs_recorded_before_a_setting_existed_are_not_stale(tmp_path):
+    """Keys added to the config later (at the value that does what old runs did) do not make a
+    recorded stage stale: `sidrec run` reuses it and `train --resume` accepts it."""
+    from sidrec import io
+    from sidrec.run import ADDED_KEYS, marker_fields, stage_status
+
+    now = {"sidrec": "x", "model.head": "ar", **ADDED_KEYS}
+    old = {k: v for k, v in now.items() if k not in ADDED_KEYS}
+    io.own_dir(tmp_path / "r", "run", **marker_fields(old))
+    assert stage_status(tmp_path / "r", "run", now) == ("same", [])
+    assert stage_status(tmp_path / "r", "run", {**now, "model.fv_loss": "sampled"}) == ("stale", ["model.fv_loss"])

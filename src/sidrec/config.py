@@ -206,7 +206,7 @@ SCHEMA: dict[str, tuple] = {
     "train.patience": _int(1), "train.eval_every": _int(1), "train.eval_batch_size": _int(1),
     "train.eval_users": _int(0), "train.exclude_seen": BOOL, "train.seed": _int(0, SEED_MAX),
     "train.device": _choice(*DEVICES), "train.amp": BOOL, "train.ckpt_every_steps": _int(0),
-    "train.max_steps": _int(0), "train.log_every": _int(1), "train.bucket": BOOL,
+    "train.max_steps": _int(0), "train.max_seconds": _num(0), "train.log_every": _int(1), "train.bucket": BOOL,
     "eval.beam": _int(1), "eval.exclude_seen": BOOL, "eval.batch_size": _int(1),
 }
 

@@ -145,9 +145,16 @@ def model_inputs(cfg: dict, data_fp: str, codebook_fp: str | None) -> dict:
     return {"sidrec": __version__, "data": data_fp, "codebook": codebook_fp, **flat_keys(cfg["model"], "model."), **train}
 
 
+#: Settings added after runs were recorded, at the value that does what those runs did: a stage whose
+#: recorded inputs lack one of them was made with this value (so it is not stale for it).
+ADDED_KEYS = {"model.fv_loss": "full", "model.fv_sampler": "uniform", "model.fv_negatives": 256,
+              "train.max_seconds": 0}
+
+
 def changed_keys(old: dict, new: dict, ignore=frozenset()) -> list[str]:
+    old = {**{k: v for k, v in ADDED_KEYS.items() if k in new and k not in old}, **old}
     keys = sorted((set(old) | set(new)) - set(ignore))
-    return [k for k in keys if old.get(k, "<absent>") != new.get(k, "<absent>")]
+    return [k for k in keys if _canon(old.get(k, "<absent>")) != _canon(new.get(k, "<absent>"))]
 
 
 def dir_fingerprint(path: str | Path, kind: str) -> str:
@@ -176,7 +183,8 @@ def stage_status(path: str | Path, kind: str, inputs: dict) -> tuple[str, list[s
         return "stale", ["its fingerprint: it was made by an older sidrec"]
     if m.get("fingerprint") == digest(inputs):
         return "same", []
-    return "stale", changed_keys(old, inputs) or ["(fingerprint)"]
+    changed = changed_keys(old, inputs)
+    return ("stale", changed) if changed else ("same", [])  # e.g. a key added later, at its old value
 
 
 def marker_fields(inputs: dict) -> dict:

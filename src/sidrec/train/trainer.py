@@ -55,6 +55,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA
     ckpt_every_steps: int = 0  # 0: checkpoint at epoch ends only
     max_steps: int = 0  # 0: no limit (tests and benchmarks stop early)
+    max_seconds: float = 0  # 0: no limit; else stop once the optimisation steps took this long (a time budget)
     log_every: int = 50
     bucket: bool = True  # length-bucketed batches (False: random batches padded to their max)
 
@@ -122,7 +123,7 @@ class Trainer:
             total = min(total, cfg.max_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, total))
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0,
-                      "done": False, "epoch_loss_sum": 0.0, "epoch_loss_n": 0}
+                      "done": False, "epoch_loss_sum": 0.0, "epoch_loss_n": 0, "step_seconds": 0.0}
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -196,7 +197,9 @@ class Trainer:
             t_epoch = time.perf_counter()
             for bi in range(st["batch"], n_batches):
                 rows = order[bi]
+                t_step = time.perf_counter()
                 loss = self.step(rows)
+                st["step_seconds"] = st.get("step_seconds", 0.0) + time.perf_counter() - t_step
                 st["epoch_loss_sum"] += loss
                 st["epoch_loss_n"] += 1
                 n_tgt += int(self.batches.length[rows].sum())
@@ -210,10 +213,11 @@ class Trainer:
                     t_log, n_tgt = time.perf_counter(), 0
                 if cfg.ckpt_every_steps and st["step"] % cfg.ckpt_every_steps == 0:
                     self.save_checkpoint()
-                if cfg.max_steps and st["step"] >= cfg.max_steps:
+                if (cfg.max_steps and st["step"] >= cfg.max_steps) or \
+                        (cfg.max_seconds and st["step_seconds"] >= cfg.max_seconds):
                     st["done"] = True
                     break
-            if st["batch"] >= n_batches:
+            if st["batch"] >= n_batches or (st["done"] and cfg.max_seconds):  # a time budget ends with a validation
                 self._end_epoch(time.perf_counter() - t_epoch, bar)
             if st["epoch"] >= cfg.epochs:
                 st["done"] = True

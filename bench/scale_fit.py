@@ -1,0 +1,174 @@
+"""Fit quality at scale, where the truth is known: AR-NTP vs exact and sampled-softmax FV-MLE.
+
+    python -m bench.scale_fit [--sizes 100000,1000000] [--budget-min 10]
+
+For each catalogue size N, synthetic users are drawn from the generator with a known
+P*(item | history) (`sidrec.data.synth`: a latent item hierarchy, popularity, an EMA of the
+history). Then, on the same backbone and the same training-time budget on this machine (the time
+spent in optimisation steps; validation excluded), each output layer is trained with the library's
+Trainer: AR-NTP (the shipped head) on RQ-KMeans semantic IDs of the items' latent vectors, FV-MLE
+with the exact streamed softmax, and FV-MLE with sampled softmax (popularity proposal, 4,096
+negatives, logQ correction). On held-out test users: NLL of the real next item, KL(P* || Q), Recall@10
+and NDCG@10 (full ranking, seen items kept: users may return to an item) against the Bayes-optimal
+ranking by P*, and the KL after every epoch with the training time it took (how fast each reaches
+a given KL). Sequences are drawn by inverse-CDF sampling (`torch.multinomial`) so that 10^6-item
+catalogues are affordable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import RESULTS, ROOT, write_result
+from bench.tables import scale_fit_table
+from sidrec import io
+from sidrec.data import SequenceData
+from sidrec.data.synth import bayes_optimal, item_titles, make_world, padded_histories, save_synthetic
+from sidrec.evaluate import evaluate_split, validator
+from sidrec.model import BackboneConfig, ModelConfig, SeqRecModel
+from sidrec.tokenize import fit_codebook
+from sidrec.train import TrainConfig, Trainer
+
+BACKBONE = BackboneConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128, dropout=0.1, max_len=20)
+MODELS = {"AR-NTP (shipped head)": {"head": "ar"},
+          "FV-MLE exact (streamed softmax)": {"head": "fv"},
+          "FV-MLE sampled softmax (popularity, 4,096 negatives, logQ)": {"head": "fv", "fv_loss": "sampled",
+                                                                          "fv_sampler": "popularity",
+                                                                          "fv_negatives": 4096}}
+
+
+def synth(n_items: int, n_users: int, out: Path, seed: int = 0, mean_len: float = 10.0) -> SequenceData:
+    """Users drawn from P* by inverse-CDF sampling; saved with its world (reused when present)."""
+    if (out / "world.npz").exists():
+        return SequenceData.load(out)
+    world = make_world(n_items, dim=16, n_categories=32, n_sub=32, seed=seed)
+    rng = np.random.default_rng(seed + 2)
+    lens = np.minimum(5 + rng.geometric(1.0 / (mean_len - 4), n_users) - 1, 40)
+    gen = torch.Generator().manual_seed(seed + 3)
+    seqs = np.zeros((n_users, lens.max()), dtype=np.int64)
+    chunk = max(1, 2**25 // n_items)
+    order = np.argsort(lens, kind="stable")  # users of similar length together: few idle rows
+    for s in range(0, n_users, chunk):
+        rows = order[s:s + chunk]
+        for t in range(int(lens[rows].max())):
+            live = rows[lens[rows] > t]
+            logits = world.logits(seqs[live, :t], np.full(len(live), t))
+            seqs[live, t] = torch.multinomial(torch.softmax(logits, 1), 1, generator=gen).squeeze(1).numpy()
+    mask = np.arange(seqs.shape[1])[None, :] < lens[:, None]
+    data = SequenceData(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), seqs[mask].astype(np.int32),
+                        np.arange(n_users).astype(str), item_titles(world, seed),
+                        meta={"synthetic": True, "sampler": "inverse CDF", "seed": seed})
+    save_synthetic(data, world, out)
+    return SequenceData.load(out)
+
+
+def subset(data: SequenceData, users: np.ndarray) -> SequenceData:
+    """The sequences of `users` only (same item ids)."""
+    lens = data.lengths[users]
+    items = np.concatenate([data.sequence(u) for u in users])
+    return SequenceData(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), items, data.user_ids[users],
+                        data.item_table)
+
+
+def truth_metrics(model, data: SequenceData, world, users: np.ndarray, batch: int) -> dict:
+    """NLL of the real test item, KL(P* || Q), Recall/NDCG@10 on `users` (test split)."""
+    hist, lens = padded_histories(data, "test")
+    hm, lm = padded_histories(data, "test", model.cfg.backbone.max_len)
+    tgt = data.targets("test").astype(np.int64)
+    nll = kl = 0.0
+    model.eval()
+    for s in range(0, len(users), batch):
+        u = users[s:s + batch]
+        p_log = world.log_prob(hist[u], lens[u]).double()
+        with torch.no_grad():
+            h = model.encode(torch.from_numpy(np.where(hm[u] < 0, data.n_items, hm[u])), torch.from_numpy(lm[u]))
+            q_log = model.head.log_prob_all(h).double()
+        nll -= q_log.gather(1, torch.from_numpy(tgt[u])[:, None]).sum().item()
+        kl += (p_log.exp() * (p_log - q_log)).sum().item()
+    m = evaluate_split(model, data, "test", users=users, batch_size=batch)
+    return {"nll": nll / len(users), "kl_to_pstar": kl / len(users), "recall@10": m["recall@10"], "ndcg@10": m["ndcg@10"]}
+
+
+def train(name: str, spec: dict, data, world, cb, run: Path, budget_s: float, users_kl: np.ndarray, batch: int) -> dict:
+    torch.manual_seed(0)
+    model = SeqRecModel(ModelConfig(backbone=BACKBONE, **spec), data.n_items, cb if spec["head"] == "ar" else None)
+    sampler = getattr(model.head, "sampler", None)
+    if sampler is not None:
+        sampler.set_counts(torch.from_numpy(data.train_target_counts()))
+    tc = TrainConfig(epochs=1000, batch_size=256, lr=2e-3, warmup_steps=50, patience=1000, max_seconds=budget_s,
+                     eval_batch_size=batch, log_every=10**9, seed=0)
+    trainer = Trainer(model, data, tc, run, None)
+    curve = []
+    val = validator(data, batch_size=batch, n_users=1000, seed=1)
+
+    def validate(m):  # after every epoch and at the end of the budget: KL to the truth, in training time
+        kl = truth_metrics(m, data, world, users_kl, batch)["kl_to_pstar"]
+        curve.append({"step": trainer.state["step"], "train_seconds": round(trainer.state["step_seconds"], 1),
+                      "kl_to_pstar": round(kl, 5)})
+        print(name, curve[-1], file=sys.stderr, flush=True)
+        return val(m)
+
+    trainer.validate = validate
+    t = time.perf_counter()
+    state = trainer.fit()
+    return {"model": name, "steps": state["step"], "train_seconds": round(state["step_seconds"], 1),
+            "seconds_per_step": round(state["step_seconds"] / max(1, state["step"]), 4),
+            "wall_seconds": round(time.perf_counter() - t, 1), "kl_curve": curve, "_model": trainer.model}
+
+
+def time_to_kl(curve: list[dict], target: float) -> float | None:
+    return next((c["train_seconds"] for c in curve if c["kl_to_pstar"] <= target), None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--users", type=int, default=50_000)
+    ap.add_argument("--budget-min", type=float, default=10.0, help="training-time budget per model (minutes)")
+    ap.add_argument("--eval-users", type=int, default=2000)
+    ap.add_argument("--out-root", default=str(ROOT / "bench" / "out" / "scale-fit"))
+    ap.add_argument("--results-dir", default=str(RESULTS))
+    ap.add_argument("--name", default="scale-fit")
+    a = ap.parse_args()
+    rows = []
+    for n in [int(s) for s in a.sizes.split(",")]:
+        work = Path(a.out_root) / f"n{n}"
+        t = time.perf_counter()
+        data = synth(n, a.users, work / "data")
+        gen_s = round(time.perf_counter() - t, 1)
+        from sidrec.data.synth import load_world
+
+        world = load_world(work / "data")
+        rng = np.random.default_rng(0)
+        users = np.sort(rng.choice(data.n_users, min(a.eval_users, data.n_users), replace=False))
+        batch = max(8, min(256, 2**26 // n))
+        bayes = bayes_optimal(world, subset(data, users), "test")
+        t = time.perf_counter()
+        cb = fit_codebook(world.latent, "rq-kmeans", 3, 256, seed=0, embeddings="latent")
+        row = {"n": n, "users": data.n_users, "interactions": data.n_interactions, "generate_seconds": gen_s,
+               "tokenizer_fit_seconds": round(time.perf_counter() - t, 1), "budget_seconds": a.budget_min * 60,
+               "bayes_optimal": {k: bayes[k] for k in ("nll", "entropy", "recall@10", "ndcg@10")}, "models": []}
+        for name, spec in MODELS.items():
+            res = train(name, spec, data, world, cb, work / name.split(" ")[0].lower() / str(len(row["models"])),
+                        a.budget_min * 60, users[:500], batch)
+            model = res.pop("_model")
+            res.update(truth_metrics(model, data, world, users, batch))
+            row["models"].append(res)
+            del model
+        fv_kl = next(m["kl_to_pstar"] for m in row["models"] if m["model"].startswith("FV-MLE sampled"))
+        for m in row["models"]:
+            m["seconds_to_sampled_fv_final_kl"] = time_to_kl(m["kl_curve"], fv_kl)
+        rows.append(row)
+        path = write_result(a.name, {"command": "python -m bench.scale_fit " + " ".join(sys.argv[1:]),
+                                     "backbone": BACKBONE.__dict__, "rows": rows}, Path(a.results_dir))
+    io.write_text(path.with_suffix(".md"), scale_fit_table(io.read_json(path)))
+
+
+if __name__ == "__main__":
+    main()
