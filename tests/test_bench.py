@@ -105,9 +105,13 @@ def test_scale_bench_smallest_size(tmp_path):
     _run(["bench.scale", "--sizes", "3000", "--repeats", "1", "--out-dir", str(tmp_path)], tmp_path)
     r = json.loads((tmp_path / "scale.json").read_text())
     row = r["rows"][0]
-    for key in ("train_fv-naive", "train_fv-chunked", "train_ar"):
-        assert row[key]["step_seconds"] > 0, row[key]
+    for kind in ("fv-naive", "fv-streamed", "fv-sampled-uniform-256", "fv-sampled-uniform-4096",
+                 "fv-sampled-popularity-4096", "fv-sampled-in-batch", "ar", "ar-token"):
+        assert row[f"train_{kind}"]["step_seconds"] > 0, row[f"train_{kind}"]
     assert row["infer_ar"]["beam20_seconds"] > 0 and row["infer_fv"]["exact_seconds"] > 0
+    assert row["infer_ar-token"]["beam20_seconds"] > 0
+    assert row["train_ar"]["item_table_parameters"] == 3000 * 64 and row["train_ar-token"]["item_table_parameters"] == 0
+    assert (tmp_path / "scale.md").exists() and (tmp_path / "scale.png").exists()
     assert (tmp_path / "scale.png").exists() and "| 3,000 |" in (tmp_path / "scale.md").read_text()
 
 

@@ -51,6 +51,10 @@ def test_new_items_keep_the_bijection_and_existing_codes(method, n, m, size, see
     x = rng.normal(size=(n + m, 6)).astype(np.float32)
     if method == "extra":
         cb = fit_codebook(x[:n], "rq-kmeans", 2, size, resolve_strategy="extra-token", seed=0)
+        if n + m > np.prod(cb.sizes):  # more items than IDs: refused, naming the way out
+            with pytest.raises(UserError, match="no free semantic ID"):
+                encode_new(cb, x[n:])
+            return
     else:
         if n + m > size ** 3:
             return

@@ -31,7 +31,7 @@ from sidrec.data import Dataset, SequenceData, prepare, read
 from sidrec.errors import UserError
 from sidrec.run import RunDir
 
-HEADS = ("ar", "fv", "parallel")
+HEADS = ("ar", "fv", "parallel", "joint")
 
 
 # ------------------------------------------------------------------------------------------ data

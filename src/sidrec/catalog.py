@@ -101,9 +101,9 @@ def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataF
     from sidrec.tokenize.encode import encode_new
 
     t0 = time.perf_counter()
-    if not model.supports_beam and model.cfg.head == "fv":
+    if model.cfg.head in ("fv", "joint"):
         raise UserError("FV-MLE has no content path: a new item has no trained output vector, so it could never be "
-                        "ranked; new items need a semantic-ID head (AR-NTP or parallel), or retrain FV-MLE")
+                        f"ranked ({model.cfg.head} head); new items need AR-NTP or the parallel head, or a retrain")
     ids = new["item"].astype(str)
     if ids.duplicated().any():
         raise UserError(f"item id {ids[ids.duplicated()].iloc[0]!r} appears twice in the new items")

@@ -145,7 +145,7 @@ def add_train(sub) -> None:
                        "Checkpoints are atomic; --resume continues a killed run. Launch with torchrun for "
                        "data-parallel training.")
     _add_config_args(p)
-    p.add_argument("--head", choices=["ar", "fv", "parallel", "ar-unconstrained"], default=None,
+    p.add_argument("--head", choices=["ar", "fv", "parallel", "joint", "ar-unconstrained"], default=None,
                    help="override model.head")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",

@@ -159,7 +159,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
 # range. `validate` checks a whole config against it once, where the config enters (load_config),
 # so later code can trust every value. Messages name the dotted key and the bad value.
 FORMATS = ("csv", "recbole", "ml-100k", "ml-1m", "amazon", "seq")
-HEAD_NAMES = ("ar", "fv", "parallel", "ar-unconstrained")
+HEAD_NAMES = ("ar", "fv", "parallel", "joint", "ar-unconstrained")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -193,10 +193,10 @@ SCHEMA: dict[str, tuple] = {
     "tokenizer.method": _choice(*METHODS), "tokenizer.levels": _int(1, 16), "tokenizer.codebook_size": _int(2, 1 << 20),
     "tokenizer.embeddings": _str(), "tokenizer.text_model": _str(), "tokenizer.collab_dim": _int(1),
     "tokenizer.resolve": _choice("reassign", "extra-token", "none"), "tokenizer.seed": _int(0, SEED_MAX),
-    "model.head": _choice("ar", "fv", "parallel"), "model.tied": BOOL, "model.constrained": BOOL,
+    "model.head": _choice("ar", "fv", "parallel", "joint"), "model.tied": BOOL, "model.constrained": BOOL,
     "model.item_vectors": BOOL, "model.head_hidden": _int(1, none=True), "model.fv_chunk": _int(1, none=True),
     "model.fv_loss": _choice("full", "sampled"), "model.fv_sampler": _choice("uniform", "popularity", "in-batch"),
-    "model.fv_negatives": _int(1),
+    "model.fv_negatives": _int(1), "model.joint_fv_weight": _num(0), "model.joint_mix": _num(0, 1),
     "model.backbone.d_model": _int(1), "model.backbone.n_layers": _int(1), "model.backbone.n_heads": _int(1),
     "model.backbone.d_ff": _int(1), "model.backbone.dropout": _num(0, 1, hi_open=True),
     "model.backbone.max_len": _int(1, 1 << 16), "model.backbone.item_input": _choice("id", "sid", "both"),

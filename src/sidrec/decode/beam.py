@@ -34,6 +34,7 @@ def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained:
     """
     if k > beam:
         raise ValueError(f"k={k} needs a beam of at least k (got {beam})")
+    joint, head = head, getattr(head, "ar", head)  # a joint AR + FV head: the AR part proposes
     if item_filter is not None and not item_filter.empty and not (head.constrained if constrained is None else constrained):
         raise ValueError("item filters need constrained decoding")
     trie = head.trie
@@ -70,10 +71,13 @@ def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained:
         child[ok] = trie.child(j, parent_nodes[ok], tok[ok])
         nodes, logp = child, top_lp
         codes = torch.cat([torch.gather(codes, 1, parent_beam[..., None].expand(-1, -1, j)), tok[..., None]], 2)
-    kk = min(k, nodes.shape[1])
-    nodes, logp = nodes[:, :kk], logp[:, :kk]
     leaf_item = trie.torch("first_item", trie.depth, dev)
     valid = (nodes >= 0) & torch.isfinite(logp)
     items = torch.where(valid, leaf_item[nodes.clamp(min=0)], torch.full_like(nodes, -1))
-    n_invalid = int(((nodes < 0) & torch.isfinite(logp)).sum())
-    return BeamResult(items, logp, n_invalid)
+    n_invalid = int(((nodes[:, :k] < 0) & torch.isfinite(logp[:, :k])).sum())
+    if joint is not head:  # rescore every beam candidate with the joint model, then keep the top k
+        logp = torch.where(valid, joint.rescore(h, items, logp), logp)
+        logp, order = torch.sort(logp, dim=1, descending=True, stable=True)
+        items = torch.gather(items, 1, order)
+    kk = min(k, items.shape[1])
+    return BeamResult(items[:, :kk], logp[:, :kk], n_invalid)

@@ -9,18 +9,18 @@ from torch import nn
 
 from sidrec.model.backbone import Backbone, BackboneConfig
 from sidrec.model.sampled import NegativeSampler
-from sidrec.model.heads import (AutoregressiveHead, FullSoftmaxHead, Head, ItemVectors, ParallelHead,
+from sidrec.model.heads import (AutoregressiveHead, FullSoftmaxHead, Head, ItemVectors, JointHead, ParallelHead,
                                 SharedTokenVectors, segment_logsumexp)
 from sidrec.tokenize.codebook import Codebook
 
-HEADS = ("fv", "ar", "parallel")
+HEADS = ("fv", "ar", "parallel", "joint")
 
 
 @dataclass
 class ModelConfig:
     """The model; its defaults are the tuned recipe the dataset configs use."""
 
-    head: str = "ar"  # fv | ar | parallel
+    head: str = "ar"  # fv | ar | parallel | joint (AR + FV on one backbone)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     tied: bool = True  # output vectors = input embeddings: fv the item-ID table, ar/parallel the token tables
     constrained: bool = True  # ar: normalise over valid trie children (false: the verifier's counter-example)
@@ -30,6 +30,8 @@ class ModelConfig:
     fv_loss: str = "full"  # fv: full (exact softmax) | sampled (sampled softmax with logQ correction)
     fv_sampler: str = "uniform"  # fv, sampled: uniform | popularity | in-batch negatives
     fv_negatives: int = 256  # fv, sampled: negatives per step (uniform, popularity)
+    joint_fv_weight: float = 1.0  # joint: loss = nll_ar + joint_fv_weight * nll_fv
+    joint_mix: float = 0.5  # joint: rank by (1 - mix) log Q_ar + mix log Q_fv
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,7 +130,13 @@ def _parallel(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebo
     return ParallelHead(d, codebook, hidden=cfg.head_hidden, shared_tokens=backbone.tok_emb if cfg.tied else None)
 
 
-_BUILDERS = {"fv": _fv, "ar": _ar, "parallel": _parallel}
+def _joint(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook) -> JointHead:
+    return JointHead(_ar(backbone, cfg, d, n_items, codebook), _fv(backbone, cfg, d, n_items, codebook),
+                     fv_weight=cfg.joint_fv_weight, mix=cfg.joint_mix)
+
+
+_BUILDERS = {"fv": _fv, "ar": _ar, "parallel": _parallel, "joint": _joint}
 
 __all__ = ["Head", "upgrade_model_dict", "ModelConfig", "BackboneConfig", "SeqRecModel", "FullSoftmaxHead", "AutoregressiveHead",
+           "JointHead",
            "ParallelHead", "segment_logsumexp", "HEADS"]

@@ -398,6 +398,45 @@ class AutoregressiveHead(nn.Module):
         return torch.stack(out)
 
 
+class JointHead(nn.Module):
+    """AR-NTP and FV-MLE heads on one backbone: AR retrieval + FV rescoring.
+
+    Trained on the sum of both losses (nll_ar + fv_weight * nll_fv). Ranked by the mixture
+    (1 - mix) log Q_ar + mix log Q_fv: exactly over all items (`rank_scores`, O(N d) per user), or
+    the scalable way, beam search over the AR head proposing candidates that the FV head rescores
+    (`rescore`, O(beam d) per user; FV's log-partition is one constant per user, so it is left out
+    of candidate scores). `log_prob_all` is the normalised mixture (a product of experts).
+    """
+
+    supports_beam = True
+
+    def __init__(self, ar: AutoregressiveHead, fv: FullSoftmaxHead, *, fv_weight: float = 1.0, mix: float = 0.5):
+        super().__init__()
+        self.ar, self.fv, self.fv_weight, self.mix = ar, fv, fv_weight, mix
+
+    def nll(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.ar.nll(h, items) + self.fv_weight * self.fv.nll(h, items)
+
+    def rank_scores(self, h: torch.Tensor, cache=None) -> torch.Tensor:
+        return (1 - self.mix) * self.ar.log_prob_all(h, cache) + self.mix * self.fv.log_prob_all(h)
+
+    def log_prob_all(self, h: torch.Tensor, cache=None) -> torch.Tensor:
+        return torch.log_softmax(self.rank_scores(h, cache), -1)
+
+    def log_prob(self, h, items):
+        return self.log_prob_all(h).gather(1, items[:, None]).squeeze(1)
+
+    def eval_cache(self, device):
+        return self.ar.eval_cache(device)
+
+    def rescore(self, h: torch.Tensor, items: torch.Tensor, ar_log_q: torch.Tensor) -> torch.Tensor:
+        """Mixture scores [B, C] of candidate items [B, C] (-1: none) given their AR log Q."""
+        w = self.fv.weight[: self.fv.n_items]
+        c = items.clamp(min=0)
+        logits = torch.einsum("bd,bcd->bc", h, w[c]) + self.fv.bias[c]
+        return torch.where(items >= 0, (1 - self.mix) * ar_log_q + self.mix * logits, ar_log_q)
+
+
 class ParallelHead(nn.Module):
     """Non-AR: P(ID | h) = prod_j P(c_j | h), k independent softmaxes (cannot couple positions)."""
 

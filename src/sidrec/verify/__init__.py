@@ -32,7 +32,8 @@ def verify_run(run: str | Path, n_contexts: int = 512, beams=(1, 5, 10, 20), see
     users, items, lens = next(iter(eval_batches(data, "test", model.cfg.backbone.max_len, len(users), users)))
     targets = torch.from_numpy(data.targets("test")[users].astype(np.int64))
     checks = []
-    codebook = getattr(model.head, "cb", None)
+    head = getattr(model.head, "ar", model.head)  # a joint head: the theorem is about its AR-NTP part
+    codebook = getattr(head, "cb", None)
     if codebook is not None:
         c = check_bijection(codebook)
         raw = data.raw_item_ids()
@@ -43,11 +44,11 @@ def verify_run(run: str | Path, n_contexts: int = 512, beams=(1, 5, 10, 20), see
         model.to(dtype)
         with torch.no_grad():
             h = model.encode(items, lens)
-        for c in (check_normalization(model.head, h), check_loss_identity(model.head, h, targets)):
+        for c in (check_normalization(head, h), check_loss_identity(head, h, targets)):
             c["worst_user"] = str(data.user_ids[users[c["worst_context"]]])
             checks.append(c)
     if model.supports_beam:
-        checks.append(check_beam_recall(model.head, h, beams=beams))
+        checks.append(check_beam_recall(head, h, beams=beams))
     result = {"run": str(run), "head": model.cfg.head, "constrained": model.cfg.constrained,
               "n_contexts": int(len(users)), "checks": checks, "all_pass": all(c["pass"] for c in checks if not c.get("informational"))}
     rd.write_json("verify.json", result)
