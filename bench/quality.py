@@ -177,7 +177,7 @@ def compare(summary: dict, tokenizers: list[str]) -> dict:
     out = {}
     for sfx in ("", "_seen_excluded"):
         fv = ndcg("fv", "exact" + sfx)
-        for name in (f"{head}/{tok}" for tok in tokenizers for head in ("ar", "parallel")):
+        for name in (f"{head}/{tok}" for tok in tokenizers for head in ("ar", "parallel", "joint")):
             ex, bm = ndcg(name, "exact" + sfx), ndcg(name, "beam" + sfx)
             if ex and fv:
                 out[f"{name}_ndcg10_rel_gap_vs_fv{sfx}"] = (ex - fv) / fv

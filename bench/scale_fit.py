@@ -98,7 +98,7 @@ def truth_metrics(model, data: SequenceData, world, users: np.ndarray, batch: in
 def train(name: str, spec: dict, data, world, cb, run: Path, budget_s: float, users_kl: np.ndarray, batch: int) -> dict:
     torch.manual_seed(0)
     model = SeqRecModel(ModelConfig(backbone=BACKBONE, **spec), data.n_items, cb if spec["head"] == "ar" else None)
-    sampler = getattr(model.head, "sampler", None)
+    sampler = getattr(getattr(model.head, "fv", model.head), "sampler", None)
     if sampler is not None:
         sampler.set_counts(torch.from_numpy(data.train_target_counts()))
     tc = TrainConfig(epochs=1000, batch_size=256, lr=2e-3, warmup_steps=50, patience=1000, max_seconds=budget_s,

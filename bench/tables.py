@@ -119,7 +119,8 @@ def model_label(name: str, r: dict) -> str:
     head, _, tok = name.partition("/")
     tc = r["config"]["tokenizer"]
     levels = (r.get("parallel_levels") or 4) if tok in ("pq", "opq") else tc["levels"]
-    heads = {"fv": "FV-MLE", "ar": "AR-NTP", "parallel": "Parallel head", "ar-unconstrained": "AR-NTP, unconstrained"}
+    heads = {"fv": "FV-MLE", "ar": "AR-NTP", "parallel": "Parallel head", "ar-unconstrained": "AR-NTP, unconstrained",
+             "joint": "AR-NTP + FV rescoring (joint)"}
     toks = {"rq-kmeans": "RQ-KMeans", "rq-kmeans-balanced": "balanced RQ-KMeans", "opq": "OPQ", "pq": "PQ",
             "rq-vae": "RQ-VAE"}
     return heads.get(head, head) + (f", {toks.get(tok, tok)} {levels}×{tc['codebook_size']}" if tok else "")

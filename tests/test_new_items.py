@@ -214,3 +214,29 @@ def test_server_reloads_a_new_catalogue_while_answering(trained, tmp_path):
         c.close()
     finally:
         assert s.stop() == 0
+
+
+def test_catalogue_pointer_and_stale_parents_are_refused(trained, tmp_path):
+    run = tmp_path / "ar"
+    trained["ar"].save(run)
+    rec = sidrec.Recommender.load(run)
+    rec.add_items(trained["new"].iloc[:3], embeddings=trained["emb"][:3])
+    old = sidrec.Recommender.load(run)
+    rec.add_items(trained["new"].iloc[3:6], embeddings=trained["emb"][3:6])  # v0002
+    assert main(["items", "use", str(run), "v0001"]) == 0
+    stale = sidrec.Recommender.load(run)  # serves v0001 while v0002 exists: adding on it would reuse ids
+    with pytest.raises(UserError, match="v0002 is newer"):
+        stale.add_items(trained["new"].iloc[6:], embeddings=trained["emb"][6:])
+    assert old.catalog_version == "v0001"
+    (run / "catalog" / "CURRENT").write_text("../../elsewhere\n")
+    with pytest.raises(UserError, match="names no version"):
+        sidrec.Recommender.load(run)
+
+
+def test_item_filters_refuse_ids_outside_the_catalogue():
+    from sidrec.decode import ItemFilter
+
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        ItemFilter.build(10, 2, exclude=[np.array([13]), None])
+    with pytest.raises(ValueError):
+        ItemFilter.build(10, 1, allow=[np.array([-1])])

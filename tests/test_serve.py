@@ -13,9 +13,11 @@ import sys
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 
 import sidrec
+from sidrec.cli import main
 from sidrec.serve.process import ServerProcess
 
 SMALL = {"train": {"epochs": 2, "batch_size": 64}, "tokenizer": {"codebook_size": 8, "levels": 3, "embeddings": "latent"},
@@ -200,3 +202,28 @@ def test_serve_option_errors_are_one_line(runs, tmp_path):
     r = subprocess.run([sys.executable, "-m", "sidrec.cli", "serve", str(runs["ar"].run.path), "--max-wait-ms", "nan"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--max-wait-ms" in r.stderr
+
+
+def test_batch_calls_beyond_max_batch_and_catalogue_rollback(runs, tmp_path):
+    """A batch call larger than --max-batch is decoded in chunks (same answers); after a reload to a
+    smaller catalogue, ids of removed items are unknown (422), never a crash or a wrong item."""
+    run = tmp_path / "ar"
+    runs["ar"].save(run)
+    new = pd.DataFrame({"item_id": ["new-a", "new-b"], "title": ["a", "b"]})
+    rec = sidrec.Recommender.load(run)
+    rec.add_items(new, embeddings=np.eye(2, 16, dtype=np.float32))
+    s = Live(run, "--max-batch", "4")
+    try:
+        hist = _histories(runs, 20, seed=8)
+        want, _ = rec.recommend(hist, k=6, decode="beam")
+        got = s.post("/recommend/batch", {"requests": [{"history": h, "k": 6} for h in hist]}).json()["results"]
+        assert [g["items"] for g in got] == [[i for i in w.tolist() if i] for w in want]
+        assert s.post("/recommend", {"history": ["new-a"], "k": 3}).status_code == 200
+        assert main(["items", "use", str(run), "v0000"]) == 0
+        assert s.client.post("/admin/reload").json()["n_items"] == 300
+        r = s.post("/recommend", {"history": ["new-a", hist[0][0]], "k": 3})
+        assert r.status_code == 422 and r.json()["error"]["unknown"] == ["new-a"]
+        assert s.post("/recommend", {"history": hist[0], "k": 3, "allow": ["new-b"]}).status_code == 422
+        assert not re.search(r'status="5\d\d"', s.client.get("/metrics").text)
+    finally:
+        assert s.stop() == 0

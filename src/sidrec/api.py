@@ -141,7 +141,9 @@ class Recommender:
         self.model, cfg = rd.load_model(self.device, version=self._version)
         self.config = cfg
         self.data = data if data is not None else rd.data(cfg, version=self._version)
-        self._sorted = None
+        self._raw = self.data.raw_item_ids()  # built once: every request maps ids through these
+        order = np.argsort(self._raw)
+        self._sorted = (self._raw[order], order)
         return self
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -186,13 +188,10 @@ class Recommender:
     @property
     def raw_ids(self) -> np.ndarray:
         """Raw item id of every internal item id."""
-        return self.data.raw_item_ids()
+        return self._raw
 
     def item_index(self, raw: list[str] | np.ndarray) -> np.ndarray:
         """Internal ids of raw item ids, -1 for ids the catalogue does not hold (one sorted lookup)."""
-        if self._sorted is None:
-            order = np.argsort(self.raw_ids)
-            self._sorted = (self.raw_ids[order], order)
         keys, order = self._sorted
         raw = np.asarray(raw, dtype=str) if len(raw) else np.zeros(0, dtype=str)
         pos = np.searchsorted(keys, raw).clip(max=len(keys) - 1)
@@ -224,6 +223,8 @@ class Recommender:
             raise UserError(f"k must be in [1, {n}] and beam >= 1 (got k={k}, beam={beam})")
         counts = np.array([len(h) for h in histories], dtype=np.int64)
         flat = np.concatenate(histories).astype(np.int64)
+        if not len(flat) or counts.min() < 1 or flat.min() < 0 or flat.max() >= n:
+            raise UserError(f"every history needs at least one item id in [0, {n})")
         ends = np.cumsum(counts)
         lengths = np.minimum(counts, self.model.cfg.backbone.max_len)
         recent = pad_windows(flat, ends - lengths, lengths, n)  # the most recent max_len items
@@ -233,8 +234,10 @@ class Recommender:
         dev = self.device
         with torch.no_grad():
             h = self.model.encode(torch.from_numpy(recent).to(dev), torch.from_numpy(lengths).to(dev))
-            if decode == "exact":
-                s = filt.mask_scores(self.model.head.log_prob_all(h).contiguous())
+            if decode == "exact":  # log Q (a joint head: the mixture score its beam search also returns)
+                head = self.model.head
+                s = head.rank_scores(h) if hasattr(head, "rescore") else head.log_prob_all(h)
+                s = filt.mask_scores(s.contiguous())
                 scores, idx = torch.topk(s, int(k), dim=1)
             else:
                 r = beam_search(self.model.head, h, beam=max(int(beam), int(k)), k=int(k), item_filter=filt)
@@ -263,16 +266,17 @@ class Recommender:
         space, needed unless the IDs were fitted on text. Returns what was added and how the IDs were
         found (direct / resolved / fallback); this object then serves the new catalogue."""
         from sidrec import catalog
-        from sidrec.data.readers import read_item_table
+        from sidrec.data.readers import normalise_item_table, read_item_table
         from sidrec.embed import check_embeddings, load_npy
 
         self._fitted()
         if isinstance(items, pd.DataFrame):
             if id_col not in items.columns:
                 raise UserError(f"items: missing column {id_col!r}; columns are {list(items.columns)}")
-            table = items.rename(columns={id_col: "item"}).assign(item=lambda t: t["item"].astype(str))
+            table = normalise_item_table(items.rename(columns={id_col: "item"}).assign(item=lambda t: t["item"].astype(str)),
+                                         unique=True, where="items")
         else:
-            table = read_item_table(items, id_col)
+            table = read_item_table(items, id_col, unique=True)
         if not len(table):
             raise UserError("no new items given")
         if isinstance(embeddings, (str, Path)):

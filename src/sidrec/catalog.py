@@ -10,8 +10,9 @@ What the model holds per item and was never trained for a new one is filled by t
 - a trie node that did not exist (its leaf, and any new prefix) gets the mean trained bias of its
   siblings the same way.
 
-So a new item starts as "a typical item of its ID prefix": the prefix's own score is unchanged and
-the item competes with its siblings as their average. These values are derived from the trained
+So a new item starts as "a typical item of its ID prefix", competing with its siblings as their
+average (the mean vectors of the nodes above it move only by what one more average member moves
+them). These values are derived from the trained
 weights at load time (never stored), so they always match the weights. FV-MLE has no content path
 (a new item has no output vector) and refuses; the parallel head needs only the codes.
 
@@ -26,6 +27,7 @@ Layout inside the run directory (version 0 is the run as trained: codebook/ and 
 
 from __future__ import annotations
 
+import fcntl
 import re
 import time
 from pathlib import Path
@@ -42,6 +44,9 @@ DIR, CURRENT = "catalog", "CURRENT"
 
 
 # --------------------------------------------------------------------------------------- versions
+VERSION = re.compile(r"v\d{4}")
+
+
 def current(run: str | Path) -> str | None:
     """The active catalogue version of a run ("v0003"), or None when it serves what it was trained on."""
     p = Path(run) / DIR / CURRENT
@@ -49,6 +54,8 @@ def current(run: str | Path) -> str | None:
         return None
     with io.reading(p, "catalogue pointer"):
         name = p.read_text(encoding="utf-8").strip()
+        if not VERSION.fullmatch(name):  # never a path: the pointer names a version of this run
+            raise ValueError(f"names no version ({name[:40]!r})")
         if not (Path(run) / DIR / name / "catalog.json").is_file():
             raise ValueError(f"names a missing version {name!r}")
     return name
@@ -64,7 +71,7 @@ def versions(run: str | Path) -> list[dict]:
 def use(run: str | Path, version: str) -> None:
     """Make `version` (e.g. "v0002", or "v0000" for the run as trained) the active one."""
     root = Path(run) / DIR
-    if not re.fullmatch(r"v\d{4}", version):
+    if not VERSION.fullmatch(version):
         raise UserError(f"a catalogue version is written v0001, v0002, ... (v0000: as trained), not {version!r}")
     if version == "v0000":
         (root / CURRENT).unlink(missing_ok=True)
@@ -77,6 +84,8 @@ def use(run: str | Path, version: str) -> None:
 
 def load_version(run: str | Path, name: str) -> tuple[Codebook, pd.DataFrame, dict]:
     """(codebook, item table, catalog.json) of one version."""
+    if not VERSION.fullmatch(name):
+        raise UserError(f"not a catalogue version: {name[:40]!r}", str(run))
     p = Path(run) / DIR / name
     info = io.read_json(p / "catalog.json")
     with io.reading(p / "items.parquet", "catalogue item table"):
@@ -95,10 +104,12 @@ def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataF
     """Write a new catalogue version with the items of `new` (column `item` + text fields) appended,
     and make it the active one.
 
-    run: the RunDir; model/codebook/table: the catalogue version `parent` (None: as trained). Items already in the
-    catalogue are skipped (their codes never move). embeddings: [m, d] in the tokenizer's space, or
-    None to embed the items' text with the run's text model (runs whose IDs were fitted on text)."""
-    from sidrec.tokenize.encode import encode_new
+    run: the RunDir; model/codebook/table: the catalogue version `parent` (None: as trained), which
+    must be the newest one: versions only grow, so an item's internal id never changes. Items already
+    in the catalogue are skipped (their codes never move). embeddings: [m, d] in the tokenizer's
+    space, or None to embed the items' text with the run's text model (IDs fitted on text).
+    Concurrent calls on one run are serialised by a lock file."""
+    from sidrec.tokenize.encode import FittedQuantizer, encode_new
 
     t0 = time.perf_counter()
     if model.cfg.head in ("fv", "joint"):
@@ -107,33 +118,41 @@ def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataF
     ids = new["item"].astype(str)
     if ids.duplicated().any():
         raise UserError(f"item id {ids[ids.duplicated()].iloc[0]!r} appears twice in the new items")
-    known = ids.isin(set(table["item"].astype(str)))
-    fresh = new[~known.to_numpy()].reset_index(drop=True)
     if embeddings is not None and len(embeddings) != len(new):
         raise UserError(f"{len(embeddings)} embeddings for {len(new)} new items")
+    known = ids.isin(set(table["item"].astype(str))).to_numpy()
+    fresh = new[~known].reset_index(drop=True)
     if not len(fresh):
         return {"version": parent or "v0000", "added": 0, "already_present": int(known.sum())}
     tok = codebook.meta.get("tokenizer", {})
     text_model = text_model or tok.get("text_model", "all-MiniLM-L6-v2")
-    x = embeddings[~known.to_numpy()] if embeddings is not None else _text_embeddings(codebook, fresh, text_model)
-    codes, report = encode_new(codebook, x)
-    parent = parent or "v0000"
-    name = f"v{max([int(v['version'][1:]) for v in versions(run.path)] + [0]) + 1:04d}"
-    ext = codebook.extend(codes, meta={"catalog_version": name})
-    cols = [c for c in table.columns if c in fresh.columns]
-    full = pd.concat([table, fresh[cols].assign(item=fresh["item"].astype(str))], ignore_index=True)
-    info = {"version": name, "parent": parent, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "n_items": int(ext.n_items), "n_trained": int(run.config()["n_items"]), "added": int(len(fresh)),
-            "already_present": int(known.sum()), "ids": report.to_dict(),
-            "embeddings": "given" if embeddings is not None else f"text ({text_model})",
-            "added_items": fresh["item"].astype(str).tolist()[:1000],
-            "seconds": round(time.perf_counter() - t0, 2)}  # embedding the text and finding the IDs
+    x = embeddings[~known] if embeddings is not None else _text_embeddings(codebook, fresh, text_model)
+    FittedQuantizer.from_codebook(codebook).transform(x)  # refuse a wrong dimension before writing anything
     root = run.path / DIR
-    with io.atomic_dir(root / name, "catalog") as tmp:
-        full.to_parquet(tmp / "items.parquet", index=False)
-        ext.save(tmp / "codebook")
-        io.write_json(tmp / "catalog.json", info)
-    use(run.path, name)  # the pointer moves last: a reader sees the old version or the whole new one
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time: version names are taken in order
+        newest = max((v["version"] for v in versions(run.path)), default="v0000")
+        if (parent or "v0000") != newest:
+            raise UserError(f"catalogue {parent or 'v0000'} is loaded but {newest} is newer; items are added on top "
+                            f"of the newest version (so no item's id ever changes): load it, or `sidrec items use "
+                            f"{newest}`", str(run.path))
+        codes, report = encode_new(codebook, x)
+        name = f"v{int(newest[1:]) + 1:04d}"
+        ext = codebook.extend(codes, meta={"catalog_version": name})
+        cols = [c for c in table.columns if c in fresh.columns]
+        full = pd.concat([table, fresh[cols].assign(item=fresh["item"].astype(str))], ignore_index=True)
+        info = {"version": name, "parent": newest, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "n_items": int(ext.n_items), "n_trained": int(run.config()["n_items"]), "added": int(len(fresh)),
+                "already_present": int(known.sum()), "ids": report.to_dict(),
+                "embeddings": "given" if embeddings is not None else f"text ({text_model})",
+                "added_items": fresh["item"].astype(str).tolist()[:1000],
+                "seconds": round(time.perf_counter() - t0, 2)}  # embedding the text and finding the IDs
+        with io.atomic_dir(root / name, "catalog") as tmp:
+            full.to_parquet(tmp / "items.parquet", index=False)
+            ext.save(tmp / "codebook")
+            io.write_json(tmp / "catalog.json", info)
+        use(run.path, name)  # the pointer moves last: a reader sees the old version or the whole new one
     return info
 
 

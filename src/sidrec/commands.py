@@ -424,7 +424,7 @@ def add_serve(sub) -> None:
     p.add_argument("--max-wait-ms", type=float_range(0, 1000), default=2.0,
                    help="under concurrent load, how long a batch may wait to fill (default 2 ms)")
     p.add_argument("--max-queue", type=int_range(1), default=1024,
-                   help="requests waiting for the decoder before new ones get 503 (default 1024)")
+                   help="users waiting for the decoder before new requests get 503 (default 1024)")
     p.add_argument("--max-history", type=int_range(1), default=2000, help="items per history (default 2000)")
     p.add_argument("--max-k", type=int_range(1), default=1000, help="largest k a request may ask for (default 1000)")
     p.add_argument("--max-body-kb", type=int_range(1), default=4096, help="largest request body (default 4096 KiB)")

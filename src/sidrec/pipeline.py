@@ -196,7 +196,7 @@ def train_one(cfg: dict, data: SequenceData, codebook: Codebook | None, run: Pat
         rd = RunDir(run)
     torch.manual_seed(tc.seed)
     model = SeqRecModel(mc, data.n_items, codebook)
-    sampler = getattr(model.head, "sampler", None)
+    sampler = getattr(getattr(model.head, "fv", model.head), "sampler", None)  # FV-MLE, alone or in a joint head
     if sampler is not None:  # popularity / in-batch logQ: the training targets' counts
         sampler.set_counts(torch.from_numpy(data.train_target_counts()))
     validate = validator(data, exclude_seen=tc.exclude_seen, batch_size=tc.eval_batch_size,
@@ -221,10 +221,12 @@ def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int
 
     device = pick_device(device)
     rd = RunDir.open(run)
-    model, cfg = rd.load_model(device)
+    # the active catalogue version, unless the caller's data is the catalogue the run was trained on
+    version = None if data is not None and data.n_items == int(rd.config()["n_items"]) else rd.catalog_version()
+    model, cfg = rd.load_model(device, version=version)
     if exclude_seen is None:
         exclude_seen = bool(cfg.get("eval", {}).get("exclude_seen", False))
-    data = data or rd.data(cfg)
+    data = data or rd.data(cfg, version=version)
     if data.n_items != model.n_items:
         raise UserError(f"the run's data directory now has {data.n_items} items, the model {model.n_items}",
                         str(rd.data_dir(cfg)))
@@ -233,7 +235,7 @@ def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int
     if "beam" in decodes and not is_ar:
         raise UserError("beam search needs an AR-NTP run; this run's head is " + model.cfg.head)
     out: dict = {"head": model.cfg.head, "constrained": model.cfg.constrained, "n_users": data.n_users,
-                 "n_items": data.n_items, "exclude_seen": exclude_seen, "protocol":
+                 "n_items": data.n_items, "catalog_version": version, "exclude_seen": exclude_seen, "protocol":
                  "leave-one-out, full ranking over all items (no sampled negatives)"}
     for split in splits:
         out[split] = {}

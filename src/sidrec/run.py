@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -273,7 +274,13 @@ class RunDir:
 
         for f in PRODUCTS:
             (self.path / f).unlink(missing_ok=True)
-        shutil.rmtree(self.path / "catalog", ignore_errors=True)
+        cat = self.path / "catalog"
+        if cat.is_dir():  # the versions and the pointer sidrec wrote; anything else there is left alone
+            for p in cat.iterdir():
+                if re.fullmatch(r"v\d{4}", p.name) and p.is_dir():
+                    shutil.rmtree(p)
+                elif p.name in ("CURRENT", ".lock"):
+                    p.unlink()
         io.clean_stale(self.path)
 
     def marker(self) -> dict:
@@ -492,7 +499,7 @@ class RunDir:
             return None  # a damaged stored evaluation is made again
         if not _eval_ok(ev) or ev.get("model_fingerprint") != self.fingerprint or self.fingerprint is None:
             return None
-        if ev.get("weights_stamp") != self.weights_stamp():
+        if ev.get("weights_stamp") != self.weights_stamp() or ev.get("catalog_version") != self.catalog_version():
             return None
         if not all(d in ev[s] for s in ("valid", "test") for d in decodes):
             return None

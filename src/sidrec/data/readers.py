@@ -159,8 +159,9 @@ def read_csv(
     return Dataset(_frame(df[user_col], df[item_col], ts), items, source=str(p), has_time=time_col is not None)
 
 
-def read_item_table(path: str | Path, id_col: str = "item_id") -> pd.DataFrame:
-    """Item side information from JSON lines, CSV/TSV or Parquet, keyed by `id_col`."""
+def read_item_table(path: str | Path, id_col: str = "item_id", unique: bool = False) -> pd.DataFrame:
+    """Item side information from JSON lines, CSV/TSV or Parquet, keyed by `id_col`. A repeated id
+    keeps its first row, or is a user error with `unique` (rows must line up with other inputs)."""
     p = _check_file(path)
     if p.suffix in (".jsonl", ".json") or p.name.endswith(".jsonl.gz"):
         rows = [_json_line(line, p, n) for n, line in _iter_lines(p) if line.strip()]
@@ -173,7 +174,7 @@ def read_item_table(path: str | Path, id_col: str = "item_id") -> pd.DataFrame:
     _require_columns(df, [id_col], p, None)
     df = df.rename(columns={id_col: "item"})
     df["item"] = df["item"].astype(str)
-    return _normalise_item_table(df)
+    return normalise_item_table(df, unique=unique, where=str(p))
 
 
 def _json_line(line: str, path: Path, lineno: int) -> dict:
@@ -197,9 +198,13 @@ def _join_text(value) -> str:
     return str(value)
 
 
-def _normalise_item_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Keep one row per item; make list-valued side information plain strings."""
-    df = df.drop_duplicates("item", keep="first").reset_index(drop=True)
+def normalise_item_table(df: pd.DataFrame, unique: bool = False, where: str | None = None) -> pd.DataFrame:
+    """One row per item (the first; with `unique`, a repeated id is a user error); list-valued side
+    information as plain strings."""
+    dup = df["item"].duplicated()
+    if unique and dup.any():
+        raise UserError(f"item id {df['item'][dup].iloc[0]!r} appears more than once", where)
+    df = df[~dup.to_numpy()].reset_index(drop=True)
     for c in df.columns:
         if c != "item" and df[c].dtype == object:
             df[c] = df[c].map(_join_text)
@@ -222,7 +227,7 @@ def read_recbole(inter_path: str | Path, item_path: str | Path | None = None) ->
         it.columns = [c.split(":")[0] for c in it.columns]
         _require_columns(it, ["item_id"], ip, "\t")
         it = it.rename(columns={"item_id": "item", "movie_title": "title", "class": "genres"})
-        items = _normalise_item_table(it)
+        items = normalise_item_table(it)
     return Dataset(_frame(df["user_id"], df["item_id"], ts), items, source=str(p), has_time=has_time)
 
 
@@ -240,7 +245,7 @@ def read_ml100k(data_path: str | Path, item_path: str | Path | None = None) -> D
         it = _read_table(ip, "|", header=None, names=names, encoding="latin-1", quoting=3)
         flags = it[[f"g{i}" for i in range(19)]].fillna("0").to_numpy() == "1"
         it["genres"] = ["|".join(np.array(ML100K_GENRES)[row]) for row in flags]
-        items = _normalise_item_table(it[["item", "title", "release_date", "genres"]].fillna(""))
+        items = normalise_item_table(it[["item", "title", "release_date", "genres"]].fillna(""))
     return Dataset(_frame(df["user"], df["item"], ts), items, source=str(p))
 
 
@@ -269,7 +274,7 @@ def read_ml1m(ratings_path: str | Path, movies_path: str | Path | None = None) -
     if movies_path:
         mp = _check_file(movies_path)
         m = np.array(_split_dat(mp, 3), dtype=object)
-        items = _normalise_item_table(pd.DataFrame({"item": m[:, 0], "title": m[:, 1], "genres": m[:, 2]}))
+        items = normalise_item_table(pd.DataFrame({"item": m[:, 0], "title": m[:, 1], "genres": m[:, 2]}))
     return Dataset(_frame(arr[:, 0], arr[:, 1], ts), items, source=str(p))
 
 
@@ -315,7 +320,7 @@ def read_amazon(reviews_path: str | Path, meta_path: str | Path | None = None) -
         meta = _read_records(mp, ["asin"])
         cols = ["asin", "title", "categories", "brand", "description"]
         it = pd.DataFrame.from_records([{c: r.get(c) for c in cols} for r in meta], columns=cols)
-        items = _normalise_item_table(it.rename(columns={"asin": "item"}))
+        items = normalise_item_table(it.rename(columns={"asin": "item"}))
     return Dataset(_frame(df["reviewerID"], df["asin"], ts), items, source=str(p))
 
 

@@ -56,12 +56,24 @@ class ItemFilter:
     def build(cls, n_items: int, n_rows: int, *, exclude: list[np.ndarray | None] | None = None,
               allow: list[np.ndarray | None] | None = None) -> "ItemFilter":
         """exclude[r]: items row r must not return (history, deny list); allow[r]: None (every item)
-        or the only items row r may return. Ids must lie in [0, n_items)."""
+        or the only items row r may return. Ids must lie in [0, n_items) (ValueError otherwise)."""
         er, ei = _pairs(exclude or [None] * n_rows, n_rows)
+        return cls._from_pairs(n_items, n_rows, er, ei, allow)
+
+    @classmethod
+    def from_padded(cls, n_items: int, items: np.ndarray) -> "ItemFilter":
+        """Rows excluding the items of a right-padded [B, L] history matrix (padding = n_items)."""
+        rows, cols = np.nonzero(items < n_items)
+        return cls._from_pairs(n_items, len(items), rows.astype(np.int64), items[rows, cols].astype(np.int64), None)
+
+    @classmethod
+    def _from_pairs(cls, n_items: int, n_rows: int, er: np.ndarray, ei: np.ndarray, allow) -> "ItemFilter":
+        ar, ai = _pairs(allow or [None] * n_rows, n_rows)
+        if (len(ei) and (ei.min() < 0 or ei.max() >= n_items)) or (len(ai) and (ai.min() < 0 or ai.max() >= n_items)):
+            raise ValueError(f"item ids must lie in [0, {n_items})")
         keys = np.unique(er * n_items + ei)
         er, ei = keys // n_items, keys % n_items
         has_allow = np.array([a is not None for a in (allow or [None] * n_rows)], dtype=bool)
-        ar, ai = _pairs(allow or [None] * n_rows, n_rows)
         akeys = np.unique(ar * n_items + ai)
         akeys = akeys[~np.isin(akeys, keys, assume_unique=True)]
         return cls(n_rows, n_items, has_allow, akeys // n_items, akeys % n_items, er, ei)

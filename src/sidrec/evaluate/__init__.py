@@ -76,8 +76,7 @@ def evaluate_split(
         else:
             filt = None
             if exclude_seen:  # seen items are masked inside the search, as `recommend` and the server do
-                hist = items.cpu().numpy()
-                filt = ItemFilter.build(data.n_items, len(hist), exclude=[r[r < data.n_items] for r in hist])
+                filt = ItemFilter.from_padded(data.n_items, items.cpu().numpy())
             res = beam_search(head, h, beam=beam, k=min(beam, LIST_K), item_filter=filt)
             n_invalid += res.n_invalid
             top = res.items

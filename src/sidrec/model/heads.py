@@ -401,11 +401,13 @@ class AutoregressiveHead(nn.Module):
 class JointHead(nn.Module):
     """AR-NTP and FV-MLE heads on one backbone: AR retrieval + FV rescoring.
 
-    Trained on the sum of both losses (nll_ar + fv_weight * nll_fv). Ranked by the mixture
-    (1 - mix) log Q_ar + mix log Q_fv: exactly over all items (`rank_scores`, O(N d) per user), or
-    the scalable way, beam search over the AR head proposing candidates that the FV head rescores
-    (`rescore`, O(beam d) per user; FV's log-partition is one constant per user, so it is left out
-    of candidate scores). `log_prob_all` is the normalised mixture (a product of experts).
+    Trained on the sum of both losses (nll_ar + fv_weight * nll_fv). Ranked by the mixture score
+    (1 - mix) log Q_ar + mix * FV logit, which orders items as (1 - mix) log Q_ar + mix log Q_fv does
+    (FV's log-partition is one constant per user, left out so that candidates can be scored without
+    it): exactly over all items (`rank_scores`, O(N d) per user), or the scalable way, beam search
+    over the AR head proposing candidates that the FV head rescores (`rescore`, O(beam d) per user).
+    Both return the same number for the same item; it is a score, not a probability.
+    `log_prob_all` is the normalised mixture (a product of experts).
     """
 
     supports_beam = True
@@ -418,7 +420,7 @@ class JointHead(nn.Module):
         return self.ar.nll(h, items) + self.fv_weight * self.fv.nll(h, items)
 
     def rank_scores(self, h: torch.Tensor, cache=None) -> torch.Tensor:
-        return (1 - self.mix) * self.ar.log_prob_all(h, cache) + self.mix * self.fv.log_prob_all(h)
+        return (1 - self.mix) * self.ar.log_prob_all(h, cache) + self.mix * self.fv.logits(h)
 
     def log_prob_all(self, h: torch.Tensor, cache=None) -> torch.Tensor:
         return torch.log_softmax(self.rank_scores(h, cache), -1)

@@ -30,6 +30,7 @@ from fastapi.responses import Response
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                generate_latest)
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from sidrec.errors import UserError
 from sidrec.serve.batcher import MicroBatcher, Overloaded
@@ -50,110 +51,134 @@ class JSON(Response):
 class Batching:
     max_batch: int = 64  # rows decoded in one call (1: one request per call)
     max_wait_ms: float = 2.0  # under concurrent load, how long a batch may wait to fill
-    max_queue: int = 1024  # requests waiting; beyond it: 503
+    max_queue: int = 1024  # users (rows) waiting; beyond it: 503
 
 
 @dataclass
 class Row:
-    """One user's request, in internal item ids, as the decode worker takes it."""
+    """One user's request as the decode worker takes it: raw ids, mapped to the catalogue the
+    batch decodes with (so a catalogue swap between queueing and decoding can never mix ids)."""
 
-    history: np.ndarray
+    history: list[str]
     k: int
     decode: str
     beam: int
-    exclude: np.ndarray  # the history (when seen items are excluded) and the deny list
-    allow: np.ndarray | None
+    exclude_seen: bool
+    allow: list[str] | None
+    deny: list[str]
+    on_unknown: str
+    where: str  # the field prefix of this request in error messages ("" or "requests[3].")
 
 
 class Service:
     """The loaded run and the decode function the micro-batcher runs."""
 
-    def __init__(self, run: str | Path, *, device: str = "auto", decode: str | None = None, beam: int = 20):
+    def __init__(self, run: str | Path, *, device: str = "auto", decode: str | None = None, beam: int = 20,
+                 max_batch: int = 64):
         from sidrec.api import Recommender
 
-        self.run, self.device = Path(run), device
+        self.run, self.device, self.max_batch = Path(run), device, max_batch
         self.rec = Recommender.load(run, device=device)
         self.decode = decode or ("beam" if self.rec.model.supports_beam else "exact")
         if self.decode == "beam" and not self.rec.model.supports_beam:
             raise UserError(f"--decode beam needs an AR-NTP run; this run's head is {self.rec.head}")
         self.beam = beam
+        self._info = self._describe(self.rec)
 
     def reload(self) -> dict:
         """Load the run's active catalogue version and swap it in if it changed. Runs off the event
-        loop; requests keep being answered by the old one until the swap (one attribute assignment).
-        Internal ids of existing items never change across versions, so requests mapped with the old
-        catalogue decode correctly with the new one."""
+        loop; batches keep decoding with the old one until the swap (one attribute assignment), and
+        each batch maps its raw ids with the catalogue it decodes with."""
         from sidrec.api import Recommender
 
         before = self.rec.catalog_version
         if self.rec.run.catalog_version() == before:
             return {"reloaded": False, "version": before or "v0000", "n_items": int(self.rec.model.n_items)}
         rec = Recommender.load(self.run, device=self.device)
-        self.rec = rec
+        info = self._describe(rec)
+        self.rec, self._info = rec, info
         return {"reloaded": True, "version": rec.catalog_version or "v0000", "previous": before or "v0000",
                 "n_items": int(rec.model.n_items)}
 
     def info(self) -> dict:
+        return self._info
+
+    def _describe(self, rec) -> dict:
+        """What /info answers (computed once per catalogue: it hashes every code)."""
         from sidrec.run import array_digest
 
-        cb = self.rec.codebook
-        return {"run": str(self.run), "head": self.rec.head, "n_items": int(self.rec.model.n_items),
-                "catalog_version": self.rec.catalog_version or "v0000",
-                "max_len": self.rec.model.cfg.backbone.max_len, "device": str(self.rec.device),
-                "decode": self.decode, "beam": self.beam if self.decode == "beam" else None,
+        cb = rec.codebook
+        return {"run": str(self.run), "head": rec.head, "n_items": int(rec.model.n_items),
+                "catalog_version": rec.catalog_version or "v0000", "max_len": rec.model.cfg.backbone.max_len,
+                "device": str(rec.device), "decode": self.decode, "beam": self.beam if self.decode == "beam" else None,
                 "codebook": None if cb is None else {"levels": cb.levels, "sizes": cb.sizes, "method": cb.meta.get("method"),
                                                      "fingerprint": array_digest(cb.codes, np.array(cb.sizes))}}
 
-    # -- on the event loop: validate and map ids ----------------------------------------------
-    def row(self, req, where: str = "") -> tuple[Row, dict]:
-        """A validated request as a Row (+ the unknown ids it ignored); BadRequest naming the field."""
-        n = self.rec.model.n_items
+    # -- on the event loop: checks that need no catalogue ---------------------------------------
+    def row(self, req, where: str = "") -> Row:
         decode = req.decode or self.decode
         if decode == "beam" and not self.rec.model.supports_beam:
             raise BadRequest(422, where + "decode", f"beam decoding needs an AR-NTP model; this one is {self.rec.head}")
-        if req.k > n:
-            raise BadRequest(422, where + "k", f"k must be at most the catalogue size ({n}), not {req.k}")
-        ignored: dict[str, list[str]] = {}
-        rec = self.rec
-        history = self._ids(rec, req.history, where + "history", req.on_unknown, ignored)
-        if not len(history):
-            raise BadRequest(422, where + "history", "no item of the history is in the catalogue", unknown=ignored["history"])
-        deny = self._ids(rec, req.deny, where + "deny", req.on_unknown, ignored) if req.deny else history[:0]
-        allow = self._ids(rec, req.allow, where + "allow", req.on_unknown, ignored) if req.allow is not None else None
-        exclude = np.concatenate([history, deny]) if req.exclude_seen else deny
-        return Row(history, req.k, decode, max(req.beam or self.beam, req.k), exclude, allow), ignored
+        return Row([str(x) for x in req.history], req.k, decode, max(req.beam or self.beam, req.k), req.exclude_seen,
+                   None if req.allow is None else [str(x) for x in req.allow], [str(x) for x in req.deny or ()],
+                   req.on_unknown, where)
+
+    # -- in the decode worker --------------------------------------------------------------------
+    def decode_rows(self, rows: list[Row]) -> list:
+        """Per row: (raw ids, scores) or the BadRequest it earned (unknown ids, k too large). Ids of
+        the whole batch are mapped in one lookup; rows are decoded in calls of at most max_batch
+        per (decode, beam)."""
+        rec = self.rec  # one catalogue for the whole batch
+        lists = [x for r in rows for x in (r.history, r.deny, r.allow or [])]
+        flat = rec.item_index([i for ids in lists for i in ids])
+        bounds = np.cumsum([0] + [len(ids) for ids in lists])
+        mapped = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        out: list = [None] * len(rows)
+        groups: dict[tuple, list[tuple]] = {}
+        for i, r in enumerate(rows):
+            try:
+                job = self._job(rec, r, mapped[3 * i:3 * i + 3])
+            except BadRequest as e:
+                out[i] = e
+                continue
+            groups.setdefault((r.decode, r.beam), []).append((i, *job))
+        raw = rec.raw_ids
+        for (decode, beam), jobs in groups.items():
+            for s in range(0, len(jobs), self.max_batch):
+                chunk = jobs[s:s + self.max_batch]
+                k = max(rows[i].k for i, *_ in chunk)
+                idx, scores = rec.recommend_indices([j[1] for j in chunk], k, decode=decode, beam=max(beam, k),
+                                                    exclude_seen=False, allow=[j[3] for j in chunk],
+                                                    deny=[j[2] for j in chunk])
+                for (i, _, _, _, ignored), ids, sc in zip(chunk, idx, scores):
+                    ids, sc = ids[: rows[i].k], sc[: rows[i].k]
+                    keep = ids >= 0
+                    out[i] = (raw[ids[keep]].tolist(), np.round(sc[keep].astype(np.float64), 6).tolist(), ignored)
+        return out
 
     @staticmethod
-    def _ids(rec, raw: list, field: str, on_unknown: str, ignored: dict) -> np.ndarray:
-        raw = [str(x) for x in raw]
-        idx = rec.item_index(raw)
-        if (idx < 0).any():
-            unknown = [r for r, i in zip(raw, idx) if i < 0]
-            if on_unknown == "error":
-                raise BadRequest(422, field, f"unknown item id(s): {', '.join(unknown[:20])}"
-                                 + (" ..." if len(unknown) > 20 else ""), unknown=unknown[:1000])
-            ignored[field.rsplit(".", 1)[-1]] = unknown
-            idx = idx[idx >= 0]
-        return idx
-
-    # -- in the decode worker: one batched call per (decode, beam) --------------------------------
-    def decode_rows(self, rows: list[Row]) -> list[tuple[list, list]]:
-        rec = self.rec  # one catalogue for the whole batch, at least as new as its rows' (see reload)
-        out: list = [None] * len(rows)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(rows):
-            groups.setdefault((r.decode, r.beam), []).append(i)
-        raw = rec.raw_ids
-        for (decode, beam), members in groups.items():
-            rs = [rows[i] for i in members]
-            k = max(r.k for r in rs)
-            idx, scores = rec.recommend_indices([r.history for r in rs], k, decode=decode, beam=beam,
-                                                     exclude_seen=False, allow=[r.allow for r in rs],
-                                                     deny=[r.exclude for r in rs])
-            for i, r, ids, sc in zip(members, rs, idx, scores):
-                keep = ids[: r.k] >= 0
-                out[i] = (raw[ids[: r.k][keep]].tolist(), np.round(sc[: r.k][keep].astype(np.float64), 6).tolist())
-        return out
+    def _job(rec, r: Row, mapped: list[np.ndarray]) -> tuple:
+        """(history, excluded, allowed, ignored ids) of one row in `rec`'s internal ids."""
+        n = rec.model.n_items
+        if r.k > n:
+            raise BadRequest(422, r.where + "k", f"k must be at most the catalogue size ({n}), not {r.k}")
+        ignored: dict[str, list[str]] = {}
+        out = []
+        for name, raw, idx in zip(("history", "deny", "allow"), (r.history, r.deny, r.allow or []), mapped):
+            if (idx < 0).any():
+                unknown = [x for x, i in zip(raw, idx) if i < 0]
+                if r.on_unknown == "error":
+                    raise BadRequest(422, r.where + name, f"unknown item id(s): {', '.join(unknown[:20])}"
+                                     + (" ..." if len(unknown) > 20 else ""), unknown=unknown[:1000])
+                ignored[name] = unknown
+                idx = idx[idx >= 0]
+            out.append(idx)
+        history, deny, allow = out
+        if not len(history):
+            raise BadRequest(422, r.where + "history", "no item of the history is in the catalogue",
+                             unknown=ignored.get("history", []))
+        return history, np.concatenate([history, deny]) if r.exclude_seen else deny, \
+            allow if r.allow is not None else None, ignored
 
 
 class Metrics:
@@ -221,31 +246,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(service: Service, batching: Batching = Batching(), limits: Limits = Limits()) -> FastAPI:
-    single, batch = request_models(limits)
-    batcher = MicroBatcher(service.decode_rows, max_batch=batching.max_batch, max_wait=batching.max_wait_ms / 1000,
-                           max_queue=batching.max_queue)
-    metrics = Metrics(batcher)
-    batcher.on_batch = metrics.on_batch
-
-    reloading = asyncio.Lock()
-
-    async def reload() -> dict:
-        async with reloading:  # one reload at a time; requests are answered throughout
-            return await asyncio.to_thread(service.reload)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher.start()
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not on Windows / not main thread
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
-        yield
-        await batcher.close()  # uvicorn has finished the in-flight requests by now
-
-    app = FastAPI(title="sidrec", lifespan=lifespan, default_response_class=JSON)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.state.service, app.state.batcher, app.state.metrics = service, batcher, metrics
+def _errors(app: FastAPI, metrics: Metrics) -> None:
+    """Every refusal is one JSON error body; an unexpected exception is a 500 and the server goes on."""
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, e: BadRequest):
@@ -260,25 +262,64 @@ def create_app(service: Service, batching: Batching = Batching(), limits: Limits
     async def http_error(request: Request, e: HTTPException):
         return JSON(BadRequest(e.status_code, None, str(e.detail)).body(), status_code=e.status_code)
 
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, e: ClientDisconnect):
+        return Response(status_code=499)  # nobody is listening; nothing to report
+
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception):
         print(f"sidrec serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return JSON(BadRequest(500, None, f"internal error ({type(e).__name__})").body(), status_code=500)
 
+
+def _answer(result) -> dict:
+    if isinstance(result, BadRequest):
+        raise result
+    items, scores, ignored = result
+    return {"items": items, "scores": scores, **({"ignored": ignored} if ignored else {})}
+
+
+def create_app(service: Service, batching: Batching = Batching(), limits: Limits = Limits()) -> FastAPI:
+    single, batch = request_models(limits)
+    batcher = MicroBatcher(service.decode_rows, max_batch=batching.max_batch, max_wait=batching.max_wait_ms / 1000,
+                           max_queue=batching.max_queue)
+    metrics = Metrics(batcher)
+    batcher.on_batch = metrics.on_batch
+    reloading, tasks = asyncio.Lock(), set()
+
+    async def reload() -> dict:
+        async with reloading:  # one reload at a time; requests are answered throughout
+            return await asyncio.to_thread(service.reload)
+
+    def on_sighup() -> None:
+        task = asyncio.get_running_loop().create_task(reload())
+        tasks.add(task)  # keep a reference until it finishes
+        task.add_done_callback(tasks.discard)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not on Windows / not main thread
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+        yield
+        await batcher.close()  # uvicorn has finished the in-flight requests by now
+
+    app = FastAPI(title="sidrec", lifespan=lifespan, default_response_class=JSON)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.state.service, app.state.batcher, app.state.metrics = service, batcher, metrics
+    _errors(app, metrics)
+
     @app.post("/recommend", summary="Top-k next items for one history of raw item ids")
     async def recommend(request: Request):
         req = parse(single, await read_body(request, limits.max_body_bytes))
-        row, ignored = service.row(req)
-        [(items, scores)] = await batcher.submit([row])
-        return JSON({"items": items, "scores": scores, **({"ignored": ignored} if ignored else {})})
+        [result] = await batcher.submit([service.row(req)])
+        return JSON(_answer(result))
 
     @app.post("/recommend/batch", summary="Top-k next items for many histories in one call")
     async def recommend_batch(request: Request):
         reqs = parse(batch, await read_body(request, limits.max_body_bytes)).requests
-        rows = [service.row(r, f"requests[{i}].") for i, r in enumerate(reqs)]
-        results = await batcher.submit([r for r, _ in rows])
-        return JSON({"results": [{"items": items, "scores": scores, **({"ignored": ign} if ign else {})}
-                                 for (items, scores), (_, ign) in zip(results, rows)]})
+        results = await batcher.submit([service.row(r, f"requests[{i}].") for i, r in enumerate(reqs)])
+        return JSON({"results": [_answer(r) for r in results]})
 
     @app.post("/admin/reload", summary="Serve the run's active catalogue version (after `sidrec items add`)")
     async def admin_reload():
@@ -312,7 +353,7 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device:
     # micro-batches are small: intra-op threads beyond half the cores mostly spin and starve the
     # event loop that parses requests (and, on one machine, the clients)
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
-    service = Service(run, device=device, decode=decode, beam=beam)
+    service = Service(run, device=device, decode=decode, beam=beam, max_batch=batching.max_batch)
     app = create_app(service, batching, limits)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -326,7 +367,8 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device:
     print(f"sidrec: serving {run} on http://{host}:{bound} ({info['head']}, {info['n_items']:,} items, decode "
           f"{info['decode']}{' ' + str(beam) if info['decode'] == 'beam' else ''}, batches of up to "
           f"{batching.max_batch})", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=30,
+                            limit_concurrency=max(256, 2 * batching.max_queue))  # beyond: 503 before parsing
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it with the handler it found: a no-op
     # here, so a graceful stop exits 0 (SIGINT keeps Python's handler: exit 130, as for other commands)
     signal.signal(signal.SIGTERM, lambda *_: None)

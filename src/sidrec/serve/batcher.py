@@ -1,7 +1,7 @@
 """Micro-batching: concurrent requests decoded together in one batched call, off the event loop.
 
-Requests wait in a bounded queue (a full queue is refused at once: back-pressure, never an
-unbounded pile-up). One worker coroutine takes everything queued, up to `max_batch` rows, and runs
+Requests wait in a queue bounded in rows (users): beyond `max_queue` waiting rows a request is
+refused at once (back-pressure, never an unbounded pile-up). One worker coroutine takes everything queued, up to `max_batch` rows, and runs
 the decode function in a single worker thread, so the event loop keeps accepting and validating
 requests while the model runs. Requests that arrive during a decode form the next batch; when the
 server is under concurrent load (the last batch held more than one request) the worker also waits
@@ -33,7 +33,8 @@ class MicroBatcher:
     """`await submit(rows)` -> the decode function's results for those rows.
 
     fn(rows) -> results (one per row, same order) runs in one worker thread; an exception it raises
-    fails every request of that batch (the server answers 500 and keeps running).
+    fails every request of that batch (the server answers 500 and keeps running). A request with
+    more rows than `max_batch` forms a batch of its own: `fn` splits what it decodes at once.
     on_batch(n_rows, seconds) is called after every decode (metrics).
     """
 
@@ -46,23 +47,25 @@ class MicroBatcher:
         self.closing = False
         self._task: asyncio.Task | None = None
         self._last_batch = 1
+        self._queued_rows = 0
 
     def start(self) -> None:
-        self.queue = asyncio.Queue(self.max_queue)
+        self.queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     @property
     def depth(self) -> int:
-        return self.queue.qsize() if self.queue is not None else 0
+        """Rows (users) waiting for the decode worker."""
+        return self._queued_rows
 
     async def submit(self, rows: list) -> list:
         if self.closing or self.queue is None:
             raise Overloaded("the server is shutting down")
+        if self._queued_rows + len(rows) > self.max_queue and self._queued_rows:
+            raise Overloaded(f"the request queue is full ({self._queued_rows} users waiting, at most {self.max_queue})")
         entry = _Entry(rows, asyncio.get_running_loop().create_future())
-        try:
-            self.queue.put_nowait(entry)
-        except asyncio.QueueFull:
-            raise Overloaded(f"the request queue is full ({self.max_queue} requests waiting)") from None
+        self._queued_rows += len(rows)
+        self.queue.put_nowait(entry)
         return await entry.future
 
     async def close(self) -> None:
@@ -75,7 +78,7 @@ class MicroBatcher:
 
     async def _loop(self) -> None:
         pending = None  # an entry taken from the queue that belongs to the next batch (or _STOP)
-        while True:
+        while True:  # _run fails a batch's requests on any error: the loop itself never dies
             first = pending if pending is not None else await self.queue.get()
             pending = None
             if first is _STOP:
@@ -98,14 +101,15 @@ class MicroBatcher:
 
     async def _run(self, batch: list[_Entry]) -> None:
         rows = [r for e in batch for r in e.rows]
+        self._queued_rows -= len(rows)
         t = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(self.pool, self.fn, rows)
             error = None
+            if self.on_batch is not None:
+                self.on_batch(len(rows), time.perf_counter() - t)
         except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
             results, error = None, e
-        if self.on_batch is not None:
-            self.on_batch(len(rows), time.perf_counter() - t)
         self._last_batch = len(batch)
         i = 0
         for e in batch:

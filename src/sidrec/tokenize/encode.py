@@ -197,7 +197,7 @@ def _place(fq: FittedQuantizer, z: np.ndarray, items: np.ndarray, prefix: np.nda
         out[live[win]] = tok[win]
         taken.add(key[win])
         ptr[live[~win]] += 1
-        live = live[~win & (ptr[live] < v)]
+        live = live[~win & (ptr[live] < prefs.shape[1])]  # a fit on few items has fewer codes than v
     return out
 
 
