@@ -141,8 +141,8 @@ def test_new_items_get_prefix_means_and_old_scores_keep_their_order(trained, tmp
     run = tmp_path / "ar"
     trained["ar"].save(run)
     base = sidrec.Recommender.load(run)
-    info = base.add_items(trained["new"], embeddings=trained["emb"])
-    assert info["version"] == "v0001" and base.model.n_items == 212
+    info = base.add_items(trained["new"], embeddings=trained["emb"], vectors="prefix-mean")
+    assert info["version"] == "v0001" and base.model.n_items == 212 and info["item_vectors"] == "prefix mean"
     w = base.model.backbone.item_emb.weight.detach()
     cb = base.codebook
     for i in range(200, 212):  # each new item's vector is the mean of its trained siblings (or a shorter prefix)
@@ -240,3 +240,28 @@ def test_item_filters_refuse_ids_outside_the_catalogue():
         ItemFilter.build(10, 2, exclude=[np.array([13]), None])
     with pytest.raises(ValueError):
         ItemFilter.build(10, 1, allow=[np.array([-1])])
+
+
+def test_content_vectors_predict_trained_vectors_and_follow_the_weights(trained, tmp_path):
+    """A new item's vector is a ridge map of its embedding fitted on the trained items: for copies of
+    trained items it lands nearer their trained vectors than the prefix mean does. The vectors are
+    tied to the weights they came from: other weights fall back to prefix means, with a warning."""
+    from sidrec.data.synth import load_world
+
+    run = tmp_path / "ar"
+    trained["ar"].save(run)
+    rec = sidrec.Recommender.load(run)
+    latent = load_world(trained["data"].path).latent
+    copies = np.arange(0, 200, 5)
+    new = pd.DataFrame({"item_id": [f"copy-{i}" for i in copies]})
+    info = rec.add_items(new, embeddings=latent[copies])
+    assert info["item_vectors"].startswith("content")
+    w = rec.model.backbone.item_emb.weight.detach()
+    err_content = ((w[200:200 + len(copies)] - w[copies]) ** 2).sum(1).mean()
+    plain = sidrec.Recommender.load(run)
+    plain.run.path.joinpath("model.safetensors").touch()  # other weights (as after more training)
+    with pytest.warns(sidrec.errors.SidrecWarning, match="prefix means"):
+        fallback = sidrec.Recommender.load(run)
+    wp = fallback.model.backbone.item_emb.weight.detach()
+    err_mean = ((wp[200:200 + len(copies)] - wp[copies]) ** 2).sum(1).mean()
+    assert err_content < err_mean

@@ -258,18 +258,22 @@ class Recommender:
                             exclude_seen=exclude_seen, splits=splits, device=self.device, data=self.data, write=save)
 
     def add_items(self, items: pd.DataFrame | str | Path, *, embeddings: np.ndarray | str | Path | None = None,
-                  id_col: str = "item_id") -> dict:
+                  id_col: str = "item_id", vectors: str = "content") -> dict:
         """Add new items to the fitted run, recommendable at once (no retraining): each gets a
         semantic ID from its content with the fitted tokenizer, in a new catalogue version of the run
         (`sidrec.catalog`; the previous version is kept). items: a table (or a JSONL / CSV / Parquet
         file) with `id_col` and text fields; embeddings: [m, d] (or a .npy file) in the tokenizer's
-        space, needed unless the IDs were fitted on text. Returns what was added and how the IDs were
-        found (direct / resolved / fallback); this object then serves the new catalogue."""
+        space, needed unless the IDs were fitted on text. vectors: "content" (a new item's vector is
+        a ridge map of its embedding, fitted on the trained items) or "prefix-mean". Returns what was
+        added and how the IDs were found (direct / resolved / fallback); this object then serves the
+        new catalogue."""
         from sidrec import catalog
         from sidrec.data.readers import normalise_item_table, read_item_table
         from sidrec.embed import check_embeddings, load_npy
 
         self._fitted()
+        if vectors not in ("content", "prefix-mean"):
+            raise UserError(f"vectors must be content or prefix-mean, not {vectors!r}")
         if isinstance(items, pd.DataFrame):
             if id_col not in items.columns:
                 raise UserError(f"items: missing column {id_col!r}; columns are {list(items.columns)}")
@@ -283,9 +287,29 @@ class Recommender:
             embeddings = load_npy(embeddings, len(table))
         elif embeddings is not None:
             embeddings = check_embeddings(np.asarray(embeddings), len(table), "embeddings")
+        mapper = self._content_map() if vectors == "content" else None
         info = catalog.add_items(self.run, self.model, self.codebook, self.data.item_table, table, embeddings,
-                                 parent=self._version)
+                                 parent=self._version, content_map=mapper)
         return {**info, "n_items": self._open(self.run, None).model.n_items}
+
+    def _content_map(self):
+        """x -> item vectors, fitted on the trained items' embeddings (the tokenizer's own source) and
+        their trained item vectors; None when either is unavailable (prefix means are used then)."""
+        from sidrec import catalog
+        from sidrec.embed import get_embeddings
+
+        vectors = catalog.item_table(self.model)
+        tok = (self.codebook.meta.get("tokenizer") if self.codebook is not None else None) or {}
+        source = str(tok.get("embeddings", ""))
+        if vectors is None or not source:
+            return None
+        trained = self.run.data(self.config, version=None)
+        try:
+            x = get_embeddings(trained, source, model=tok.get("text_model", "all-MiniLM-L6-v2"),
+                               dim=tok.get("collab_dim", 64), seed=tok.get("seed", 0))
+        except UserError:  # e.g. a .npy file that is no longer there: prefix means instead
+            return None
+        return catalog.content_map(x, vectors[: len(x)].numpy())  # fitted on the trained items only
 
     @property
     def codebook(self):

@@ -100,7 +100,8 @@ def load_version(run: str | Path, name: str) -> tuple[Codebook, pd.DataFrame, di
 
 # ------------------------------------------------------------------------------ adding items
 def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataFrame,
-              embeddings: np.ndarray | None, *, parent: str | None = None, text_model: str | None = None) -> dict:
+              embeddings: np.ndarray | None, *, parent: str | None = None, text_model: str | None = None,
+              content_map=None) -> dict:
     """Write a new catalogue version with the items of `new` (column `item` + text fields) appended,
     and make it the active one.
 
@@ -108,6 +109,8 @@ def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataF
     must be the newest one: versions only grow, so an item's internal id never changes. Items already
     in the catalogue are skipped (their codes never move). embeddings: [m, d] in the tokenizer's
     space, or None to embed the items' text with the run's text model (IDs fitted on text).
+    content_map(x) -> [m, d_model] item vectors from the new items' embeddings (see `content_map`),
+    stored with the weights they were derived from; None: prefix means only.
     Concurrent calls on one run are serialised by a lock file."""
     from sidrec.tokenize.encode import FittedQuantizer, encode_new
 
@@ -148,12 +151,56 @@ def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataF
                 "embeddings": "given" if embeddings is not None else f"text ({text_model})",
                 "added_items": fresh["item"].astype(str).tolist()[:1000],
                 "seconds": round(time.perf_counter() - t0, 2)}  # embedding the text and finding the IDs
+        vectors = _cumulative_vectors(run.path, parent, int(run.config()["n_items"]), len(table),
+                                      None if content_map is None else content_map(x))
+        info["item_vectors"] = "prefix mean" if vectors is None else "content (ridge map of the embeddings)"
         with io.atomic_dir(root / name, "catalog") as tmp:
             full.to_parquet(tmp / "items.parquet", index=False)
             ext.save(tmp / "codebook")
+            if vectors is not None:  # stamped: used only with the weights they were derived from
+                io.save_npz(tmp / "vectors.npz", vectors=vectors, weights_stamp=np.array(run.weights_stamp() or ""))
             io.write_json(tmp / "catalog.json", info)
         use(run.path, name)  # the pointer moves last: a reader sees the old version or the whole new one
     return info
+
+
+def _cumulative_vectors(run: Path, parent: str | None, n0: int, n_now: int, new: np.ndarray | None) -> np.ndarray | None:
+    """Content vectors of every added item so far ([n - n0, d]; NaN rows: none, use the prefix mean)."""
+    old = load_vectors(run, parent, None) if parent and parent != "v0000" else None
+    if new is None and old is None:
+        return None
+    d = (new if new is not None else old).shape[1]
+    prev = old if old is not None else np.full((n_now - n0, d), np.nan, np.float32)
+    add = new.astype(np.float32) if new is not None else np.full((0, d), np.nan, np.float32)
+    return np.concatenate([prev, add])
+
+
+def load_vectors(run: str | Path, version: str, weights_stamp: str | None) -> np.ndarray | None:
+    """A version's stored content vectors, if any and (with a stamp given) derived from these weights."""
+    p = Path(run) / DIR / version / "vectors.npz"
+    if not p.exists():
+        return None
+    arr = io.load_npz(p, required=("vectors", "weights_stamp"))
+    if weights_stamp is not None and str(arr["weights_stamp"]) != weights_stamp:
+        import warnings
+
+        from sidrec.errors import SidrecWarning
+
+        warnings.warn(f"{p}: derived from other weights (the run was trained further since): its new items use "
+                      "prefix means; add them again for content vectors", SidrecWarning, stacklevel=2)
+        return None
+    return arr["vectors"]
+
+
+def content_map(x_trained: np.ndarray, vectors: np.ndarray, ridge: float = 1e-2):
+    """x -> vectors: ridge regression from the tokenizer's embedding space to the trained item vectors
+    (fitted on the trained items). A new item's vector then reflects what its content says about who
+    buys it, not only the average of its ID prefix."""
+    x = np.asarray(x_trained, dtype=np.float64)
+    gram = x.T @ x
+    lam = ridge * np.trace(gram) / max(1, len(gram))
+    a = np.linalg.solve(gram + lam * np.eye(len(gram)), x.T @ np.asarray(vectors, dtype=np.float64))
+    return lambda new: (np.asarray(new, dtype=np.float64) @ a).astype(np.float32)
 
 
 def _text_embeddings(codebook: Codebook, items: pd.DataFrame, text_model: str) -> np.ndarray:
@@ -189,9 +236,10 @@ def prefix_mean(base_codes: np.ndarray, values: torch.Tensor, query_codes: np.nd
     return out
 
 
-def extend_model(model, base: Codebook, ext: Codebook):
-    """A model over the extended catalogue: trained weights for trained items and nodes, prefix means
-    (see the module doc) for what is new. Same configuration, n_items = ext.n_items."""
+def extend_model(model, base: Codebook, ext: Codebook, vectors: np.ndarray | None = None):
+    """A model over the extended catalogue: trained weights for trained items and nodes; for what is
+    new, the stored content vectors of the added items where given (`vectors` [n - n0, d], NaN: none),
+    else prefix means (see the module doc). Same configuration, n_items = ext.n_items."""
     from sidrec.model import SeqRecModel
 
     n0, n = base.n_items, ext.n_items
@@ -206,6 +254,9 @@ def extend_model(model, base: Codebook, ext: Codebook):
         elif key in ("backbone.item_emb.weight", "head.item_emb.weight"):
             rows = value[:n0]
             added = prefix_mean(base.codes, rows, ext.codes[n0:], ext.sizes)
+            if vectors is not None and key == item_table_key(model):
+                given = torch.as_tensor(vectors, dtype=added.dtype)
+                added = torch.where(torch.isnan(given), added, given)
             pad = value[n0:]  # the padding row of the input table (empty for the head's own table)
             state[key] = torch.cat([rows, added, pad])
         elif key.startswith("head.node_bias."):
@@ -214,6 +265,20 @@ def extend_model(model, base: Codebook, ext: Codebook):
             raise RuntimeError(f"cannot extend parameter {key} from {tuple(value.shape)} to {tuple(target.shape)}")
     new.load_state_dict(state)
     return new.to(device).eval()
+
+
+def item_table_key(model) -> str | None:
+    """The item table content vectors are fitted to: the backbone's item-ID table (tied: also the AR
+    head's item vectors), else the AR head's own."""
+    if model.backbone.item_emb is not None:
+        return "backbone.item_emb.weight"
+    return "head.item_emb.weight" if isinstance(getattr(model.head, "item_emb", None), torch.nn.Embedding) else None
+
+
+def item_table(model) -> torch.Tensor | None:
+    """The trained rows of that table [N, d] (None: the model has no item table)."""
+    key = item_table_key(model)
+    return None if key is None else model.state_dict()[key][: model.n_items].detach().cpu()
 
 
 def _node_values(depth: int, value: torch.Tensor, base: Codebook, ext: Codebook) -> torch.Tensor:

@@ -458,7 +458,7 @@ def cmd_items(a: argparse.Namespace) -> None:
     from sidrec.api import Recommender
 
     rec = Recommender.load(a.run, device="cpu")
-    info = rec.add_items(a.items, embeddings=a.embeddings, id_col=a.id_col)
+    info = rec.add_items(a.items, embeddings=a.embeddings, id_col=a.id_col, vectors=a.vectors)
     if not info.get("added"):
         print(f"nothing added: all {info['already_present']} items are already in the catalogue")
         return
@@ -487,6 +487,9 @@ def add_items(sub) -> None:
     q.add_argument("--embeddings", default=None,
                    help="NEW.npy [new items, d] in the tokenizer's embedding space (default: embed the items' text, "
                    "for runs whose IDs were fitted on text)")
+    q.add_argument("--vectors", choices=["content", "prefix-mean"], default="content",
+                   help="a new item's item vector: a ridge map of its embedding fitted on the trained items "
+                   "(default), or the mean of its ID prefix's items")
     q.set_defaults(func=cmd_items)
     q = ic.add_parser("list", help="the run's catalogue versions (* = active)")
     q.add_argument("run")

@@ -387,7 +387,8 @@ class RunDir:
         if version:
             from sidrec import catalog as cat
 
-            model = cat.extend_model(model, codebook, cat.load_version(self.path, version)[0])
+            vectors = cat.load_vectors(self.path, version, self.weights_stamp())
+            model = cat.extend_model(model, codebook, cat.load_version(self.path, version)[0], vectors)
         if codebook is not None and not codebook.bijective and not codebook.meta.get("counter_example"):
             warnings.warn(f"{self.path}: the codebook is not bijective ({codebook.n_collisions} items share an ID "
                           "with another item): scores are not a distribution over items and colliding items "
