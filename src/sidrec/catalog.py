@@ -2,19 +2,19 @@
 
 A new item gets a semantic ID from its content with the run's fitted tokenizer (no refit:
 `sidrec.tokenize.encode`); the AR-NTP head then scores it through its tokens like any other item.
-What the model holds per item and was never trained for a new one is filled by the *prefix mean*:
+What the model holds per item and was never trained for a new one:
 
 - its item vector (the tied item-ID table: the backbone's input row and, in the AR head, the
-  vector averaged into every trie node above it) is the mean trained vector of the items that share
-  its longest ID prefix — its siblings under the same k-1 tokens, else k-2, ... else all items;
+  vector averaged into every trie node above it): by default a ridge map of its embedding fitted on
+  the trained items (`content_map`), stored with the weights' stamp; else, or with other weights,
+  the *prefix mean*: the mean trained vector of the items that share its longest ID prefix — its
+  siblings under the same k-1 tokens, else k-2, ... else all items;
 - a trie node that did not exist (its leaf, and any new prefix) gets the mean trained bias of its
   siblings the same way.
 
-So a new item starts as "a typical item of its ID prefix", competing with its siblings as their
-average (the mean vectors of the nodes above it move only by what one more average member moves
-them). These values are derived from the trained
-weights at load time (never stored), so they always match the weights. FV-MLE has no content path
-(a new item has no output vector) and refuses; the parallel head needs only the codes.
+Prefix means are derived from the trained weights at load time (never stored), so they always
+match the weights. FV-MLE has no content path (a new item has no output vector) and refuses; the
+parallel head needs only the codes.
 
 Layout inside the run directory (version 0 is the run as trained: codebook/ and the data's items):
 
@@ -23,6 +23,7 @@ Layout inside the run directory (version 0 is the run as trained: codebook/ and 
         catalog.json         version, parent, sizes, the added ids and how their IDs were found
         items.parquet        the whole item table: trained items first (same order), then added ones
         codebook/            the extended codebook (existing codes unchanged)
+        vectors.npz          content vectors of the added items and the weights' stamp (if any)
 """
 
 from __future__ import annotations
