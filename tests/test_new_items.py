@@ -243,9 +243,9 @@ def test_item_filters_refuse_ids_outside_the_catalogue():
 
 
 def test_content_vectors_predict_trained_vectors_and_follow_the_weights(trained, tmp_path):
-    """A new item's vector is a ridge map of its embedding fitted on the trained items: for copies of
-    trained items it lands nearer their trained vectors than the prefix mean does. The vectors are
-    tied to the weights they came from: other weights fall back to prefix means, with a warning."""
+    """A new item's vector is that of its nearest trained item by content: copies of trained items
+    get their twins' trained vectors, nearer than the prefix mean. The vectors are tied to the
+    weights they came from: other weights fall back to prefix means, with a warning."""
     from sidrec.data.synth import load_world
 
     run = tmp_path / "ar"
@@ -257,7 +257,7 @@ def test_content_vectors_predict_trained_vectors_and_follow_the_weights(trained,
     info = rec.add_items(new, embeddings=latent[copies])
     assert info["item_vectors"].startswith("content")
     w = rec.model.backbone.item_emb.weight.detach()
-    err_content = ((w[200:200 + len(copies)] - w[copies]) ** 2).sum(1).mean()
+    err_content = ((w[200:200 + len(copies)] - w[copies]) ** 2).sum(1).mean()  # a copy finds its twin
     plain = sidrec.Recommender.load(run)
     plain.run.path.joinpath("model.safetensors").touch()  # other weights (as after more training)
     with pytest.warns(sidrec.errors.SidrecWarning, match="prefix means"):

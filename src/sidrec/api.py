@@ -264,7 +264,7 @@ class Recommender:
         (`sidrec.catalog`; the previous version is kept). items: a table (or a JSONL / CSV / Parquet
         file) with `id_col` and text fields; embeddings: [m, d] (or a .npy file) in the tokenizer's
         space, needed unless the IDs were fitted on text. vectors: "content" (a new item's vector is
-        a ridge map of its embedding, fitted on the trained items) or "prefix-mean". Returns what was
+        that of its nearest trained item by content) or "prefix-mean". Returns what was
         added and how the IDs were found (direct / resolved / fallback); this object then serves the
         new catalogue."""
         from sidrec import catalog
@@ -293,8 +293,8 @@ class Recommender:
         return {**info, "n_items": self._open(self.run, None).model.n_items}
 
     def _content_map(self):
-        """x -> item vectors, fitted on the trained items' embeddings (the tokenizer's own source) and
-        their trained item vectors; None when either is unavailable (prefix means are used then)."""
+        """x -> item vectors from the trained items' embeddings (the tokenizer's own source) and their
+        trained item vectors; None when either is unavailable (prefix means are used then)."""
         from sidrec import catalog
         from sidrec.embed import get_embeddings
 

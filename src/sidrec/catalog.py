@@ -5,8 +5,8 @@ A new item gets a semantic ID from its content with the run's fitted tokenizer (
 What the model holds per item and was never trained for a new one:
 
 - its item vector (the tied item-ID table: the backbone's input row and, in the AR head, the
-  vector averaged into every trie node above it): by default a ridge map of its embedding fitted on
-  the trained items (`content_map`), stored with the weights' stamp; else, or with other weights,
+  vector averaged into every trie node above it): by default the trained vector of its nearest
+  trained item by content (`content_map`), stored with the weights' stamp; else, or with other weights,
   the *prefix mean*: the mean trained vector of the items that share its longest ID prefix — its
   siblings under the same k-1 tokens, else k-2, ... else all items;
 - a trie node that did not exist (its leaf, and any new prefix) gets the mean trained bias of its
@@ -154,7 +154,7 @@ def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataF
                 "seconds": round(time.perf_counter() - t0, 2)}  # embedding the text and finding the IDs
         vectors = _cumulative_vectors(run.path, parent, int(run.config()["n_items"]), len(table),
                                       None if content_map is None else content_map(x))
-        info["item_vectors"] = "prefix mean" if vectors is None else "content (ridge map of the embeddings)"
+        info["item_vectors"] = "prefix mean" if vectors is None else "content (nearest trained items by embedding)"
         with io.atomic_dir(root / name, "catalog") as tmp:
             full.to_parquet(tmp / "items.parquet", index=False)
             ext.save(tmp / "codebook")
@@ -193,15 +193,30 @@ def load_vectors(run: str | Path, version: str, weights_stamp: str | None) -> np
     return arr["vectors"]
 
 
-def content_map(x_trained: np.ndarray, vectors: np.ndarray, ridge: float = 1e-2):
-    """x -> vectors: ridge regression from the tokenizer's embedding space to the trained item vectors
-    (fitted on the trained items). A new item's vector then reflects what its content says about who
-    buys it, not only the average of its ID prefix."""
-    x = np.asarray(x_trained, dtype=np.float64)
-    gram = x.T @ x
-    lam = ridge * np.trace(gram) / max(1, len(gram))
-    a = np.linalg.solve(gram + lam * np.eye(len(gram)), x.T @ np.asarray(vectors, dtype=np.float64))
-    return lambda new: (np.asarray(new, dtype=np.float64) @ a).astype(np.float32)
+def content_map(x_trained: np.ndarray, vectors: np.ndarray, neighbours: int = 1, chunk: int = 1024):
+    """x -> vectors: a new item takes the trained vector of its nearest trained item by content
+    (cosine similarity in the tokenizer's embedding space; with neighbours > 1, their similarity-
+    weighted mean). Catalogues are full of near-twins (another size, colour or edition of a product)
+    whose trained vector carries who buys such an item; on Beauty's cold start one neighbour ranked
+    cold items best, a ridge regression from content to vectors worst (it shrinks every vector)."""
+    xt = torch.from_numpy(_unit(x_trained))
+    v = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+
+    def apply(new: np.ndarray) -> np.ndarray:
+        xn = torch.from_numpy(_unit(new))
+        out = []
+        for s in range(0, len(xn), chunk):  # [chunk, N] similarities at a time
+            sim, idx = torch.topk(xn[s:s + chunk] @ xt.T, min(neighbours, len(xt)), dim=1)
+            w = torch.softmax(sim * 20.0, dim=1)  # sharp: the nearest twin dominates
+            out.append((w[..., None] * v[idx]).sum(1))
+        return torch.cat(out).numpy() if out else np.zeros((0, v.shape[1]), np.float32)
+
+    return apply
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
 def _text_embeddings(codebook: Codebook, items: pd.DataFrame, text_model: str) -> np.ndarray:

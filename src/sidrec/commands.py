@@ -488,8 +488,8 @@ def add_items(sub) -> None:
                    help="NEW.npy [new items, d] in the tokenizer's embedding space (default: embed the items' text, "
                    "for runs whose IDs were fitted on text)")
     q.add_argument("--vectors", choices=["content", "prefix-mean"], default="content",
-                   help="a new item's item vector: a ridge map of its embedding fitted on the trained items "
-                   "(default), or the mean of its ID prefix's items")
+                   help="a new item's item vector: that of its nearest trained item by content (default), or "
+                   "the mean of its ID prefix's items")
     q.set_defaults(func=cmd_items)
     q = ic.add_parser("list", help="the run's catalogue versions (* = active)")
     q.add_argument("run")
