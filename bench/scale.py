@@ -122,7 +122,7 @@ def worker(spec: dict) -> dict:
 
         out["step_seconds"] = _median(step, spec["repeats"])
     else:
-        h = torch.randn(INFER_BATCH, D, device=dev)
+        h = torch.randn(spec.get("infer_batch", INFER_BATCH), D, device=dev)
         with torch.no_grad():
             if kind == "fv":
                 out["exact_seconds"] = _median(lambda: torch.topk(head.logits(h), 10, 1), spec["repeats"])
@@ -180,6 +180,7 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(TRAIN_KINDS), help="training measurements to run")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--name", default="scale")
+    ap.add_argument("--infer-batch", type=int, default=INFER_BATCH, help="users per inference batch (latency is per user)")
     a = ap.parse_args()
     out_dir = Path(a.out_dir) if a.out_dir else RESULTS
     sizes = [int(s) for s in a.sizes.split(",")]
@@ -201,14 +202,15 @@ def main() -> None:
             del cb
             for mode, names in (("train", kinds), ("infer", INFER_KINDS)):
                 for kind in names:
-                    spec = {"n": n, "kind": kind, "mode": mode, "codebook": str(cb_dir), "repeats": repeats}
+                    spec = {"n": n, "kind": kind, "mode": mode, "codebook": str(cb_dir), "repeats": repeats,
+                            "infer_batch": a.infer_batch}
                     row[f"{mode}_{kind}"] = run_worker(spec, a.mem_cap_gib, a.timeout)
                     print(n, mode, kind, row[f"{mode}_{kind}"], flush=True)
             rows.append(row)
             summary = summarise(rows)  # written after every size: a long run leaves its finished sizes
-            write_result(a.name, {"targets": TARGETS, "d": D, "infer_batch": INFER_BATCH, "kinds": kinds,
+            write_result(a.name, {"targets": TARGETS, "d": D, "infer_batch": a.infer_batch, "kinds": kinds,
                                   "rows": rows, "summary": summary}, out_dir)
-    write_markdown_and_plot(rows, summary, out_dir, a.name)
+    write_markdown_and_plot(rows, summary, out_dir, a.name, a.infer_batch)
 
 
 def _ratio(a, b, digits: int = 1):
@@ -247,10 +249,11 @@ LABELS = {"fv-naive": "FV-MLE naive", "fv-streamed": "FV-MLE streamed", "fv-samp
           "fv-sampled-in-batch": "FV sampled, in-batch", "ar": "AR-NTP shipped head", "ar-token": "AR-NTP token-only head"}
 
 
-def write_markdown_and_plot(rows: list[dict], summary: dict, out_dir: Path, name: str = "scale") -> None:
+def write_markdown_and_plot(rows: list[dict], summary: dict, out_dir: Path, name: str = "scale",
+                            infer_batch: int = INFER_BATCH) -> None:
     from sidrec import io
 
-    io.write_text(out_dir / f"{name}.md", scale_table({"rows": rows, "summary": summary, "infer_batch": INFER_BATCH}))
+    io.write_text(out_dir / f"{name}.md", scale_table({"rows": rows, "summary": summary, "infer_batch": infer_batch}))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,7 +270,7 @@ def write_markdown_and_plot(rows: list[dict], summary: dict, out_dir: Path, name
     for key, field, label in (("infer_fv", "exact_seconds", "FV-MLE exact"), ("infer_ar", "beam20_seconds",
                               "AR-NTP shipped, beam-20"), ("infer_ar-token", "beam20_seconds", "AR-NTP token-only, beam-20"),
                               ("infer_ar", "exact_seconds", "AR-NTP shipped, exact")):
-        pts = [(n, _get(r, key, field) / INFER_BATCH * 1e3) for n, r in zip(ns, rows) if _get(r, key, field)]
+        pts = [(n, _get(r, key, field) / infer_batch * 1e3) for n, r in zip(ns, rows) if _get(r, key, field)]
         if pts:
             a2.plot(*zip(*pts), marker="o", label=label)
     a2.set(xscale="log", yscale="log", xlabel="catalog size N", ylabel="ms per user (batch 256)",
