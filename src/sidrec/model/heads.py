@@ -246,6 +246,7 @@ class AutoregressiveHead(nn.Module):
         key = (str(device), w.data_ptr(), w._version)  # _version: bumped by every in-place update
         if not torch.is_grad_enabled() and self._means_cache is not None and self._means_cache[0] == key:
             return self._means_cache[1]  # decoding and scoring: constant between weight updates
+        self._means_cache = self._tables_cache = None  # stale: freed before the new ones are built
         k = len(self.sizes)
         sums = torch.index_select(w, 0, self.trie.torch("first_item", k, device))  # leaves, in node order
         out = [sums]
@@ -305,6 +306,7 @@ class AutoregressiveHead(nn.Module):
         key = self._param_key(device)
         if not torch.is_grad_enabled() and self._tables_cache is not None and self._tables_cache[0] == key:
             return self._tables_cache[1]
+        self._tables_cache = None
         out = []
         means = self.node_means(device) if self.item_emb is not None else None
         for j in range(len(self.sizes)):
@@ -373,13 +375,22 @@ class AutoregressiveHead(nn.Module):
         e = self.tok_out[j][tok]
         b = self.tok_bias[j][tok]
         if self.item_emb is not None:
-            e = e + means[j]
+            e = e + means[j] if torch.is_grad_enabled() else e.add_(means[j])  # e is a fresh gather
             b = b + self.node_bias[j]
         film = self._film(j, self._node_codes(j, device)) if j else None  # over the [P_j, j] parents
         if film is None:
             return e, b
         g, be = film
-        return (1 + g[parent]) * e, (be[parent] * e).sum(-1) + b
+        if torch.is_grad_enabled():
+            return (1 + g[parent]) * e, (be[parent] * e).sum(-1) + b
+        # scoring only: in place and in node chunks, so the largest level holds one [P, d] table
+        # (what lets 10^7-item catalogues be scored within memory)
+        step = 1 << 20
+        for s in range(0, len(e), step):
+            p = parent[s:s + step]
+            b[s:s + step] += (be[p] * e[s:s + step]).sum(-1)
+            e[s:s + step] *= 1 + g[p]
+        return e, b
 
     def _node_codes(self, j: int, device) -> torch.Tensor:
         """The j tokens of every depth-j node [P_j, j] (taken from the first item under it)."""
