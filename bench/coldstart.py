@@ -217,7 +217,7 @@ def main() -> None:
            "cold_share": a.cold_share, "seed": a.seed, "cold_items": int(len(cold)), "items": full.n_items,
            "warm_users": warm.n_users, "test_users": full.n_users, "cold_test_users": int(is_cold.sum()),
            "protocol": "test split of the full data, full ranking over each model's catalogue, seen items excluded",
-           "rows": runs, "warm_ndcg10_vs_full_catalogue": round((ours - ref) / ref, 4),
+           "rows": runs, "warm_ndcg10_vs_full_catalogue": round((ours - ref) / ref, 4) if ref > 0 else None,
            "config": {k: v for k, v in base.items() if not k.startswith("_")},
            "wall_seconds": round(time.perf_counter() - t0, 1)}
     path = write_result(a.name, res, Path(a.results_dir))

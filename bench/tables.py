@@ -332,8 +332,11 @@ def coldstart_table(r: dict) -> str:
         lines += ["", f"`items add` of the {added['added']:,} cold items: {ids['direct']:,} took their nearest ID, "
                   f"{ids['resolved']:,} a free code under the same prefix, {ids['fallback']:,} the next prefix with "
                   f"room; {added['seconds']} s."]
-    lines += ["", f"Warm NDCG@10 of the model with cold items added vs the model trained on the full catalogue: "
-              f"{100 * r['warm_ndcg10_vs_full_catalogue']:+.1f}%.", "", f"`{r['command']}`"]
+    delta = r["warm_ndcg10_vs_full_catalogue"]
+    if delta is not None:
+        lines += ["", f"Warm NDCG@10 of the model with cold items added vs the model trained on the full catalogue: "
+                  f"{100 * delta:+.1f}%."]
+    lines += ["", f"`{r['command']}`"]
     return "\n".join(lines) + "\n"
 
 
