@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from .conftest import SHARED
@@ -113,6 +114,20 @@ def test_scale_bench_smallest_size(tmp_path):
     assert row["train_ar"]["item_table_parameters"] == 3000 * 64 and row["train_ar-token"]["item_table_parameters"] == 0
     assert (tmp_path / "scale.md").exists() and (tmp_path / "scale.png").exists()
     assert (tmp_path / "scale.png").exists() and "| 3,000 |" in (tmp_path / "scale.md").read_text()
+
+
+@pytest.mark.slow
+def test_scale_fit_bench_smallest_size(tmp_path):
+    """Fit to a known P* under one budget: every model trains, is scored against the truth, and the
+    Bayes-optimal row bounds what any model can reach."""
+    _run(["bench.scale_fit", "--sizes", "2000", "--users", "400", "--budget-min", "0.1", "--eval-users", "100",
+          "--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path)], tmp_path)
+    row = json.loads((tmp_path / "scale-fit.json").read_text())["rows"][0]
+    assert row["n"] == 2000 and row["users"] == 400 and len(row["models"]) == 3
+    for m in row["models"]:
+        assert m["steps"] > 0 and m["kl_to_pstar"] > 0 and m["kl_curve"], m["model"]
+        assert 0 < m["nll"] < 2 * np.log(2000) and 0 <= m["recall@10"] <= 1
+    assert "| 2,000 | Bayes-optimal" in (tmp_path / "scale-fit.md").read_text()
 
 
 @needs_beauty
