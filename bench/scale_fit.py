@@ -127,14 +127,25 @@ def train(name: str, spec: dict, data, world, cb, run: Path, budget_s: float, pa
             "wall_seconds": round(time.perf_counter() - t, 1), "kl_curve": curve, "_model": trainer.model}
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type for "100000,1000000": a bad list is a usage error (exit 2), not a traceback."""
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
 def time_to_kl(curve: list[dict], target: float) -> float | None:
     return next((c["train_seconds"] for c in curve if c["kl_to_pstar"] <= target), None)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="100000,1000000")
-    ap.add_argument("--users", default="20000,5000", help="users drawn per size (drawing costs users x N)")
+    ap.add_argument("--sizes", type=int_list, default="100000,1000000")
+    ap.add_argument("--users", type=int_list, default="20000,5000", help="users drawn per size (drawing costs users x N)")
     ap.add_argument("--budget-min", type=float, default=5.0, help="training-time budget per model (minutes)")
     ap.add_argument("--patience", type=int, default=2,
                     help="epochs without validation NDCG@10 gain before a model stops (its best epoch is scored)")
@@ -144,8 +155,7 @@ def main() -> None:
     ap.add_argument("--name", default="scale-fit")
     a = ap.parse_args()
     rows = []
-    sizes = [int(s) for s in a.sizes.split(",")]
-    users_per = [int(u) for u in a.users.split(",")]
+    sizes, users_per = a.sizes, a.users
     for n, n_users in zip(sizes, users_per + users_per[-1:] * len(sizes)):
         work = Path(a.out_root) / f"n{n}-u{n_users}"
         reused, t = (work / "data" / "world.npz").exists(), time.perf_counter()

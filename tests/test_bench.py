@@ -130,6 +130,12 @@ def test_scale_fit_bench_smallest_size(tmp_path):
     assert "| 2,000 | Bayes-optimal" in (tmp_path / "scale-fit.md").read_text()
 
 
+def test_scale_fit_bad_sizes_is_exit_2():
+    r = subprocess.run([sys.executable, "-m", "bench.scale_fit", "--sizes", "1e5"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--sizes" in r.stderr and "Traceback" not in r.stderr
+
+
 @needs_beauty
 def test_popularity_bench(tmp_path):
     _run(["bench.popularity", "--dataset", "beauty", "--out-root", str(tmp_path / "out"),
