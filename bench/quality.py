@@ -30,11 +30,15 @@ from sidrec.data import SequenceData, prepare, read
 from sidrec.errors import UserError
 from sidrec.model import upgrade_model_dict
 from sidrec import run as rundir
-from sidrec.pipeline import ensure_codebook, ensure_data, evaluate_run, head_config, model_inputs, train_one
+from sidrec.pipeline import (ensure_codebook, ensure_data, evaluate_run, head_config, model_inputs, train_one,
+                             MIX_GRID, tune_joint_mix)
+from sidrec.evaluate import mix_curve
 from sidrec.run import RunDir
 
 DATASETS = ("beauty", "sports", "yelp", "ml-100k")  # configs/<name>.yaml says where the data is
 KEYS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr")
+WIDE_BEAMS = (50, 100)  # a joint head's extra beam widths
+TEST_CURVE = "test-mix-curve.json"  # a joint run's test metrics (seen items excluded) at every mix
 
 
 def prepared(dataset: str, cfg: dict, work: Path, max_users: int | None) -> SequenceData:
@@ -85,6 +89,8 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
                 rec = {"seed": seed, "wall_s": wall, "env": made_on,
                        **records(io.read_json(run_dir / "eval.json"), ""),
                        **records(io.read_json(run_dir / "eval-seen-excluded.json"), "_seen_excluded")}
+                if (run_dir / TEST_CURVE).exists():
+                    rec["test_mix_curve_seen_excluded"] = io.read_json(run_dir / TEST_CURVE)
                 rows.setdefault(name, []).append(rec)
         walls.append(round(seed_wall, 1))
         result = _result(dataset, data, len(walls), tokenizers, heads, overrides, max_users, walls, base, rows)
@@ -123,15 +129,42 @@ def trained(hc: dict, data: SequenceData, cb, run_dir: Path) -> float:
     legacy_same = status == "stale" and not RunDir(run_dir).fingerprint and bool(made.get("config")) and \
         identity(made["config"]) == identity(want)
     if (status == "same" or legacy_same) and made.get("wall_s") is not None:
-        return made["wall_s"]
+        if joint_done(hc, run_dir):
+            return made["wall_s"]
+        t = time.perf_counter()  # a joint run trained before its mix was tuned on validation
+        tune_joint_mix(run_dir, data=data, exclude_seen=hc["train"]["exclude_seen"])
+        evaluate_both(hc, data, run_dir)
+        wall = round(made["wall_s"] + time.perf_counter() - t, 1)
+        io.write_json(bench_file, {**made, "wall_s": wall})
+        return wall
     t = time.perf_counter()
     train_one(hc, data, cb, run_dir, resume=status == "same", overwrite=status == "stale")
     io.write_json(bench_file, {"config": want, "wall_s": None})  # a killed run resumes from its checkpoint
-    for excl in (False, True):
-        evaluate_run(run_dir, beam=20, data=data, exclude_seen=excl)
+    evaluate_both(hc, data, run_dir)
     wall = round(time.perf_counter() - t, 1)
     io.write_json(bench_file, {"config": want, "wall_s": wall, "env": environment()})
     return wall
+
+
+def evaluate_both(hc: dict, data: SequenceData, run_dir: Path) -> None:
+    """Both protocols, beam 20; a joint head also at the WIDE_BEAMS widths (how many AR candidates the
+    FV rescoring needs to match the exact mixture)."""
+    joint = hc["model"]["head"] == "joint"
+    for excl in (False, True):
+        evaluate_run(run_dir, beam=20, data=data, exclude_seen=excl, extra_beams=WIDE_BEAMS if joint else ())
+    if joint:  # test metrics along the mix grid: its ends are the joint backbone's AR and FV heads alone
+        model, _ = RunDir(run_dir).load_model(version=None)
+        curve = mix_curve(model, data, list(MIX_GRID), split="test", exclude_seen=True)
+        RunDir(run_dir).write_json(TEST_CURVE, [{"mix": m, **{k: v[k] for k in KEYS}} for m, v in curve.items()])
+
+
+def joint_done(hc: dict, run_dir: Path) -> bool:
+    """Not a joint run, or one with its mix chosen on validation and evaluated at every width."""
+    if hc["model"]["head"] != "joint":
+        return True
+    rd = RunDir(run_dir)
+    ev = [rd.read_eval(excl, 20, ("exact", "beam", *(f"beam{b}" for b in WIDE_BEAMS))) for excl in (False, True)]
+    return rd.joint_mix() is not None and all(e is not None for e in ev) and (run_dir / TEST_CURVE).exists()
 
 
 def _result(dataset, data, seeds, tokenizers, heads, overrides, max_users, walls, base, rows) -> dict:
@@ -145,7 +178,9 @@ def _result(dataset, data, seeds, tokenizers, heads, overrides, max_users, walls
 def records(ev: dict, suffix: str) -> dict:
     """Test metrics per decode mode (and valid exact, the selection metric) of one eval file."""
     rec = {f"valid_exact{suffix}": {k: ev["valid"]["exact"][k] for k in KEYS}}
-    for mode in ("exact", "beam"):
+    if ev.get("mix") is not None:
+        rec["mix"] = ev["mix"]
+    for mode in ("exact", "beam", *(f"beam{b}" for b in WIDE_BEAMS)):
         if mode in ev["test"]:
             rec[mode + suffix] = {k: ev["test"][mode][k] for k in KEYS}
     if "overlap@10" in ev["test"]:
@@ -153,7 +188,8 @@ def records(ev: dict, suffix: str) -> dict:
     return rec
 
 
-MODES = ("exact", "beam", "valid_exact", "exact_seen_excluded", "beam_seen_excluded", "valid_exact_seen_excluded")
+MODES = tuple(m + sfx for sfx in ("", "_seen_excluded")
+              for m in ("exact", "beam", *(f"beam{b}" for b in WIDE_BEAMS), "valid_exact"))
 
 
 def aggregate(recs: list[dict]) -> dict:
@@ -163,7 +199,11 @@ def aggregate(recs: list[dict]) -> dict:
             out[mode] = {k: {"mean": statistics.mean(r[mode][k] for r in recs),
                              "std": statistics.stdev(r[mode][k] for r in recs) if len(recs) > 1 else 0.0}
                          for k in KEYS}
-    for key in ("overlap@10", "overlap@10_seen_excluded", "wall_s"):
+    curves = [r["test_mix_curve_seen_excluded"] for r in recs if "test_mix_curve_seen_excluded" in r]
+    if len(curves) == len(recs):  # mean over seeds at each mix
+        out["test_mix_curve_seen_excluded"] = [
+            {"mix": pts[0]["mix"], **{k: statistics.mean(p[k] for p in pts) for k in KEYS}} for pts in zip(*curves)]
+    for key in ("overlap@10", "overlap@10_seen_excluded", "wall_s", "mix"):
         if key in recs[0]:
             out[key] = statistics.mean(r[key] for r in recs)
     return out
@@ -178,11 +218,13 @@ def compare(summary: dict, tokenizers: list[str]) -> dict:
     for sfx in ("", "_seen_excluded"):
         fv = ndcg("fv", "exact" + sfx)
         for name in (f"{head}/{tok}" for tok in tokenizers for head in ("ar", "parallel", "joint")):
-            ex, bm = ndcg(name, "exact" + sfx), ndcg(name, "beam" + sfx)
+            ex = ndcg(name, "exact" + sfx)
             if ex and fv:
                 out[f"{name}_ndcg10_rel_gap_vs_fv{sfx}"] = (ex - fv) / fv
-            if ex and bm:
-                out[f"{name}_beam_vs_exact_ndcg10_rel{sfx}"] = (bm - ex) / ex
+            for b in ("", *WIDE_BEAMS):
+                bm = ndcg(name, f"beam{b}{sfx}")
+                if ex and bm:
+                    out[f"{name}_beam{b}_vs_exact_ndcg10_rel{sfx}"] = (bm - ex) / ex
     return out
 
 

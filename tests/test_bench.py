@@ -66,6 +66,18 @@ def test_quality_bench_tiny_slice(tmp_path):
           "tokenizer.codebook_size=20", "--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path)], tmp_path)
     t = json.loads((tmp_path / "quality-beauty-cb20.json").read_text())
     assert t["tag"] == "cb20" and set(t["summary"]) == {"ar/rq-kmeans"}
+    # a joint head: mix chosen on validation, wide beams, the test curve whose ends are AR and FV alone
+    joint = [*base[:-6], "--heads", "joint", *base[-4:], "--name", "joint", "--set", "train.epochs=1",
+             "tokenizer.embeddings=collab", "tokenizer.codebook_size=16"]
+    _run(joint, tmp_path)
+    j = json.loads((tmp_path / "quality-beauty-joint.json").read_text())["summary"]["joint/rq-kmeans"]
+    assert {"beam50_seen_excluded", "beam100_seen_excluded", "mix"} <= set(j)
+    assert [p["mix"] for p in j["test_mix_curve_seen_excluded"]] == [round(0.1 * i, 1) for i in range(11)]
+    run = tmp_path / "out/quality-beauty/seed0/joint-rq-kmeans"
+    stamp = (run / "model.safetensors").stat().st_mtime_ns
+    (run / "joint-mix.json").unlink()  # a run trained before the mix was tuned: tuned, not retrained
+    _run(joint, tmp_path)
+    assert (run / "joint-mix.json").exists() and (run / "model.safetensors").stat().st_mtime_ns == stamp
     cb = json.loads((tmp_path / "out/quality-beauty/cb20/seed0/ar-rq-kmeans/codebook/codebook.json").read_text())
     assert cb["tokenizer"]["codebook_size"] == 20
 

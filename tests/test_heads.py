@@ -1,5 +1,7 @@
 """Heads: normalisation, loss identities, leaks, gradients — the maths the theorem rests on."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -323,16 +325,33 @@ def test_joint_head_beam_rescore_equals_exact_mixture_with_a_full_beam():
     torch.testing.assert_close(m.head.nll(h, y), m.head.ar.nll(h, y) + m.head.fv.nll(h, y))
 
 
-def test_joint_model_trains_and_serves_beam_plus_rescore(tmp_path):
+def test_joint_model_trains_and_serves_beam_plus_rescore(tmp_path, capsys):
     import sidrec
+    from sidrec.cli import main
 
     data = sidrec.synthetic(tmp_path / "d", n_items=150, n_users=600)
     rec = sidrec.Recommender(head="joint", train={"epochs": 2, "batch_size": 64},
                              tokenizer={"codebook_size": 8, "embeddings": "latent"},
                              model={"backbone": {"d_model": 16, "d_ff": 32, "n_heads": 1}}).fit(data, out=tmp_path / "r")
-    ev = rec.evaluate(splits="test", save=False)["test"]
-    assert set(ev) >= {"exact", "beam"} and 0 < ev["exact"]["ndcg@10"] <= 1
+    ev = rec.evaluate(splits="test", save=False, extra_beams=(512,))["test"]
+    assert set(ev) >= {"exact", "beam", "beam512"} and 0 < ev["exact"]["ndcg@10"] <= 1
+    for key in ("recall@10", "ndcg@10", "recall@20", "ndcg@20"):  # a beam over every item = the exact mixture
+        assert ev["beam512"][key] == pytest.approx(ev["exact"][key], abs=1e-9)
+    # the ranking weight was chosen on validation at the end of fit, and the loaded model ranks with it
+    tuned = json.loads((tmp_path / "r" / "joint-mix.json").read_text())
+    curve = {row["mix"]: row["ndcg@10"] for row in tuned["curve"]}
+    assert tuned["mix"] == max(curve, key=lambda m: (curve[m], -m)) and rec.model.head.mix == tuned["mix"]
+    valid = rec.evaluate(splits="valid", decode="exact", exclude_seen=tuned["exclude_seen"], save=False)
+    assert valid["mix"] == tuned["mix"] and valid["valid"]["exact"]["ndcg@10"] == pytest.approx(curve[tuned["mix"]])
     ids, _ = rec.recommend([["3", "17"]], k=5, decode="beam")
     assert len(set(ids[0])) == 5 and "3" not in ids[0]
     with pytest.raises(sidrec.errors.UserError, match="no content path"):
         rec.add_items(pd.DataFrame({"item_id": ["new"], "title": ["x"]}), embeddings=np.zeros((1, 16), np.float32))
+    assert main(["tune-mix", str(tmp_path / "r"), "--grid", "0", "1"]) == 0  # re-tuned from the CLI
+    assert json.loads((tmp_path / "r" / "joint-mix.json").read_text())["mix"] in (0, 1)
+    assert "<- chosen" in capsys.readouterr().out
+    again = sidrec.Recommender.load(tmp_path / "r")
+    assert again.model.head.mix in (0, 1) and again.tune_mix((0.5,))["mix"] == 0.5 and again.model.head.mix == 0.5
+    with pytest.raises(SystemExit) as e:  # outside [0, 1]: a usage error
+        main(["tune-mix", str(tmp_path / "r"), "--grid", "2"])
+    assert e.value.code == 2

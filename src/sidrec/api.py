@@ -247,7 +247,7 @@ class Recommender:
         return np.where(ok, idx, -1), np.where(ok, scores, -np.inf)
 
     def evaluate(self, splits=("valid", "test"), *, decode: str | None = None, beam: int = 20,
-                 exclude_seen: bool | None = None, save: bool = True) -> dict:
+                 exclude_seen: bool | None = None, save: bool = True, extra_beams: tuple[int, ...] = ()) -> dict:
         """Full-ranking leave-one-out metrics (exact, and beam for AR-NTP) on `splits`; with `save`,
         written to the run's eval.json / eval-seen-excluded.json as `sidrec evaluate` does."""
         from sidrec.pipeline import evaluate_run
@@ -255,7 +255,19 @@ class Recommender:
         self._fitted()
         splits = (splits,) if isinstance(splits, str) else tuple(splits)
         return evaluate_run(self.run.path, decodes=(decode,) if decode else None, beam=beam,
-                            exclude_seen=exclude_seen, splits=splits, device=self.device, data=self.data, write=save)
+                            exclude_seen=exclude_seen, splits=splits, device=self.device, data=self.data, write=save,
+                            extra_beams=tuple(extra_beams))
+
+    def tune_mix(self, grid: tuple[float, ...] | None = None, *, exclude_seen: bool | None = None) -> dict:
+        """Choose a joint head's ranking weight on validation again (`fit` already did) and rank with
+        it from now on; returns the chosen weight and the validation curve."""
+        from sidrec.pipeline import MIX_GRID, tune_joint_mix
+
+        self._fitted()
+        rec = tune_joint_mix(self.run.path, data=None if self._version else self.data, grid=grid or MIX_GRID,
+                             exclude_seen=exclude_seen, device=self.device)
+        self.model.head.mix = rec["mix"]
+        return rec
 
     def add_items(self, items: pd.DataFrame | str | Path, *, embeddings: np.ndarray | str | Path | None = None,
                   id_col: str = "item_id", vectors: str = "content") -> dict:

@@ -159,7 +159,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
     decodes = (a.decode,) if a.decode else None
     ev = evaluate_run(Path(a.run), decodes=decodes, beam=a.beam, exclude_seen=a.exclude_seen,
-                      batch_size=a.batch_size, device=a.device)
+                      batch_size=a.batch_size, device=a.device, extra_beams=tuple(a.extra_beams))
     print_eval(ev)
     print(f"wrote {Path(a.run) / eval_file(ev['exclude_seen'])}")
 
@@ -187,10 +187,36 @@ def add_evaluate(sub) -> None:
     p.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=None,
                    help="drop items of the input history from rankings (written to eval-seen-excluded.json); "
                         "--no-exclude-seen keeps them (eval.json); default: the run config's eval.exclude_seen")
+    p.add_argument("--extra-beams", type=int_range(1), nargs="*", default=[], metavar="B",
+                   help="also evaluate beam search at these widths (each under beam<B>)")
     p.add_argument("--batch-size", type=int_range(1), default=1024)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to score (auto: the GPU when there is one)")
     p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_tune_mix(a: argparse.Namespace) -> None:
+    from sidrec.pipeline import tune_joint_mix
+
+    rec = tune_joint_mix(Path(a.run), grid=tuple(a.grid), exclude_seen=a.exclude_seen, device=a.device)
+    for row in rec["curve"]:
+        mark = "  <- chosen" if row["mix"] == rec["mix"] else ""
+        print(f"mix {row['mix']:.2f}  valid ndcg@10 {row['ndcg@10']:.4f}  recall@10 {row['recall@10']:.4f}{mark}")
+    print(f"wrote {Path(a.run) / 'joint-mix.json'}: the run now ranks with mix {rec['mix']}")
+
+
+def add_tune_mix(sub) -> None:
+    p = sub.add_parser("tune-mix", help="choose a joint head's ranking weight on validation (training does this)",
+                       description="Rank validation users exactly with (1 - mix) log Q_ar + mix log Q_fv for every "
+                       "mix of the grid and store the best (NDCG@10) in the run; recommend, evaluate and serve "
+                       "then rank with it. `sidrec train` already does this for joint heads.")
+    p.add_argument("run")
+    p.add_argument("--grid", type=float_range(0, 1), nargs="+", default=[round(0.1 * i, 1) for i in range(11)],
+                   metavar="MIX", help="weights to try, each in [0, 1] (default 0, 0.1, ..., 1)")
+    p.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop items of the input history from rankings (default: the run's selection protocol)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_tune_mix)
 
 
 def cmd_run(a: argparse.Namespace) -> None:
@@ -247,7 +273,7 @@ def add_recommend(sub) -> None:
     p.set_defaults(func=cmd_recommend)
 
 
-REGISTER += [add_train, add_evaluate, add_run, add_recommend]
+REGISTER += [add_train, add_evaluate, add_tune_mix, add_run, add_recommend]
 
 
 def cmd_export_items(a: argparse.Namespace) -> None:

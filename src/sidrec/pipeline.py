@@ -204,17 +204,50 @@ def train_one(cfg: dict, data: SequenceData, codebook: Codebook | None, run: Pat
     t0 = time.perf_counter()
     state = Trainer(model, data, tc, rd, validate).fit(resume=resume)
     state["train_seconds"] = round(time.perf_counter() - t0, 1)
+    if mc.head == "joint" and rank == 0:  # the ranking weight is chosen on validation, like the checkpoint
+        state["joint_mix"] = tune_joint_mix(run, data=data, exclude_seen=tc.exclude_seen,
+                                            batch_size=tc.eval_batch_size)["mix"]
     return state
+
+
+MIX_GRID = tuple(round(0.1 * i, 1) for i in range(11))  # 0: AR-NTP alone ... 1: FV-MLE alone
+
+
+def tune_joint_mix(run: Path, *, data: SequenceData | None = None, grid: tuple[float, ...] = MIX_GRID,
+                   exclude_seen: bool | None = None, device: str = "auto", batch_size: int = 1024) -> dict:
+    """Choose a joint head's ranking weight on the validation split (NDCG@10 of exact ranking; ties go
+    to the smaller weight, i.e. toward the AR head that proposes the candidates) and store it in the
+    run, where every later load applies it. exclude_seen None: the run's checkpoint-selection protocol."""
+    from sidrec.evaluate import mix_curve
+    from sidrec.train.trainer import pick_device
+
+    device = pick_device(device)
+    rd = RunDir.open(run)
+    model, cfg = rd.load_model(device, version=None)
+    if model.cfg.head != "joint":
+        raise UserError(f"only a joint head has a mixture weight; this run's head is {model.cfg.head}", str(run))
+    if exclude_seen is None:
+        exclude_seen = bool(cfg["train"].get("exclude_seen", False))
+    data = data or rd.data(cfg, version=None)
+    curve = mix_curve(model, data, list(grid), exclude_seen=exclude_seen, batch_size=batch_size, device=device)
+    ndcg = {m: curve[m]["ndcg@10"] for m in grid}
+    best = max(grid, key=lambda m: (ndcg[m], -m))
+    rec = {"mix": best, "metric": "valid ndcg@10, exact ranking", "exclude_seen": exclude_seen,
+           "curve": [{"mix": m, "ndcg@10": ndcg[m], "recall@10": curve[m]["recall@10"]} for m in grid]}
+    rd.write_joint_mix(rec)
+    return rec
 
 
 def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int = 20,
                  exclude_seen: bool | None = None,
                  batch_size: int = 1024, splits=("valid", "test"), device: str = "auto",
-                 data: SequenceData | None = None, write: bool = True) -> dict:
+                 data: SequenceData | None = None, write: bool = True, extra_beams: tuple[int, ...] = ()) -> dict:
     """Evaluate a trained run on valid and test; AR runs get exact and beam plus their overlap.
 
     exclude_seen None: the protocol of the run's own config (the one its checkpoint was selected on).
     device "auto": the GPU when there is one (as training does).
+    extra_beams: more beam widths, each under `beam<B>` (how much a wider beam recovers; for a joint
+    head, how many AR candidates the FV rescoring needs to match the exact mixture).
     """
     from sidrec.evaluate import evaluate_split, overlap_at
     from sidrec.train.trainer import pick_device
@@ -236,14 +269,17 @@ def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int
         raise UserError("beam search needs an AR-NTP run; this run's head is " + model.cfg.head)
     out: dict = {"head": model.cfg.head, "constrained": model.cfg.constrained, "n_users": data.n_users,
                  "n_items": data.n_items, "catalog_version": version, "exclude_seen": exclude_seen, "protocol":
-                 "leave-one-out, full ranking over all items (no sampled negatives)"}
+                 "leave-one-out, full ranking over all items (no sampled negatives)", "joint_mix": rd.joint_mix()}
+    if model.cfg.head == "joint":
+        out["mix"] = model.head.mix  # the weight ranked with: tuned, else the config's
+    widths = {dec: beam for dec in decodes} | {f"beam{b}": b for b in extra_beams if is_ar}
     for split in splits:
         out[split] = {}
         lists = {}
-        for dec in decodes:
+        for dec, width in widths.items():
             t = time.perf_counter()
-            m = evaluate_split(model, data, split, decode=dec, beam=beam, batch_size=batch_size,
-                               exclude_seen=exclude_seen, device=device, return_lists=True)
+            m = evaluate_split(model, data, split, decode="exact" if dec == "exact" else "beam", beam=width,
+                               batch_size=batch_size, exclude_seen=exclude_seen, device=device, return_lists=True)
             secs = time.perf_counter() - t
             lists[dec] = m.pop("_lists")
             m.pop("_users"), m.pop("_ranks")

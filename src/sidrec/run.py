@@ -39,7 +39,8 @@ from sidrec.errors import NonBijectiveWarning, UserError
 CONFIG, WEIGHTS, STATE = "config.yaml", "model.safetensors", "trainer_state.pt"
 METRICS, TIMINGS, CODEBOOK = "metrics.jsonl", "timings.jsonl", "codebook"
 EVALS = ("eval.json", "eval-seen-excluded.json")
-PRODUCTS = (WEIGHTS, STATE, METRICS, TIMINGS, *EVALS, "verify.json", "report.md")
+JOINT_MIX = "joint-mix.json"  # a joint head's ranking weight, chosen on validation after training
+PRODUCTS = (WEIGHTS, STATE, METRICS, TIMINGS, JOINT_MIX, *EVALS, "verify.json", "report.md")
 
 #: Settings that may change on `train --resume`: they do not change the weights a run reaches.
 RESUME_FREE = frozenset({"train.device", "train.eval_batch_size", "train.log_every", "train.ckpt_every_steps"})
@@ -389,6 +390,9 @@ class RunDir:
 
             vectors = cat.load_vectors(self.path, version, self.weights_stamp())
             model = cat.extend_model(model, codebook, cat.load_version(self.path, version)[0], vectors)
+        mix = self.joint_mix()
+        if mix is not None and hasattr(model.head, "mix"):
+            model.head.mix = mix
         if codebook is not None and not codebook.bijective and not codebook.meta.get("counter_example"):
             warnings.warn(f"{self.path}: the codebook is not bijective ({codebook.n_collisions} items share an ID "
                           "with another item): scores are not a distribution over items and colliding items "
@@ -480,6 +484,23 @@ class RunDir:
         io.write_json(p, {**ev, "model_fingerprint": self.fingerprint, "weights_stamp": self.weights_stamp()})
         return p
 
+    def write_joint_mix(self, record: dict) -> Path:
+        """The ranking weight chosen for these weights (with its validation curve); `load_model`
+        applies it, so the API, the CLI and the server all rank with it."""
+        p = self.path / JOINT_MIX
+        self.check_owned(p.name)
+        io.write_json(p, {**record, "weights_stamp": self.weights_stamp()})
+        return p
+
+    def joint_mix(self) -> float | None:
+        """The chosen mix, or None: never tuned, or tuned for weights that have since been rewritten
+        (then the config's `model.joint_mix` applies)."""
+        p = self.path / JOINT_MIX
+        if not p.is_file():
+            return None
+        rec = io.read_json(p)
+        return float(rec["mix"]) if rec.get("weights_stamp") == self.weights_stamp() else None
+
     def weights_stamp(self) -> str | None:
         """Changes whenever model.safetensors is rewritten (a resumed training, a retrain)."""
         p = self.path / WEIGHTS
@@ -504,8 +525,9 @@ class RunDir:
             return None
         if not all(d in ev[s] for s in ("valid", "test") for d in decodes):
             return None
-        if beam is not None and any(m.get("beam", beam) != beam for s in ("valid", "test")
-                                    for m in ev[s].values() if isinstance(m, dict)):
+        if beam is not None and any(ev[s].get("beam", {}).get("beam", beam) != beam for s in ("valid", "test")):
+            return None
+        if ev.get("joint_mix") != self.joint_mix():  # a joint head's ranking weight was chosen since
             return None
         return ev
 

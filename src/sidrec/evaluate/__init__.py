@@ -100,6 +100,27 @@ def evaluate_split(
     return out
 
 
+@torch.no_grad()
+def mix_curve(model, data: SequenceData, grid: list[float], *, split: str = "valid", exclude_seen: bool = False,
+              batch_size: int = 1024, device: str | torch.device = "cpu") -> dict:
+    """Metrics of a joint head's exact ranking at every mixture weight of `grid` (one encoding and one
+    AR and FV scoring per batch, shared by all weights): {mix: metrics}."""
+    model.eval()
+    head = model.head
+    tables = head.ar.eval_cache(device)
+    targets_all = data.targets(split)
+    ranks: dict[float, list[np.ndarray]] = {m: [] for m in grid}
+    for u, items, lengths in eval_batches(data, split, model.cfg.backbone.max_len, batch_size):
+        items, lengths = items.to(device), lengths.to(device)
+        h = model.encode(items, lengths)
+        tgt = torch.from_numpy(targets_all[u].astype(np.int64)).to(device)
+        ar, fv = head.ar.log_prob_all(h, tables).float(), head.fv.logits(h).float()
+        for m in grid:
+            r = exact_ranks((1 - m) * ar + m * fv, tgt, items if exclude_seen else None, data.n_items)
+            ranks[m].append(r.cpu().numpy())
+    return {m: metrics_from_ranks(np.concatenate(r)) for m, r in ranks.items()}
+
+
 def validator(data: SequenceData, *, exclude_seen: bool = False, batch_size: int = 1024, n_users: int = 0,
               seed: int = 0):
     """The per-epoch validation a Trainer selects checkpoints with: exact full ranking on the valid
