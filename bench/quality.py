@@ -183,6 +183,8 @@ def records(ev: dict, suffix: str) -> dict:
     for mode in ("exact", "beam", *(f"beam{b}" for b in WIDE_BEAMS)):
         if mode in ev["test"]:
             rec[mode + suffix] = {k: ev["test"][mode][k] for k in KEYS}
+            if ev["test"][mode].get("users_per_s"):  # the cost per user of this ranking (batch 1024)
+                rec[mode + suffix]["ms_per_user"] = 1000 / ev["test"][mode]["users_per_s"]
     if "overlap@10" in ev["test"]:
         rec["overlap@10" + suffix] = ev["test"]["overlap@10"]
     return rec
@@ -198,7 +200,7 @@ def aggregate(recs: list[dict]) -> dict:
         if mode in recs[0]:
             out[mode] = {k: {"mean": statistics.mean(r[mode][k] for r in recs),
                              "std": statistics.stdev(r[mode][k] for r in recs) if len(recs) > 1 else 0.0}
-                         for k in KEYS}
+                         for k in recs[0][mode] if all(k in r[mode] for r in recs)}
     curves = [r["test_mix_curve_seen_excluded"] for r in recs if "test_mix_curve_seen_excluded" in r]
     if len(curves) == len(recs):  # mean over seeds at each mix
         out["test_mix_curve_seen_excluded"] = [
