@@ -6,7 +6,9 @@ For each catalogue size N, synthetic users are drawn from the generator with a k
 P*(item | history) (`sidrec.data.synth`: a latent item hierarchy, popularity, an EMA of the
 history). Then, on the same backbone and the same training-time budget on this machine (the time
 spent in optimisation steps; validation excluded), each output layer is trained with the library's
-Trainer: AR-NTP (the shipped head) on RQ-KMeans semantic IDs of the items' latent vectors, FV-MLE
+Trainer: AR-NTP on RQ-KMeans semantic IDs of the items' latent vectors (the shipped head, whose
+node vectors add the mean item vector below each node, and the token-only head, which has no
+per-item output parameters), FV-MLE
 with the exact streamed softmax, and FV-MLE with sampled softmax (popularity proposal, 4,096
 negatives, logQ correction). On held-out test users: NLL of the real next item, KL(P* || Q), Recall@10
 and NDCG@10 (full ranking, seen items kept: users may return to an item) against the Bayes-optimal
@@ -38,6 +40,7 @@ from sidrec.train import TrainConfig, Trainer
 
 BACKBONE = BackboneConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128, dropout=0.1, max_len=20)
 MODELS = {"AR-NTP (shipped head)": {"head": "ar"},
+          "AR-NTP (token-only head)": {"head": "ar", "item_vectors": False},
           "FV-MLE exact (streamed softmax)": {"head": "fv"},
           "FV-MLE sampled softmax (popularity, 4,096 negatives, logQ)": {"head": "fv", "fv_loss": "sampled",
                                                                           "fv_sampler": "popularity",

@@ -135,7 +135,7 @@ def test_scale_fit_bench_smallest_size(tmp_path):
     _run(["bench.scale_fit", "--sizes", "2000", "--users", "400", "--budget-min", "0.1", "--eval-users", "100",
           "--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path)], tmp_path)
     row = json.loads((tmp_path / "scale-fit.json").read_text())["rows"][0]
-    assert row["n"] == 2000 and row["users"] == 400 and len(row["models"]) == 3
+    assert row["n"] == 2000 and row["users"] == 400 and len(row["models"]) == 4
     for m in row["models"]:
         assert m["steps"] > 0 and m["kl_to_pstar"] > 0 and m["kl_curve"], m["model"]
         assert 0 < m["nll"] < 2 * np.log(2000) and 0 <= m["recall@10"] <= 1
