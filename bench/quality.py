@@ -33,6 +33,7 @@ from sidrec import run as rundir
 from sidrec.pipeline import (ensure_codebook, ensure_data, evaluate_run, head_config, model_inputs, train_one,
                              MIX_GRID, tune_joint_mix)
 from sidrec.evaluate import mix_curve
+from sidrec.train.trainer import pick_device
 from sidrec.run import RunDir
 
 DATASETS = ("beauty", "sports", "yelp", "ml-100k")  # configs/<name>.yaml says where the data is
@@ -131,8 +132,9 @@ def trained(hc: dict, data: SequenceData, cb, run_dir: Path) -> float:
     if (status == "same" or legacy_same) and made.get("wall_s") is not None:
         if joint_done(hc, run_dir):
             return made["wall_s"]
-        t = time.perf_counter()  # a joint run trained before its mix was tuned on validation
-        tune_joint_mix(run_dir, data=data, exclude_seen=hc["train"]["exclude_seen"])
+        t = time.perf_counter()  # a joint run trained before its mix was chosen, or evaluated before the wide beams
+        if RunDir(run_dir).joint_mix() is None:
+            tune_joint_mix(run_dir, data=data, exclude_seen=hc["train"]["exclude_seen"])
         evaluate_both(hc, data, run_dir)
         wall = round(made["wall_s"] + time.perf_counter() - t, 1)
         io.write_json(bench_file, {**made, "wall_s": wall})
@@ -153,8 +155,9 @@ def evaluate_both(hc: dict, data: SequenceData, run_dir: Path) -> None:
     for excl in (False, True):
         evaluate_run(run_dir, beam=20, data=data, exclude_seen=excl, extra_beams=WIDE_BEAMS if joint else ())
     if joint:  # test metrics along the mix grid: its ends are the joint backbone's AR and FV heads alone
-        model, _ = RunDir(run_dir).load_model(version=None)
-        curve = mix_curve(model, data, list(MIX_GRID), split="test", exclude_seen=True)
+        device = pick_device("auto")
+        model, _ = RunDir(run_dir).load_model(device, version=None)
+        curve = mix_curve(model, data, list(MIX_GRID), split="test", exclude_seen=True, device=device)
         RunDir(run_dir).write_json(TEST_CURVE, [{"mix": m, **{k: v[k] for k in KEYS}} for m, v in curve.items()])
 
 

@@ -194,6 +194,15 @@ def quality_table(path: Path, r: dict) -> str:
     return "\n".join([head, "", *lines, "", source(path, r)])
 
 
+JOINT_SERVED = "beam100"  # the joint model's row in README: AR beam of this width + FV rescoring
+
+
+def _optional(name: str) -> dict | None:
+    """A curated (top-level) result file, if there is one."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def headline(names: tuple[str, ...] = HEADLINE) -> str:
     """README's table: Recall@10 / NDCG@10 per dataset, the config's protocol, exact ranking."""
     files = [load(n) for n in names]
@@ -206,13 +215,25 @@ def headline(names: tuple[str, ...] = HEADLINE) -> str:
             s = r["summary"][name]["exact" + ("_seen_excluded" if r["config"]["eval"]["exclude_seen"] else "")]
             cells.append(f"{s['recall@10']['mean']:.4f} / {s['ndcg@10']['mean']:.4f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for name in dict.fromkeys(k for d in datasets for k in PUBLISHED.get(d, {})):
-        vals = [PUBLISHED.get(d, {}).get(name) for d in datasets]
+    joint = {r["dataset"]: r for r in (_optional(f"quality-{d}-joint") for d in datasets) if r}
+    if joint:  # the joint model, served the scalable way: AR beam search + FV rescoring
+        def served(r: dict) -> str:
+            s = r["summary"]["joint/rq-kmeans"]
+            mode = JOINT_SERVED + ("_seen_excluded" if r["config"]["eval"]["exclude_seen"] else "")
+            return f"{cell(s, mode, 'recall@10', False)} / {cell(s, mode, 'ndcg@10', False)}"
+
+        cells = [served(joint[d]) if d in joint else "—" for d in datasets]
+        lines.append(f"| **AR beam {JOINT_SERVED[4:] or 20} + FV rescoring, one joint model** | " + " | ".join(cells) + " |")
+    published = {**{k: v for d in datasets for k, v in TUNED.get(d, {}).items() if k.startswith("SASRec")}}
+    for name in dict.fromkeys([*published, *(k for d in datasets for k in PUBLISHED.get(d, {}))]):
+        vals = [{**TUNED.get(d, {}), **PUBLISHED.get(d, {})}.get(name) for d in datasets]
         lines.append(f"| {name} | " + " | ".join(f"{pub(v[0])} / {pub(v[1])}" if v else "—" for v in vals) + " |")
     protocol = {"seen items excluded" if r["config"]["eval"]["exclude_seen"] else "seen items kept" for _, r in files}
     seeds = {str(r["seeds"]) for _, r in files}
+    files += [load(f"quality-{d}-joint") for d in datasets if d in joint]
     src = "; ".join(f"`{p.relative_to(ROOT)}` ({(r.get('env') or {}).get('commit') or 'no commit'})" for p, r in files)
-    return "\n".join([*lines, "", f"Test Recall@10 / NDCG@10, full ranking, exact, {' / '.join(sorted(protocol))}, "
+    how = "exact (the joint row: beam search + rescoring)" if joint else "exact"
+    return "\n".join([*lines, "", f"Test Recall@10 / NDCG@10, full ranking, {how}, {' / '.join(sorted(protocol))}, "
                                  f"mean of {' / '.join(sorted(seeds))} seeds. Source: {src}."])
 
 

@@ -355,3 +355,11 @@ def test_joint_model_trains_and_serves_beam_plus_rescore(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # outside [0, 1]: a usage error
         main(["tune-mix", str(tmp_path / "r"), "--grid", "2"])
     assert e.value.code == 2
+    mix_file, weights = tmp_path / "r" / "joint-mix.json", tmp_path / "r" / "model.safetensors"
+    good = mix_file.read_text()
+    weights.touch()  # weights rewritten since the mix was chosen: the config's mix, with a warning
+    with pytest.warns(UserWarning, match="tune-mix"):
+        assert sidrec.Recommender.load(tmp_path / "r").model.head.mix == 0.5
+    mix_file.write_text(good.replace('"mix": 0.5', '"mix": 7'))  # a damaged file: one line, exit 2
+    assert main(["evaluate", str(tmp_path / "r"), "--decode", "exact"]) == 2
+    assert "joint mix" in capsys.readouterr().err

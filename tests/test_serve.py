@@ -167,6 +167,29 @@ def test_fv_run_serves_exact_and_refuses_beam(runs):
         assert s.stop() == 0
 
 
+def test_joint_run_serves_its_tuned_mix_and_reloads_a_new_one(runs, tmp_path):
+    """AR beam + FV rescoring served with the mix chosen on validation; `sidrec tune-mix` on the
+    live run and /admin/reload switch the server to the new mix."""
+    joint = sidrec.Recommender(head="joint", **SMALL).fit(runs["data"], out=tmp_path / "joint")
+    tuned = json.loads((tmp_path / "joint" / "joint-mix.json").read_text())["mix"]
+    s = Live(joint.run.path)
+    try:
+        assert s.client.get("/info").json()["mix"] == tuned
+        h = _histories(runs, 5, seed=7)
+        want, _ = joint.recommend(h, k=6, decode="beam")
+        for hh, w in zip(h, want):
+            assert s.post("/recommend", {"history": hh, "k": 6}).json()["items"] == w.tolist()
+        other = 1.0 if tuned < 1 else 0.0
+        assert main(["tune-mix", str(joint.run.path), "--grid", str(other)]) == 0
+        assert s.post("/admin/reload", {}).json()["reloaded"] is True
+        assert s.client.get("/info").json()["mix"] == other
+        want, _ = sidrec.Recommender.load(joint.run.path).recommend(h, k=6, decode="beam")
+        for hh, w in zip(h, want):
+            assert s.post("/recommend", {"history": hh, "k": 6}).json()["items"] == w.tolist()
+    finally:
+        assert s.stop() == 0
+
+
 def test_full_queue_answers_503_and_shutdown_finishes_in_flight(runs):
     """Back-pressure: beyond --max-queue waiting requests the server answers 503 at once; SIGTERM
     during a burst lets every accepted request finish with 200 and the process exit 0."""

@@ -258,14 +258,15 @@ class Recommender:
                             exclude_seen=exclude_seen, splits=splits, device=self.device, data=self.data, write=save,
                             extra_beams=tuple(extra_beams))
 
-    def tune_mix(self, grid: tuple[float, ...] | None = None, *, exclude_seen: bool | None = None) -> dict:
+    def tune_mix(self, grid: tuple[float, ...] | None = None, *, exclude_seen: bool | None = None,
+                 batch_size: int = 1024) -> dict:
         """Choose a joint head's ranking weight on validation again (`fit` already did) and rank with
         it from now on; returns the chosen weight and the validation curve."""
         from sidrec.pipeline import MIX_GRID, tune_joint_mix
 
         self._fitted()
         rec = tune_joint_mix(self.run.path, data=None if self._version else self.data, grid=grid or MIX_GRID,
-                             exclude_seen=exclude_seen, device=self.device)
+                             exclude_seen=exclude_seen, device=self.device, batch_size=batch_size)
         self.model.head.mix = rec["mix"]
         return rec
 

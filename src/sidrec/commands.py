@@ -198,7 +198,8 @@ def add_evaluate(sub) -> None:
 def cmd_tune_mix(a: argparse.Namespace) -> None:
     from sidrec.pipeline import tune_joint_mix
 
-    rec = tune_joint_mix(Path(a.run), grid=tuple(a.grid), exclude_seen=a.exclude_seen, device=a.device)
+    rec = tune_joint_mix(Path(a.run), grid=tuple(a.grid), exclude_seen=a.exclude_seen, device=a.device,
+                         batch_size=a.batch_size)
     for row in rec["curve"]:
         mark = "  <- chosen" if row["mix"] == rec["mix"] else ""
         print(f"mix {row['mix']:.2f}  valid ndcg@10 {row['ndcg@10']:.4f}  recall@10 {row['recall@10']:.4f}{mark}")
@@ -215,6 +216,7 @@ def add_tune_mix(sub) -> None:
                    metavar="MIX", help="weights to try, each in [0, 1] (default 0, 0.1, ..., 1)")
     p.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=None,
                    help="drop items of the input history from rankings (default: the run's selection protocol)")
+    p.add_argument("--batch-size", type=int_range(1), default=1024, help="users scored at once")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_tune_mix)
 

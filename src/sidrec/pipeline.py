@@ -205,7 +205,8 @@ def train_one(cfg: dict, data: SequenceData, codebook: Codebook | None, run: Pat
     state = Trainer(model, data, tc, rd, validate).fit(resume=resume)
     state["train_seconds"] = round(time.perf_counter() - t0, 1)
     if mc.head == "joint" and rank == 0:  # the ranking weight is chosen on validation, like the checkpoint
-        state["joint_mix"] = tune_joint_mix(run, data=data, exclude_seen=tc.exclude_seen,
+        del model  # the tuning loads the best-validation weights
+        state["joint_mix"] = tune_joint_mix(run, data=data, exclude_seen=tc.exclude_seen, device=tc.device,
                                             batch_size=tc.eval_batch_size)["mix"]
     return state
 
@@ -221,6 +222,9 @@ def tune_joint_mix(run: Path, *, data: SequenceData | None = None, grid: tuple[f
     from sidrec.evaluate import mix_curve
     from sidrec.train.trainer import pick_device
 
+    grid = tuple(sorted(set(float(m) for m in grid)))
+    if not grid or not all(0 <= m <= 1 for m in grid):
+        raise UserError(f"every mix of the grid must be in [0, 1] (got {list(grid)})", "grid")
     device = pick_device(device)
     rd = RunDir.open(run)
     model, cfg = rd.load_model(device, version=None)
@@ -229,6 +233,9 @@ def tune_joint_mix(run: Path, *, data: SequenceData | None = None, grid: tuple[f
     if exclude_seen is None:
         exclude_seen = bool(cfg["train"].get("exclude_seen", False))
     data = data or rd.data(cfg, version=None)
+    if data.n_items != model.n_items:
+        raise UserError(f"the run's data directory now has {data.n_items} items, the model {model.n_items}",
+                        str(rd.data_dir(cfg)))
     curve = mix_curve(model, data, list(grid), exclude_seen=exclude_seen, batch_size=batch_size, device=device)
     ndcg = {m: curve[m]["ndcg@10"] for m in grid}
     best = max(grid, key=lambda m: (ndcg[m], -m))
@@ -265,14 +272,14 @@ def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int
                         str(rd.data_dir(cfg)))
     is_ar = model.supports_beam
     decodes = decodes or (("exact", "beam") if is_ar else ("exact",))
-    if "beam" in decodes and not is_ar:
+    if ("beam" in decodes or extra_beams) and not is_ar:
         raise UserError("beam search needs an AR-NTP run; this run's head is " + model.cfg.head)
     out: dict = {"head": model.cfg.head, "constrained": model.cfg.constrained, "n_users": data.n_users,
                  "n_items": data.n_items, "catalog_version": version, "exclude_seen": exclude_seen, "protocol":
                  "leave-one-out, full ranking over all items (no sampled negatives)", "joint_mix": rd.joint_mix()}
     if model.cfg.head == "joint":
         out["mix"] = model.head.mix  # the weight ranked with: tuned, else the config's
-    widths = {dec: beam for dec in decodes} | {f"beam{b}": b for b in extra_beams if is_ar}
+    widths = {dec: beam for dec in decodes} | {f"beam{b}": b for b in extra_beams}
     for split in splits:
         out[split] = {}
         lists = {}
@@ -348,6 +355,8 @@ def _head_stage(cfg: dict, head: str, data: SequenceData, codebook: Codebook | N
     if not (status == "same" and RunDir(run).training_done()):
         go_on = resume and status == "same"  # an interrupted training of the same settings
         train_one(hc, data, codebook, run, resume=go_on, overwrite=status != "new" and not go_on)
+    elif head == "joint" and RunDir(run).joint_mix() is None:  # trained, but killed before its mix was chosen
+        tune_joint_mix(run, data=data, exclude_seen=hc["train"]["exclude_seen"], device=hc["train"]["device"])
     decodes = ("exact",) if head in ("fv", "parallel") else ("exact", "beam")
     ev = RunDir(run).read_eval(ev_cfg["exclude_seen"], ev_cfg["beam"], decodes)
     if ev is None:

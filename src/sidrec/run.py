@@ -494,12 +494,21 @@ class RunDir:
 
     def joint_mix(self) -> float | None:
         """The chosen mix, or None: never tuned, or tuned for weights that have since been rewritten
-        (then the config's `model.joint_mix` applies)."""
+        (then the config's `model.joint_mix` applies, with a warning: `sidrec tune-mix` chooses again)."""
         p = self.path / JOINT_MIX
         if not p.is_file():
             return None
-        rec = io.read_json(p)
-        return float(rec["mix"]) if rec.get("weights_stamp") == self.weights_stamp() else None
+        with io.reading(p, "joint mix"):
+            rec = io.read_json(p)
+            mix = float(rec["mix"])
+            if not 0 <= mix <= 1:
+                raise ValueError(f"mix {mix} is not in [0, 1]")
+        if rec.get("weights_stamp") != self.weights_stamp():
+            warnings.warn(f"{p}: chosen for other weights (the run was trained again, or copied without its file "
+                          "times): ranking with the config's model.joint_mix; `sidrec tune-mix` chooses again",
+                          stacklevel=2)
+            return None
+        return mix
 
     def weights_stamp(self) -> str | None:
         """Changes whenever model.safetensors is rewritten (a resumed training, a retrain)."""

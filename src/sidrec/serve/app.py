@@ -92,7 +92,8 @@ class Service:
         from sidrec.api import Recommender
 
         before = self.rec.catalog_version
-        if self.rec.run.catalog_version() == before:
+        mix = getattr(self.rec.model.head, "mix", None)
+        if self.rec.run.catalog_version() == before and self.rec.run.joint_mix() in (None, mix):
             return {"reloaded": False, "version": before or "v0000", "n_items": int(self.rec.model.n_items)}
         rec = Recommender.load(self.run, device=self.device)
         info = self._describe(rec)
@@ -111,6 +112,7 @@ class Service:
         return {"run": str(self.run), "head": rec.head, "n_items": int(rec.model.n_items),
                 "catalog_version": rec.catalog_version or "v0000", "max_len": rec.model.cfg.backbone.max_len,
                 "device": str(rec.device), "decode": self.decode, "beam": self.beam if self.decode == "beam" else None,
+                "mix": getattr(rec.model.head, "mix", None),  # a joint head's ranking weight
                 "codebook": None if cb is None else {"levels": cb.levels, "sizes": cb.sizes, "method": cb.meta.get("method"),
                                                      "fingerprint": array_digest(cb.codes, np.array(cb.sizes))}}
 
