@@ -196,9 +196,9 @@ def add_evaluate(sub) -> None:
 
 
 def cmd_tune_mix(a: argparse.Namespace) -> None:
-    from sidrec.pipeline import tune_joint_mix
+    from sidrec.pipeline import MIX_GRID, tune_joint_mix
 
-    rec = tune_joint_mix(Path(a.run), grid=tuple(a.grid), exclude_seen=a.exclude_seen, device=a.device,
+    rec = tune_joint_mix(Path(a.run), grid=tuple(a.grid or MIX_GRID), exclude_seen=a.exclude_seen, device=a.device,
                          batch_size=a.batch_size)
     for row in rec["curve"]:
         mark = "  <- chosen" if row["mix"] == rec["mix"] else ""
@@ -212,7 +212,7 @@ def add_tune_mix(sub) -> None:
                        "mix of the grid and store the best (NDCG@10) in the run; recommend, evaluate and serve "
                        "then rank with it. `sidrec train` already does this for joint heads.")
     p.add_argument("run")
-    p.add_argument("--grid", type=float_range(0, 1), nargs="+", default=[round(0.1 * i, 1) for i in range(11)],
+    p.add_argument("--grid", type=float_range(0, 1), nargs="+", default=None,
                    metavar="MIX", help="weights to try, each in [0, 1] (default 0, 0.1, ..., 1)")
     p.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=None,
                    help="drop items of the input history from rankings (default: the run's selection protocol)")
