@@ -125,7 +125,8 @@ def quality_markdown(r: dict) -> str:
 def joint_table(path: Path, r: dict) -> str:
     """The docs' view of a joint-head result: exact mixture vs AR beam + FV rescoring at each width
     (quality and cost per user), the joint backbone's AR and FV heads alone, and tuned ID models."""
-    s = r["summary"]["joint/rq-kmeans"]
+    name = next(n for n in r["summary"] if n.startswith("joint/"))
+    s = r["summary"][name]
     sfx = "_seen_excluded"
     exact = s["exact" + sfx]["ndcg@10"]["mean"]
     lines = ["| ranking | Recall@10 | NDCG@10 | vs exact mixture | ms per user |", "|---|---|---|---|---|"]
@@ -143,12 +144,17 @@ def joint_table(path: Path, r: dict) -> str:
             p = curve[mix]
             lines.append(f"| {label} | {p['recall@10']:.4f} | {p['ndcg@10']:.4f} | "
                          f"{100 * (p['ndcg@10'] - exact) / exact:+.1f}% | |")
-    for name, (rec, ndcg) in TUNED.get(r["dataset"], {}).items():
-        lines.append(f"| {name} | {rec:.4f} | {ndcg:.4f} | | |")
+    for label, (rec, ndcg) in TUNED.get(r["dataset"], {}).items():
+        lines.append(f"| {label} | {rec:.4f} | {ndcg:.4f} | | |")
+    matched = _optional(f"quality-{r['dataset']}-{MATCHED_SASREC}")
+    if matched:  # the published SASRec+SS recipe, trained and evaluated by sidrec (bench.quality)
+        lines.append(f"| SASRec+SS recipe, trained by sidrec ({matched['seeds']} seeds) | "
+                     f"{cell(matched['summary']['fv'], 'exact' + sfx, 'recall@10', False)} | "
+                     f"{cell(matched['summary']['fv'], 'exact' + sfx, 'ndcg@10', False)} | | |")
     mixes = [x["mix"] for recs in r["runs"].values() for x in recs if "mix" in x]
     seeds = f"mean ± std over {r['seeds']} seeds" if r["seeds"] > 1 else "one seed"
     head = (f"Test split, seen items excluded, full ranking over {r['items']:,} items, {r['users']:,} users, "
-            f"{seeds}. One model trained on nll_ar + nll_fv; ranked by (1 − mix) log Q_ar + mix log Q_fv with the "
+            f"{seeds}. {model_label(name, r)}: one model trained on nll_ar + nll_fv; ranked by (1 − mix) log Q_ar + mix log Q_fv with the "
             f"mix chosen on validation per seed ({', '.join(f'{m:.1f}' for m in mixes)}). Milliseconds per user: "
             "test evaluation in batches of 1,024 on the machine that evaluated.")
     return "\n".join([head, "", *lines, "", source(path, r)])
@@ -191,9 +197,13 @@ def quality_table(path: Path, r: dict) -> str:
         lines.append(f"| {name} | — | {pub(rec)} | {pub(ndcg)} | | | |")
     seeds = f"mean ± std over {r['seeds']} seeds" if r["seeds"] > 1 else "one seed"
     head = f"Test split, full ranking over {r['items']:,} items, {r['users']:,} users, {seeds}; exact ranking."
+    if r.get("overrides"):
+        head += " Config overrides: " + " ".join(f"`{o}`" for o in r["overrides"]) + "."
     return "\n".join([head, "", *lines, "", source(path, r)])
 
 
+#: bench.quality --name of the published SASRec+SS recipe trained by sidrec (a row of the joint tables)
+MATCHED_SASREC = "sasrec-ss"
 JOINT_SERVED = "beam100"  # the joint model's row in README: AR beam of this width + FV rescoring
 
 
@@ -474,7 +484,7 @@ def render(name: str) -> str:
         return serve_headline()
     path, r = load(name)
     kind = name.split("-")[0]
-    if kind == "quality" and name.endswith("-joint"):
+    if kind == "quality" and any(n.startswith("joint/") for n in r["summary"]):
         body = joint_table(path, r)
     elif kind == "quality":
         body = quality_table(path, r)

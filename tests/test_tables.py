@@ -45,6 +45,8 @@ def test_quality_table_renders_rows_gaps_published_rows_and_source(tmp_path, mon
                          "Runs trained on: CPU.")
     one = tables.quality_table(tmp_path / "q.json", {**quality(seeds=1), "parallel_levels": 2})
     assert "one seed" in one and "| AR-NTP, OPQ 2×256 | excluded | 0.0450 | 0.0450 | -10.0% |" in one
+    over = tables.quality_table(tmp_path / "q.json", {**quality(), "overrides": ["train.lr=0.001"]})
+    assert over.splitlines()[0].endswith("exact ranking. Config overrides: `train.lr=0.001`.")
 
 
 def test_regions_and_kept_md_are_rewritten_and_checked(tmp_path, monkeypatch, capsys):
@@ -74,3 +76,36 @@ def test_regions_and_kept_md_are_rewritten_and_checked(tmp_path, monkeypatch, ca
     doc.write_text("<!-- table: quality-nowhere -->\n<!-- /table -->\n")  # a region naming no result file
     assert tables.main(["--check"]) == 2
     assert "quality-nowhere" in capsys.readouterr().err
+
+
+def joint(tok: str = "opq") -> dict:
+    """A small bench.quality result of the joint head: exact mixture, beam widths, the test mix curve."""
+    def m(mean, ms=None):
+        out = {k: {"mean": mean, "std": 0.001} for k in METRICS}
+        return {**out, "ms_per_user": {"mean": ms, "std": 0.0}} if ms else out
+
+    curve = [{"mix": x / 10, "recall@10": 0.04 + x / 1000, "ndcg@10": 0.04 + x / 1000} for x in range(11)]
+    summary = {f"joint/{tok}": {"exact_seen_excluded": m(0.05, 0.5), "beam_seen_excluded": m(0.045, 0.3),
+                                "beam100_seen_excluded": m(0.0499, 1.5), "test_mix_curve_seen_excluded": curve}}
+    r = quality()
+    return {**r, "summary": summary, "parallel_levels": 4,
+            "runs": {f"joint/{tok}": [{"seed": s, "mix": 0.6, "env": None} for s in range(3)]}}
+
+
+def test_joint_table_any_tokenizer_with_the_matched_sasrec_row(tmp_path, monkeypatch):
+    """The joint table names its codebook, gives each beam's gap to the exact mixture, the ends of the
+    test curve (each head alone), and the SASRec+SS recipe trained by sidrec when its result exists."""
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    lines = tables.joint_table(tmp_path / "quality-beauty-joint-opq.json", joint()).splitlines()
+    assert "AR-NTP + FV rescoring (joint), OPQ 4×256: one model" in lines[0] and "(0.6, 0.6, 0.6)" in lines[0]
+    assert "| exact mixture over all items | 0.0500 ± 0.0010 | 0.0500 ± 0.0010 | — | 0.500 |" in lines
+    assert "| AR beam 100 + FV rescoring | 0.0499 ± 0.0010 | 0.0499 ± 0.0010 | -0.2% | 1.500 |" in lines
+    assert "| its AR-NTP head alone (exact) | 0.0400 | 0.0400 | -20.0% | |" in lines
+    assert "| its FV-MLE head alone (exact) | 0.0500 | 0.0500 | +0.0% | |" in lines
+    assert not any("trained by sidrec" in x for x in lines)
+    matched = quality()
+    matched["summary"] = {"fv": matched["summary"]["fv"]}
+    (tmp_path / "quality-beauty-sasrec-ss.json").write_text(json.dumps(matched))
+    lines = tables.joint_table(tmp_path / "quality-beauty-joint-opq.json", joint()).splitlines()
+    assert "| SASRec+SS recipe, trained by sidrec (3 seeds) | 0.0500 | 0.0500 | | |" in lines
