@@ -92,6 +92,14 @@ def cell(s: dict, mode: str, k: str, std: bool = True) -> str:
     return "—" if not m else f"{m['mean']:.4f} ± {m['std']:.4f}" if std else f"{m['mean']:.4f}"
 
 
+def fv_label(model: dict) -> str:
+    """FV-MLE's row label: its training loss (the full softmax, or sampled softmax and its negatives)."""
+    if model.get("fv_loss", "full") == "full":
+        return "FV-MLE (SASRec-style, full softmax)"
+    per = "per step" if model.get("fv_shared_negatives", True) else "per target"
+    return f"FV-MLE (SASRec-style, sampled softmax, {model['fv_negatives']} {model['fv_sampler']} negatives {per})"
+
+
 def quality_markdown(r: dict) -> str:
     """bench/results/quality-*.md: every model, decode and protocol of one bench.quality result."""
     walls = ", ".join(f"{n} {s['wall_s']:.0f} s" for n, s in r["summary"].items() if "wall_s" in s)
@@ -107,7 +115,7 @@ def quality_markdown(r: dict) -> str:
         for name, s in r["summary"].items():
             for mode in ("exact", "beam", "beam50", "beam100"):
                 if mode + sfx in s:
-                    label = {"fv": "FV-MLE (SASRec-style, full softmax)"}.get(
+                    label = {"fv": fv_label(r["config"]["model"])}.get(
                         name, name.replace("ar/", "AR-NTP / ").replace("parallel/", "Parallel / "))
                     if name.endswith(("/pq", "/opq")) and r.get("parallel_levels"):
                         label += f" ({r['parallel_levels']} sub-spaces)"

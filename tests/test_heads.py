@@ -2,6 +2,8 @@
 
 import json
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -244,10 +246,12 @@ def test_legacy_model_configs_load(legacy, want):
             upgrade_model_dict(ablation)
 
 
-@pytest.mark.parametrize("kind", ["uniform", "popularity", "in-batch"])
-def test_sampled_softmax_estimates_the_full_loss(kind):
-    """logQ-corrected sampled softmax: its value approaches the exact cross-entropy as K grows, its
-    gradient reaches the sampled items only, and accidental hits never count as negatives."""
+@pytest.mark.parametrize("kind,shared", [("uniform", True), ("popularity", True), ("in-batch", True),
+                                         ("uniform", False), ("popularity", False)])
+def test_sampled_softmax_estimates_the_full_loss(kind, shared):
+    """logQ-corrected sampled softmax, negatives shared by the batch or drawn per target: its value
+    approaches the exact cross-entropy as K grows, its gradient reaches the sampled items only, and
+    accidental hits never count as negatives."""
     from sidrec.model.sampled import NegativeSampler, sampled_softmax_nll
 
     torch.manual_seed(0)
@@ -257,15 +261,28 @@ def test_sampled_softmax_estimates_the_full_loss(kind):
     h = torch.randn(3000, d)
     y = torch.multinomial(torch.arange(1, n + 1, dtype=torch.float) ** -1.0, 3000, replacement=True)
     full = torch.nn.functional.cross_entropy(h @ w.T + b, y).item()
-    s = NegativeSampler(n, kind, 20_000)
+    s = NegativeSampler(n, kind, 20_000 if shared else 2_000, shared)
     s.set_counts(torch.bincount(y, minlength=n))
     est = sampled_softmax_nll(h, w, b, y, s).mean()
     assert est.item() == pytest.approx(full, rel=0.02)
     est.backward()
-    small = NegativeSampler(n, "uniform", 4)
+    small = NegativeSampler(n, "uniform", 4, shared)
     w.grad = None
     sampled_softmax_nll(h[:2], w, b, y[:2], small).sum().backward()
-    assert int((w.grad.abs().sum(1) > 0).sum()) <= 6  # 2 targets + 4 negatives
+    assert int((w.grad.abs().sum(1) > 0).sum()) <= (6 if shared else 10)  # 2 targets + 4 negatives (each)
+    if not shared:  # every target its own negatives: [n, K], K per row, a hit never counted
+        neg, k = small.sample(y[:5])
+        assert neg.shape == (5, 4) and k == 4
+        few = NegativeSampler(7, "uniform", 5, shared=False)  # the loss, term by term, from the drawn negatives
+        yy, hh, ww, bb = torch.tensor([0, 3, 3, 6]), torch.randn(4, d), torch.randn(7, d), torch.randn(7)
+        torch.manual_seed(1)
+        drawn, _ = few.sample(yy)
+        torch.manual_seed(1)
+        got = sampled_softmax_nll(hh, ww, bb, yy, few)
+        logits = hh @ ww.T + bb
+        for r in range(4):
+            terms = [logits[r, yy[r]]] + [logits[r, j] - math.log(5 / 7) for j in drawn[r] if j != yy[r]]
+            assert got[r].item() == pytest.approx((torch.stack(terms).logsumexp(0) - logits[r, yy[r]]).item(), abs=1e-5)
     same = torch.tensor([3, 3])  # in-batch: each row's only negatives are its own target, removed as hits
     assert sampled_softmax_nll(h[:2], w, b, same, NegativeSampler(n, "in-batch")).abs().max().item() == 0.0
 
@@ -276,8 +293,9 @@ def test_fv_with_sampled_softmax_trains_and_scores_exactly(tmp_path):
     data = sidrec.synthetic(tmp_path / "d", n_items=150, n_users=600)
     rec = sidrec.Recommender(head="fv", train={"epochs": 2, "batch_size": 64},
                              model={"fv_loss": "sampled", "fv_sampler": "popularity", "fv_negatives": 32,
-                                    "backbone": {"d_model": 16, "d_ff": 32, "n_heads": 1}}).fit(data, out=tmp_path / "r")
+                                    "fv_shared_negatives": False, "backbone": {"d_model": 16, "d_ff": 32, "n_heads": 1}}).fit(data, out=tmp_path / "r")
     assert rec.model.head.sampler is not None and rec.model.head.sampler.kind == "popularity"
+    assert not rec.model.head.sampler.shared  # K negatives for every target, as configured
     with torch.no_grad():  # scoring is the full softmax: a distribution over all items
         h = torch.randn(4, 16)
         assert torch.allclose(rec.model.head.log_prob_all(h).exp().sum(1), torch.ones(4), atol=1e-5)

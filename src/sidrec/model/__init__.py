@@ -29,7 +29,8 @@ class ModelConfig:
     fv_chunk: int | None = 1024  # fv: items per chunk of the streamed softmax loss (None: one pass)
     fv_loss: str = "full"  # fv: full (exact softmax) | sampled (sampled softmax with logQ correction)
     fv_sampler: str = "uniform"  # fv, sampled: uniform | popularity | in-batch negatives
-    fv_negatives: int = 256  # fv, sampled: negatives per step (uniform, popularity)
+    fv_negatives: int = 256  # fv, sampled: negatives per step (uniform, popularity), or per target
+    fv_shared_negatives: bool = True  # fv, sampled: one set per step (false: K fresh ones for every target)
     joint_fv_weight: float = 1.0  # joint: loss = nll_ar + joint_fv_weight * nll_fv
     joint_mix: float = 0.5  # joint: rank by (1 - mix) log Q_ar + mix log Q_fv
 
@@ -115,7 +116,7 @@ class SeqRecModel(nn.Module):
 
 def _fv(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook) -> FullSoftmaxHead:
     tied = backbone.item_emb.weight if (cfg.tied and backbone.item_emb is not None) else None
-    sampler = NegativeSampler(n_items, cfg.fv_sampler, cfg.fv_negatives) if cfg.fv_loss == "sampled" else None
+    sampler = NegativeSampler(n_items, cfg.fv_sampler, cfg.fv_negatives, cfg.fv_shared_negatives) if cfg.fv_loss == "sampled" else None
     return FullSoftmaxHead(d, n_items, tied, cfg.fv_chunk, sampler)
 
 

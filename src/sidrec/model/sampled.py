@@ -1,7 +1,8 @@
 """Sampled softmax with logQ correction: FV-MLE's training loss at catalogue scale.
 
 The exact loss needs every item's logit per target (O(N) per target). Sampled softmax scores the
-target against K negatives drawn from a proposal Q shared by the batch, each negative's logit
+target against K negatives drawn from a proposal Q (one set shared by the batch, or, with
+`shared=False`, K fresh ones for every target as RecTools' SASRec draws them), each negative's logit
 corrected by -log(K Q(i)) (logQ correction) and negatives equal to the target removed: the sum of
 the corrected exponentials estimates the partition function without bias, so the loss estimates
 the full cross-entropy, but its log makes it (and its gradient) biased for finite K, which is why
@@ -12,6 +13,10 @@ sampled softmax only approximates MLE (Bengio & Senecal 2008; Jean et al. 2015).
   inverse-CDF search, O(K log N) per step;
 - in-batch: the negatives are the batch's own targets, so Q is again the popularity distribution
   (K = the number of targets in the batch); no extra item vectors are read.
+
+Shared negatives cost one [n, K] product and touch K item vectors per step; per-target negatives
+gather an [n, K, d] block (n·K·d memory) and reach up to n·K item vectors, so far more of the
+catalogue gets a negative gradient at every step.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ SAMPLERS = ("uniform", "popularity", "in-batch")
 class NegativeSampler(torch.nn.Module):
     """Draws K shared negatives per step and knows log Q of any item."""
 
-    def __init__(self, n_items: int, kind: str = "uniform", k: int = 256):
+    def __init__(self, n_items: int, kind: str = "uniform", k: int = 256, shared: bool = True):
         super().__init__()
         if kind not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, not {kind!r}")
         self.n_items, self.kind, self.k = n_items, kind, k
+        self.shared = shared or kind == "in-batch"  # in-batch negatives are the batch's: shared by definition
         # popularity: set from the training data by `set_counts`; until then uniform
         self.register_buffer("cdf", torch.zeros(0), persistent=False)
         self.register_buffer("log_q", torch.zeros(0), persistent=False)
@@ -48,13 +54,15 @@ class NegativeSampler(torch.nn.Module):
         return self.log_q[items]
 
     def sample(self, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(negatives [K], K); in-batch: the batch's targets."""
+        """(negatives, K): [K] shared by the batch, or [n, K] (K per target) when not `shared`;
+        in-batch: the batch's targets."""
         if self.kind == "in-batch":
             return targets, len(targets)
+        shape = (self.k,) if self.shared else (len(targets), self.k)
         if self.kind == "popularity" and len(self.cdf):
-            u = torch.rand(self.k, dtype=torch.float64, device=targets.device)
+            u = torch.rand(shape, dtype=torch.float64, device=targets.device)
             return torch.searchsorted(self.cdf, u).clamp(max=self.n_items - 1), self.k
-        return torch.randint(0, self.n_items, (self.k,), device=targets.device), self.k
+        return torch.randint(0, self.n_items, shape, device=targets.device), self.k
 
 
 def sampled_softmax_nll(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, targets: torch.Tensor,
@@ -64,6 +72,13 @@ def sampled_softmax_nll(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, targe
     # index_select, not indexing: its backward is an index_add, far cheaper than an indexed accumulate
     pos = (h * torch.index_select(w, 0, targets)).sum(-1) + torch.index_select(b, 0, targets)
     correction = math.log(k) + sampler.item_log_q(neg)
-    logits = torch.addmm(torch.index_select(b, 0, neg) - correction, h, torch.index_select(w, 0, neg).T)
-    logits = logits.masked_fill(neg[None, :] == targets[:, None], float("-inf"))  # accidental hits
+    bias = torch.index_select(b, 0, neg.flatten()).view(neg.shape) - correction
+    if neg.ndim == 1:  # shared: one [n, K] product
+        logits = torch.addmm(bias, h, torch.index_select(w, 0, neg).T)
+        hits = neg[None, :] == targets[:, None]
+    else:  # per target: [n, K, d] gathered vectors, one dot product each
+        wn = torch.index_select(w, 0, neg.flatten()).view(*neg.shape, -1)
+        logits = torch.baddbmm(bias[:, :, None], wn, h[:, :, None]).squeeze(-1)
+        hits = neg == targets[:, None]
+    logits = logits.masked_fill(hits, float("-inf"))  # accidental hits
     return torch.logsumexp(torch.cat([pos[:, None], logits], 1), 1) - pos
