@@ -115,7 +115,7 @@ def quality_markdown(r: dict) -> str:
         for name, s in r["summary"].items():
             for mode in ("exact", "beam", "beam50", "beam100"):
                 if mode + sfx in s:
-                    label = {"fv": fv_label(r["config"]["model"])}.get(
+                    label = {"fv": fv_label(r["config"].get("model", {}))}.get(
                         name, name.replace("ar/", "AR-NTP / ").replace("parallel/", "Parallel / "))
                     if name.endswith(("/pq", "/opq")) and r.get("parallel_levels"):
                         label += f" ({r['parallel_levels']} sub-spaces)"
