@@ -97,7 +97,8 @@ def fv_label(model: dict) -> str:
     if model.get("fv_loss", "full") == "full":
         return "FV-MLE (SASRec-style, full softmax)"
     per = "per step" if model.get("fv_shared_negatives", True) else "per target"
-    return f"FV-MLE (SASRec-style, sampled softmax, {model['fv_negatives']} {model['fv_sampler']} negatives {per})"
+    logq = "" if model.get("fv_logq", True) else ", no logQ correction"
+    return f"FV-MLE (SASRec-style, sampled softmax, {model['fv_negatives']} {model['fv_sampler']} negatives {per}{logq})"
 
 
 def quality_markdown(r: dict) -> str:

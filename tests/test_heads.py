@@ -283,6 +283,12 @@ def test_sampled_softmax_estimates_the_full_loss(kind, shared):
         for r in range(4):
             terms = [logits[r, yy[r]]] + [logits[r, j] - math.log(5 / 7) for j in drawn[r] if j != yy[r]]
             assert got[r].item() == pytest.approx((torch.stack(terms).logsumexp(0) - logits[r, yy[r]]).item(), abs=1e-5)
+        plain = NegativeSampler(7, "uniform", 5, shared=False, logq=False)  # no correction: raw logits
+        torch.manual_seed(1)
+        raw = sampled_softmax_nll(hh, ww, bb, yy, plain)
+        for r in range(4):
+            terms = [logits[r, yy[r]]] + [logits[r, j] for j in drawn[r] if j != yy[r]]
+            assert raw[r].item() == pytest.approx((torch.stack(terms).logsumexp(0) - logits[r, yy[r]]).item(), abs=1e-5)
     same = torch.tensor([3, 3])  # in-batch: each row's only negatives are its own target, removed as hits
     assert sampled_softmax_nll(h[:2], w, b, same, NegativeSampler(n, "in-batch")).abs().max().item() == 0.0
 

@@ -196,7 +196,7 @@ SCHEMA: dict[str, tuple] = {
     "model.head": _choice("ar", "fv", "parallel", "joint"), "model.tied": BOOL, "model.constrained": BOOL,
     "model.item_vectors": BOOL, "model.head_hidden": _int(1, none=True), "model.fv_chunk": _int(1, none=True),
     "model.fv_loss": _choice("full", "sampled"), "model.fv_sampler": _choice("uniform", "popularity", "in-batch"),
-    "model.fv_negatives": _int(1), "model.fv_shared_negatives": BOOL, "model.joint_fv_weight": _num(0), "model.joint_mix": _num(0, 1),
+    "model.fv_negatives": _int(1), "model.fv_shared_negatives": BOOL, "model.fv_logq": BOOL, "model.joint_fv_weight": _num(0), "model.joint_mix": _num(0, 1),
     "model.backbone.d_model": _int(1), "model.backbone.n_layers": _int(1), "model.backbone.n_heads": _int(1),
     "model.backbone.d_ff": _int(1), "model.backbone.dropout": _num(0, 1, hi_open=True),
     "model.backbone.max_len": _int(1, 1 << 16), "model.backbone.item_input": _choice("id", "sid", "both"),

@@ -150,7 +150,7 @@ def model_inputs(cfg: dict, data_fp: str, codebook_fp: str | None) -> dict:
 #: Settings added after runs were recorded, at the value that does what those runs did: a stage whose
 #: recorded inputs lack one of them was made with this value (so it is not stale for it).
 ADDED_KEYS = {"model.fv_loss": "full", "model.fv_sampler": "uniform", "model.fv_negatives": 256,
-              "model.fv_shared_negatives": True,
+              "model.fv_shared_negatives": True, "model.fv_logq": True,
               "train.max_seconds": 0, "model.joint_fv_weight": 1.0, "model.joint_mix": 0.5}
 
 

@@ -31,6 +31,7 @@ class ModelConfig:
     fv_sampler: str = "uniform"  # fv, sampled: uniform | popularity | in-batch negatives
     fv_negatives: int = 256  # fv, sampled: negatives per step (uniform, popularity), or per target
     fv_shared_negatives: bool = True  # fv, sampled: one set per step (false: K fresh ones for every target)
+    fv_logq: bool = True  # fv, sampled: logQ-correct the negatives' logits (false: a plain softmax over them)
     joint_fv_weight: float = 1.0  # joint: loss = nll_ar + joint_fv_weight * nll_fv
     joint_mix: float = 0.5  # joint: rank by (1 - mix) log Q_ar + mix log Q_fv
 
@@ -116,7 +117,8 @@ class SeqRecModel(nn.Module):
 
 def _fv(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook) -> FullSoftmaxHead:
     tied = backbone.item_emb.weight if (cfg.tied and backbone.item_emb is not None) else None
-    sampler = NegativeSampler(n_items, cfg.fv_sampler, cfg.fv_negatives, cfg.fv_shared_negatives) if cfg.fv_loss == "sampled" else None
+    sampler = NegativeSampler(n_items, cfg.fv_sampler, cfg.fv_negatives, cfg.fv_shared_negatives,
+                              cfg.fv_logq) if cfg.fv_loss == "sampled" else None
     return FullSoftmaxHead(d, n_items, tied, cfg.fv_chunk, sampler)
 
 

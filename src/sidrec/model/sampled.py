@@ -8,11 +8,16 @@ the corrected exponentials estimates the partition function without bias, so the
 the full cross-entropy, but its log makes it (and its gradient) biased for finite K, which is why
 sampled softmax only approximates MLE (Bengio & Senecal 2008; Jean et al. 2015). Samplers:
 
-- uniform: Q(i) = 1/N (the correction is a constant and cancels);
+- uniform: Q(i) = 1/N (the correction is the constant log(N/K): it scales the negatives' sum up
+  to an estimate of the full partition function);
 - popularity: Q(i) proportional to the item's count in the training data (plus one), drawn by
   inverse-CDF search, O(K log N) per step;
 - in-batch: the negatives are the batch's own targets, so Q is again the popularity distribution
   (K = the number of targets in the batch); no extra item vectors are read.
+
+Without the correction (`logq=False`, as SASRec implementations such as RecTools' train) the loss
+is a plain softmax over the target and its K negatives: it no longer estimates the full
+cross-entropy, and pushes the negatives down less hard.
 
 Shared negatives cost one [n, K] product and touch K item vectors per step; per-target negatives
 gather an [n, K, d] block (n·K·d memory) and reach up to n·K item vectors, so far more of the
@@ -31,11 +36,11 @@ SAMPLERS = ("uniform", "popularity", "in-batch")
 class NegativeSampler(torch.nn.Module):
     """Draws K shared negatives per step and knows log Q of any item."""
 
-    def __init__(self, n_items: int, kind: str = "uniform", k: int = 256, shared: bool = True):
+    def __init__(self, n_items: int, kind: str = "uniform", k: int = 256, shared: bool = True, logq: bool = True):
         super().__init__()
         if kind not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, not {kind!r}")
-        self.n_items, self.kind, self.k = n_items, kind, k
+        self.n_items, self.kind, self.k, self.logq = n_items, kind, k, logq
         self.shared = shared or kind == "in-batch"  # in-batch negatives are the batch's: shared by definition
         # popularity: set from the training data by `set_counts`; until then uniform
         self.register_buffer("cdf", torch.zeros(0), persistent=False)
@@ -71,7 +76,7 @@ def sampled_softmax_nll(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, targe
     neg, k = sampler.sample(targets)
     # index_select, not indexing: its backward is an index_add, far cheaper than an indexed accumulate
     pos = (h * torch.index_select(w, 0, targets)).sum(-1) + torch.index_select(b, 0, targets)
-    correction = math.log(k) + sampler.item_log_q(neg)
+    correction = math.log(k) + sampler.item_log_q(neg) if sampler.logq else torch.zeros(neg.shape, device=h.device)
     bias = torch.index_select(b, 0, neg.flatten()).view(neg.shape) - correction
     if neg.ndim == 1:  # shared: one [n, K] product
         logits = torch.addmm(bias, h, torch.index_select(w, 0, neg).T)
