@@ -76,7 +76,7 @@ def sampled_softmax_nll(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, targe
     neg, k = sampler.sample(targets)
     # index_select, not indexing: its backward is an index_add, far cheaper than an indexed accumulate
     pos = (h * torch.index_select(w, 0, targets)).sum(-1) + torch.index_select(b, 0, targets)
-    correction = math.log(k) + sampler.item_log_q(neg) if sampler.logq else torch.zeros(neg.shape, device=h.device)
+    correction = math.log(k) + sampler.item_log_q(neg) if sampler.logq else 0.0
     bias = torch.index_select(b, 0, neg.flatten()).view(neg.shape) - correction
     if neg.ndim == 1:  # shared: one [n, K] product
         logits = torch.addmm(bias, h, torch.index_select(w, 0, neg).T)
