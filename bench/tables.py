@@ -41,6 +41,8 @@ PUBLISHED: dict[str, dict[str, tuple[float | None, float]]] = {
     "sports": {"TIGER (published)": (0.0400, 0.0225), "ActionPiece (published)": (0.0500, 0.0264)},
 }
 HEADLINE = ("quality-beauty", "quality-sports", "quality-yelp")
+#: bench.quality --name of the published SASRec+SS recipe trained by sidrec (a row of the joint tables)
+MATCHED_SASREC = "sasrec-ss"
 #: Tuned ID-based sequential models under the same protocol (seen items excluded, S3-Rec data),
 #: copied, not re-run: SASRec with sampled softmax (256 negatives) and eSASRec from the eSASRec
 #: paper's benchmark (github.com/blondered/transformer_benchmark); BSARec from its official Beauty log.
@@ -211,8 +213,6 @@ def quality_table(path: Path, r: dict) -> str:
     return "\n".join([head, "", *lines, "", source(path, r)])
 
 
-#: bench.quality --name of the published SASRec+SS recipe trained by sidrec (a row of the joint tables)
-MATCHED_SASREC = "sasrec-ss"
 JOINT_SERVED = "beam100"  # the joint model's row in README: AR beam of this width + FV rescoring
 
 

@@ -1,7 +1,6 @@
 """Heads: normalisation, loss identities, leaks, gradients — the maths the theorem rests on."""
 
 import json
-
 import math
 
 import numpy as np

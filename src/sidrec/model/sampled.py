@@ -34,7 +34,7 @@ SAMPLERS = ("uniform", "popularity", "in-batch")
 
 
 class NegativeSampler(torch.nn.Module):
-    """Draws K shared negatives per step and knows log Q of any item."""
+    """Draws K negatives per step (shared by the batch) or per target, and knows log Q of any item."""
 
     def __init__(self, n_items: int, kind: str = "uniform", k: int = 256, shared: bool = True, logq: bool = True):
         super().__init__()
