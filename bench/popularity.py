@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bench import common
 from bench.common import RESULTS, ROOT, write_result
 from bench.quality import DATASETS, prepared
 from sidrec.config import load_config
@@ -19,7 +20,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="beauty", choices=DATASETS)
     ap.add_argument("--out-root", default=str(ROOT / "bench" / "out"), help="shares bench.quality's prepared data")
     ap.add_argument("--results-dir", default=str(RESULTS))
-    a = ap.parse_args()
+    a = common.parse_args(ap)
     cfg = load_config(ROOT / "configs" / f"{a.dataset}.yaml")
     data = prepared(a.dataset, cfg, Path(a.out_root) / f"quality-{a.dataset}", None)
     res = {s: popularity_ranking(data, s) for s in ("valid", "test")}

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import common
 from bench.common import RESULTS, ROOT, environment, write_result
 from bench.tables import quality_markdown
 from sidrec import io
@@ -86,8 +87,8 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
                 run_dir = runs_root / f"seed{seed}" / name.replace("/", "-")
                 wall = trained(head_config(cfg, head), data, cb, run_dir)
                 seed_wall += wall
-                made_on = io.read_json(run_dir / "bench.json").get("env")  # None: trained before runs kept it
-                rec = {"seed": seed, "wall_s": wall, "env": made_on,
+                made = io.read_json(run_dir / "bench.json")
+                rec = {"seed": seed, "wall_s": wall, "env": made.get("env"), "provenance": made.get("provenance"),
                        **records(io.read_json(run_dir / "eval.json"), ""),
                        **records(io.read_json(run_dir / "eval-seen-excluded.json"), "_seen_excluded")}
                 if (run_dir / TEST_CURVE).exists():
@@ -137,14 +138,16 @@ def trained(hc: dict, data: SequenceData, cb, run_dir: Path) -> float:
             tune_joint_mix(run_dir, data=data, exclude_seen=hc["train"]["exclude_seen"])
         evaluate_both(hc, data, run_dir)
         wall = round(made["wall_s"] + time.perf_counter() - t, 1)
-        io.write_json(bench_file, {**made, "wall_s": wall})
+        io.write_json(bench_file, {**made, "wall_s": wall, "re_evaluated": common.provenance()})
         return wall
     t = time.perf_counter()
+    start = common.code_state()  # a resumed run: the code of its resumed part (the stamp says "resumed")
     train_one(hc, data, cb, run_dir, resume=status == "same", overwrite=status == "stale")
     io.write_json(bench_file, {"config": want, "wall_s": None})  # a killed run resumes from its checkpoint
     evaluate_both(hc, data, run_dir)
     wall = round(time.perf_counter() - t, 1)
-    io.write_json(bench_file, {"config": want, "wall_s": wall, "env": environment()})
+    io.write_json(bench_file, {"config": want, "wall_s": wall, "env": environment(), "resumed": status == "same",
+                               "provenance": common.span(start, common.code_state())})
     return wall
 
 
@@ -180,7 +183,8 @@ def _result(dataset, data, seeds, tokenizers, heads, overrides, max_users, walls
 
 def records(ev: dict, suffix: str) -> dict:
     """Test metrics per decode mode (and valid exact, the selection metric) of one eval file."""
-    rec = {f"valid_exact{suffix}": {k: ev["valid"]["exact"][k] for k in KEYS}}
+    rec = {f"valid_{mode}{suffix}": {k: ev["valid"][mode][k] for k in KEYS}  # the served beam is chosen on these
+           for mode in ("exact", "beam", *(f"beam{b}" for b in WIDE_BEAMS)) if mode in ev["valid"]}
     if ev.get("mix") is not None:
         rec["mix"] = ev["mix"]
     for mode in ("exact", "beam", *(f"beam{b}" for b in WIDE_BEAMS)):
@@ -193,8 +197,8 @@ def records(ev: dict, suffix: str) -> dict:
     return rec
 
 
-MODES = tuple(m + sfx for sfx in ("", "_seen_excluded")
-              for m in ("exact", "beam", *(f"beam{b}" for b in WIDE_BEAMS), "valid_exact"))
+MODES = tuple(v + m + sfx for sfx in ("", "_seen_excluded") for v in ("", "valid_")
+              for m in ("exact", "beam", *(f"beam{b}" for b in WIDE_BEAMS)))
 
 
 def aggregate(recs: list[dict]) -> dict:
@@ -250,7 +254,7 @@ def main() -> None:
                     "results (run seeds as parallel processes, then once without it to aggregate)")
     ap.add_argument("--parallel-levels", type=int, default=4, help="sub-spaces (tokens) of PQ/OPQ codes "
                     "(cascaded tokenizers take tokenizer.levels from the config)")
-    a = ap.parse_args()
+    a = common.parse_args(ap)
     if a.parallel_levels < 1:
         ap.error("--parallel-levels must be >= 1")
     try:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import common
 from bench.common import RESULTS, write_result
 from bench.tables import measured as _get, scale_table
 
@@ -181,7 +182,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--name", default="scale")
     ap.add_argument("--infer-batch", type=int, default=INFER_BATCH, help="users per inference batch (latency is per user)")
-    a = ap.parse_args()
+    a = common.parse_args(ap, out_attr="out_dir")
     out_dir = Path(a.out_dir) if a.out_dir else RESULTS
     sizes = [int(s) for s in a.sizes.split(",")]
     kinds = [k for k in a.kinds.split(",") if k]

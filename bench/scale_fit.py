@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import common
 from bench.common import RESULTS, ROOT, write_result
 from bench.tables import scale_fit_table
 from sidrec import io
@@ -156,7 +157,7 @@ def main() -> None:
     ap.add_argument("--out-root", default=str(ROOT / "bench" / "out" / "scale-fit"))
     ap.add_argument("--results-dir", default=str(RESULTS))
     ap.add_argument("--name", default="scale-fit")
-    a = ap.parse_args()
+    a = common.parse_args(ap)
     rows = []
     sizes, users_per = a.sizes, a.users
     for n, n_users in zip(sizes, users_per + users_per[-1:] * len(sizes)):

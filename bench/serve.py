@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import common
 from bench.common import RESULTS, ROOT, write_result
 from bench.tables import serve_table
 from sidrec import io
@@ -161,7 +162,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=2000, help="distinct test histories sent")
     ap.add_argument("--name", default="serve", help="results file bench/results/NAME.json")
     ap.add_argument("--results-dir", default=str(RESULTS))
-    a = ap.parse_args()
+    a = common.parse_args(ap)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sidrec.api import Recommender
 

@@ -24,15 +24,16 @@ from pathlib import Path
 
 import yaml
 
+from bench import common
 from bench.common import ARCHIVE, ROOT, write_result
 from bench.tables import sweep_table
 from sidrec import io
 
 
-def command(spec: dict, v: dict, out_root: Path, results: Path) -> list[str]:
+def command(spec: dict, v: dict, out_root: Path, results: Path, allow_dirty: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "bench.quality", "--dataset", spec["dataset"], "--seeds", str(spec.get("seeds", 1)),
            "--tokenizers", v.get("tokenizers", "rq-kmeans"), "--heads", v.get("heads", "ar"), "--tag", v["tag"],
-           "--out-root", str(out_root), "--results-dir", str(results)]
+           "--out-root", str(out_root), "--results-dir", str(results), *(["--allow-dirty"] if allow_dirty else [])]
     if v.get("parallel_levels"):
         cmd += ["--parallel-levels", str(v["parallel_levels"])]
     if spec.get("max_users"):  # plumbing tests: a slice of the dataset
@@ -101,7 +102,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated tags to run (the table still lists all)")
     ap.add_argument("--out-root", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--results-dir", default=str(ARCHIVE), help="where the variants' and the sweep's results go")
-    a = ap.parse_args()
+    a = common.parse_args(ap, default_out=ARCHIVE)
     spec = load_spec(a.spec)
     out_root, results = Path(a.out_root), Path(a.results_dir)
     todo = [v for v in spec["variants"] if not a.only or v["tag"] in a.only.split(",")]
@@ -111,7 +112,7 @@ def main() -> None:
     prepare_once(spec, out_root)
     failed = set()
     with ThreadPoolExecutor(a.jobs) as pool:
-        done = pool.map(lambda v: run_variant(command(spec, v, out_root, results), v["tag"], threads, logs), todo)
+        done = pool.map(lambda v: run_variant(command(spec, v, out_root, results, a.allow_dirty), v["tag"], threads, logs), todo)
         for tag, rc, wall in done:
             print(f"{tag}: {'ok' if rc == 0 else f'FAILED (exit {rc}, see {logs / tag}.log)'} in {wall} s", flush=True)
             failed |= {tag} if rc else set()

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import common
 from bench.common import RESULTS, ROOT, write_result
 from sidrec.config import load_config
 from sidrec.pipeline import run_pipeline
@@ -21,6 +22,9 @@ KEYS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
 
 
 def main() -> None:
+    import argparse
+
+    common.parse_args(argparse.ArgumentParser(prog="python -m bench.synthetic", description=__doc__.split("\n\n")[0]))
     t = time.perf_counter()
     summary = run_pipeline(load_config(None), ROOT / "bench" / "out" / "synthetic")
     rows = {head: {dec: {k: ev["test"][dec][k] for k in KEYS} for dec in ("exact", "beam") if dec in ev["test"]}

@@ -61,19 +61,49 @@ def load(name: str) -> tuple[Path, dict]:
     raise KeyError(f"no result file bench/results/{name}.json or bench/results/archive/{name}.json")
 
 
-def machine(env: dict | None) -> str:
-    """One phrase for the machine a file's `env` describes (the process that wrote the file)."""
+def stamps(r: dict) -> list[dict | None]:
+    """The provenance spans of a result: the process that wrote it and every run it aggregates (None for a
+    run recorded before runs kept their stamps)."""
+    runs = r.get("runs") if r.get("summary") else None  # bench.quality: {model: [one record per seed]}
+    return [r.get("provenance"), *(rec.get("provenance") for recs in (runs or {}).values() for rec in recs)]
+
+
+def code(r: dict) -> str:
+    """How a source line names the code behind a result, from its stamps alone: the commit(s) taken when
+    each part started and ended, "uncommitted" (with the diff's hash) where the code differed from its
+    commit, and a warning when the code changed during a run. A file written before start stamps existed
+    names its end-of-run commit as such, with what `bench.audit` found against the git history."""
+    spans = stamps(r)
+    if spans[0] is None:  # written before start stamps
+        audit = r.get("provenance_audit") or {}
+        what = f"commit `{(r.get('env') or {}).get('commit') or '?'}`, end-of-run stamp"
+        return what + (f" (audit: {', '.join(audit['verdict'])})" if audit.get("verdict") else "")
+    states = [st for sp in spans if sp for st in (sp["start"], sp["end"]) if st]
+    commits = list(dict.fromkeys(st["commit"] for st in states))
+    diffs = list(dict.fromkeys(st["diff"] for st in states if st["dirty"]))
+    out = ("commit" if len(commits) == 1 else "commits") + " " + ", ".join(f"`{c}`" for c in commits)
+    if diffs:
+        out += " + uncommitted changes (diff " + ", ".join(diffs) + ")"
+    if any(sp and sp["code_changed_during_run"] for sp in spans):
+        out += "; the code changed while it ran"
+    if any(sp is None for sp in spans[1:]):
+        out += "; some runs reused from before start stamps"
+    return out
+
+
+def machine(r: dict) -> str:
+    """One phrase for the code and machine of a result (the machine of the process that wrote the file)."""
+    env = r.get("env")
     if not env:
         return "no commit or machine recorded"
     dev = env.get("cuda") or "CPU only"
-    return f"commit `{env.get('commit') or '?'}`, {dev}, {env.get('cpu_count')} cores, torch {env.get('torch')}, " \
-           f"{str(env.get('date', '?'))[:10]}"
+    return f"{code(r)}, {dev}, {env.get('cpu_count')} cores, torch {env.get('torch')}, {str(env.get('date', '?'))[:10]}"
 
 
 def source(path: Path, r: dict) -> str:
     """The generated provenance line under every table. Results made before runs recorded their own
     machine carry only the machine that wrote (aggregated) the file; the docs say so where it matters."""
-    line = f"Source: `{path.relative_to(ROOT)}`; {machine(r.get('env'))}."
+    line = f"Source: `{path.relative_to(ROOT)}`; {machine(r)}."
     runs = r.get("runs") if r.get("summary") else None  # bench.quality: {model: [one record per seed]}
     run_envs = [rec.get("env") for recs in (runs or {}).values() for rec in recs]
     if run_envs and all(run_envs):
@@ -140,34 +170,40 @@ def joint_table(path: Path, r: dict) -> str:
     s = r["summary"][name]
     sfx = "_seen_excluded"
     exact = s["exact" + sfx]["ndcg@10"]["mean"]
-    lines = ["| ranking | Recall@10 | NDCG@10 | vs exact mixture | ms per user |", "|---|---|---|---|---|"]
-    for mode, label in (("exact", "exact mixture over all items"), ("beam", "AR beam 20 + FV rescoring"),
-                        ("beam50", "AR beam 50 + FV rescoring"), ("beam100", "AR beam 100 + FV rescoring")):
+    served, on_valid = served_beam(s, sfx)
+    lines = ["| ranking | Recall@10 | NDCG@10 | vs exact mixture | ms per user | valid NDCG@10 |",
+             "|---|---|---|---|---|---|"]
+    for mode in ("exact", *JOINT_BEAMS):
         m = s.get(mode + sfx)
         if m:
+            label = "exact mixture over all items" if mode == "exact" else \
+                f"AR beam {beam_width(mode)} + FV rescoring" + (" (served)" if mode == served and on_valid else "")
             gap = "—" if mode == "exact" else f"{100 * (m['ndcg@10']['mean'] - exact) / exact:+.1f}%"
             ms = m.get("ms_per_user", {}).get("mean")
             lines.append(f"| {label} | {cell(s, mode + sfx, 'recall@10')} | {cell(s, mode + sfx, 'ndcg@10')} | "
-                         f"{gap} | {f'{ms:.3f}' if ms else '—'} |")
+                         f"{gap} | {f'{ms:.3f}' if ms else '—'} | {cell(s, 'valid_' + mode + sfx, 'ndcg@10')} |")
     curve = {p["mix"]: p for p in s.get("test_mix_curve" + sfx, [])}
     for mix, label in ((0.0, "its AR-NTP head alone (exact)"), (1.0, "its FV-MLE head alone (exact)")):
         if mix in curve:
             p = curve[mix]
             lines.append(f"| {label} | {p['recall@10']:.4f} | {p['ndcg@10']:.4f} | "
-                         f"{100 * (p['ndcg@10'] - exact) / exact:+.1f}% | |")
+                         f"{100 * (p['ndcg@10'] - exact) / exact:+.1f}% | | |")
     for label, (rec, ndcg) in TUNED.get(r["dataset"], {}).items():
-        lines.append(f"| {label} | {rec:.4f} | {ndcg:.4f} | | |")
+        lines.append(f"| {label} | {rec:.4f} | {ndcg:.4f} | | | |")
     matched = _optional(f"quality-{r['dataset']}-{MATCHED_SASREC}")
     if matched:  # the published SASRec+SS recipe, trained and evaluated by sidrec (bench.quality)
         lines.append(f"| SASRec+SS recipe, trained by sidrec ({matched['seeds']} seeds) | "
                      f"{cell(matched['summary']['fv'], 'exact' + sfx, 'recall@10', False)} | "
-                     f"{cell(matched['summary']['fv'], 'exact' + sfx, 'ndcg@10', False)} | | |")
+                     f"{cell(matched['summary']['fv'], 'exact' + sfx, 'ndcg@10', False)} | | | "
+                     f"{cell(matched['summary']['fv'], 'valid_exact' + sfx, 'ndcg@10', False)} |")
     mixes = [x["mix"] for recs in r["runs"].values() for x in recs if "mix" in x]
     seeds = f"mean ± std over {r['seeds']} seeds" if r["seeds"] > 1 else "one seed"
     head = (f"Test split, seen items excluded, full ranking over {r['items']:,} items, {r['users']:,} users, "
             f"{seeds}. {model_label(name, r)}: one model trained on nll_ar + nll_fv; ranked by (1 − mix) log Q_ar + mix log Q_fv with the "
             f"mix chosen on validation per seed ({', '.join(f'{m:.1f}' for m in mixes)}). Milliseconds per user: "
-            "test evaluation in batches of 1,024 on the machine that evaluated.")
+            "test evaluation in batches of 1,024 on the machine that evaluated. "
+            + ("The served width: the narrowest beam within 1% of the exact mixture's validation NDCG@10."
+               if on_valid else "Validation beams were not recorded: no width is chosen on validation."))
     return "\n".join([head, "", *lines, "", source(path, r)])
 
 
@@ -213,7 +249,25 @@ def quality_table(path: Path, r: dict) -> str:
     return "\n".join([head, "", *lines, "", source(path, r)])
 
 
-JOINT_SERVED = "beam100"  # the joint model's row in README: AR beam of this width + FV rescoring
+JOINT_BEAMS = ("beam", "beam50", "beam100")  # AR beam 20, 50, 100 + FV rescoring
+SERVED_TOLERANCE = 0.01  # the served width: the narrowest within 1% of the exact mixture, on validation
+
+
+def served_beam(s: dict, sfx: str) -> tuple[str, bool]:
+    """(mode, chosen_on_validation): the beam a joint model is served at, the narrowest width whose
+    validation NDCG@10 (mean over seeds) is within SERVED_TOLERANCE of the validation exact mixture's.
+    Results recorded before validation beams were kept: beam 100, a width that was read off test."""
+    exact = s.get("valid_exact" + sfx, {}).get("ndcg@10", {}).get("mean")
+    for mode in JOINT_BEAMS:
+        m = s.get("valid_" + mode + sfx, {}).get("ndcg@10", {}).get("mean")
+        if exact and m is not None and m >= (1 - SERVED_TOLERANCE) * exact:
+            return mode, True
+    has_valid = any("valid_" + mode + sfx in s for mode in JOINT_BEAMS)
+    return JOINT_BEAMS[-1], has_valid  # none within the tolerance: the widest; legacy: not chosen at all
+
+
+def beam_width(mode: str) -> int:
+    return int(mode[4:] or 20)
 
 
 def _optional(name: str) -> dict | None:
@@ -237,12 +291,15 @@ def headline(names: tuple[str, ...] = HEADLINE) -> str:
     joint = {r["dataset"]: r for r in (_optional(f"quality-{d}-joint") for d in datasets) if r}
     if joint:  # the joint model, served the scalable way: AR beam search + FV rescoring
         def served(r: dict) -> str:
-            s = r["summary"]["joint/rq-kmeans"]
-            mode = JOINT_SERVED + ("_seen_excluded" if r["config"]["eval"]["exclude_seen"] else "")
-            return f"{cell(s, mode, 'recall@10', False)} / {cell(s, mode, 'ndcg@10', False)}"
+            name = next(n for n in r["summary"] if n.startswith("joint/"))
+            sfx = "_seen_excluded" if r["config"]["eval"]["exclude_seen"] else ""
+            mode, on_valid = served_beam(r["summary"][name], sfx)
+            s = r["summary"][name]
+            return (f"{cell(s, mode + sfx, 'recall@10', False)} / {cell(s, mode + sfx, 'ndcg@10', False)} "
+                    f"({beam_width(mode)}{'' if on_valid else ', not chosen on validation'})")
 
         cells = [served(joint[d]) if d in joint else "—" for d in datasets]
-        lines.append(f"| **AR beam {JOINT_SERVED[4:] or 20} + FV rescoring, one joint model** | " + " | ".join(cells) + " |")
+        lines.append("| **AR beam search + FV rescoring, one joint model** | " + " | ".join(cells) + " |")
     published = {**{k: v for d in datasets for k, v in TUNED.get(d, {}).items() if k.startswith("SASRec")}}
     for name in dict.fromkeys([*published, *(k for d in datasets for k in PUBLISHED.get(d, {}))]):
         vals = [{**TUNED.get(d, {}), **PUBLISHED.get(d, {})}.get(name) for d in datasets]
@@ -250,8 +307,9 @@ def headline(names: tuple[str, ...] = HEADLINE) -> str:
     protocol = {"seen items excluded" if r["config"]["eval"]["exclude_seen"] else "seen items kept" for _, r in files}
     seeds = {str(r["seeds"]) for _, r in files}
     files += [load(f"quality-{d}-joint") for d in datasets if d in joint]
-    src = "; ".join(f"`{p.relative_to(ROOT)}` ({(r.get('env') or {}).get('commit') or 'no commit'})" for p, r in files)
-    how = "exact (the joint row: beam search + rescoring)" if joint else "exact"
+    src = "; ".join(f"`{p.relative_to(ROOT)}` ({code(r).removeprefix('commit ')})" for p, r in files)
+    how = ("exact (the joint row: beam search + rescoring, the beam width in brackets, the narrowest within 1% "
+           "of the exact mixture on validation)") if joint else "exact"
     return "\n".join([*lines, "", f"Test Recall@10 / NDCG@10, full ranking, {how}, {' / '.join(sorted(protocol))}, "
                                  f"mean of {' / '.join(sorted(seeds))} seeds. Source: {src}."])
 
@@ -402,14 +460,25 @@ def serve_table(r: dict) -> str:
 
 
 def coldstart_table(r: dict) -> str:
-    """bench.coldstart: Recall@10 / NDCG@10 overall, on cold test items and on warm ones."""
+    """bench.coldstart: Recall@10 / NDCG@10 overall, on cold test items and on warm ones (test), and the
+    validation figures the rule for new items' vectors was chosen on."""
+    valid = "cold_valid_users" in r  # results written before the validation split have test figures only
     lines = [f"Beauty, {r['cold_items']:,} of {r['items']:,} items cold ({100 * r['cold_share']:.0f}%, seed {r['seed']}); "
-             f"test users {r['test_users']:,}, of which {r['cold_test_users']:,} have a cold test item. "
-             "Recall@10 / NDCG@10, full ranking, seen items excluded.", "",
-             "| model | overall | cold test items | warm test items |", "|---|---|---|---|"]
+             f"test users {r['test_users']:,}, of which {r['cold_test_users']:,} have a cold test item"
+             + (f" ({r['cold_valid_users']:,} a cold validation item)" if valid else "") +
+             ". Recall@10 / NDCG@10, full ranking, seen items excluded.", "",
+             "| model | overall | cold test items | warm test items |" + (" valid overall | valid cold |" if valid else ""),
+             "|---|---|---|---|" + ("---|---|" if valid else "")]
     for label, row in r["rows"].items():
         cells = [f"{row[s]['recall@10']:.4f} / {row[s]['ndcg@10']:.4f}" for s in ("overall", "cold", "warm")]
+        if valid:
+            cells += [f"{row['valid'][s]['recall@10']:.4f} / {row['valid'][s]['ndcg@10']:.4f}" for s in ("overall", "cold")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if valid:
+        rule = r["vectors_rule"]
+        lines += ["", f"New items' vectors, chosen on {rule['on']}: `{rule['chosen']}`."]
+    else:
+        lines += ["", "No validation split was measured: the rule for new items' vectors was not chosen on validation."]
     added = next((row["add_items"] for row in r["rows"].values() if row.get("add_items")), None)
     if added:
         ids = added["ids"]
@@ -418,8 +487,8 @@ def coldstart_table(r: dict) -> str:
                   f"room; {added['seconds']} s."]
     delta = r["warm_ndcg10_vs_full_catalogue"]
     if delta is not None:
-        lines += ["", f"Warm NDCG@10 of the model with cold items added vs the model trained on the full catalogue: "
-                  f"{100 * delta:+.1f}%."]
+        lines += ["", f"Warm NDCG@10 of the model with cold items added (the chosen rule) vs the model trained on "
+                  f"the full catalogue: {100 * delta:+.1f}%."]
     lines += ["", f"`{r['command']}`"]
     return "\n".join(lines) + "\n"
 
@@ -482,7 +551,7 @@ def serve_headline() -> str:
             parts.append(f"{label}: {on['requests_per_s']:,.0f} req/s at concurrency {top} (p99 {on['p99_ms']:.0f} ms), "
                          f"{one['p50_ms']:.1f} ms median alone, {r['speedup_batching'].get(run, '—')}× one request per call")
     env = r.get("env", {})
-    return "; ".join(parts) + f" (Beauty, k = 10; commit `{env.get('commit')}`, {env.get('cpu_count')} CPU cores).\n"
+    return "; ".join(parts) + f" (Beauty, k = 10; {code(r)}, {env.get('cpu_count')} CPU cores).\n"
 
 
 def render(name: str) -> str:

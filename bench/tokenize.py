@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from bench import common
 from bench.common import SHARED, write_result
 from sidrec.tokenize import fit_codebook
 
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--skip-beauty", action="store_true")
     ap.add_argument("--out-dir", default=None)
-    a = ap.parse_args()
+    a = common.parse_args(ap, out_attr="out_dir")
     results = []
     x = clustered_embeddings(a.items, a.dim)
     for method, levels in (("rq-kmeans", 3), ("opq", 4)):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bench import common
 from bench.common import SHARED, write_result
 from sidrec.data import prepare, read
 from sidrec.embed import embed_collab
@@ -47,7 +48,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--heads", default="fv,ar,parallel")
-    a = ap.parse_args()
+    a = common.parse_args(ap, out_attr="out_dir")
     root = SHARED / "amazon-beauty"
     data = prepare(read("seq", root / "s3rec/Beauty.txt", root / "derived/items.jsonl"))
     cb = fit_codebook(embed_collab(data, 64), "rq-kmeans", 3, 256)

@@ -39,6 +39,9 @@ def test_quality_bench_tiny_slice(tmp_path):
     ar = r["summary"]["ar/rq-kmeans"]
     assert {"exact", "beam", "valid_exact", "exact_seen_excluded", "beam_seen_excluded"} <= set(ar)
     assert r["env"]["commit"] is not None
+    for recs in r["runs"].values():  # every run carries the stamps of the code it started and ended on
+        assert all(rec["provenance"]["start"]["commit"] and rec["provenance"]["end"] for rec in recs)
+    assert r["provenance"]["start"] and r["provenance"]["end"]
     md = (tmp_path / "quality-beauty.md").read_text()
     assert "AR-NTP / rq-kmeans" in md and "exact, seen excluded" in md
     # a finished run is reused only with the identical config; --name writes its own results file
@@ -162,8 +165,9 @@ def test_sweep_rejects_a_bad_spec(tmp_path, text):
     spec = tmp_path / "bad.yaml"
     spec.write_text(text)
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-m", "bench.sweep", str(spec), "--out-root", str(tmp_path / "out")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "bench.sweep", str(spec), "--out-root", str(tmp_path / "out"),
+                        "--results-dir", str(tmp_path / "results")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "bad.yaml" in r.stderr
     assert not (tmp_path / "out").exists()
 
@@ -210,3 +214,9 @@ def test_coldstart_bench_tiny_slice(tmp_path):
     added = rows["AR-NTP, text IDs, cold items added (content vectors)"]
     assert added["catalogue_items"] == r["items"] and added["add_items"]["added"] == r["cold_items"]
     assert added["cold"]["users"] == r["cold_test_users"] and "Content only" in (tmp_path / "coldstart-beauty.md").read_text()
+    # the vectors rule is chosen on validation, where every row is measured too
+    assert r["cold_valid_users"] == added["valid"]["cold"]["users"]
+    best = max(("content", "prefix-mean"), key=lambda k: rows[f"AR-NTP, text IDs, cold items added ({k} vectors)"]
+               ["valid"]["overall"]["ndcg@10"])
+    assert r["vectors_rule"]["chosen"] == best or rows[f"AR-NTP, text IDs, cold items added ({best} vectors)"][
+        "valid"]["overall"]["ndcg@10"] == added["valid"]["overall"]["ndcg@10"]

@@ -131,3 +131,25 @@ def test_runs_recorded_before_a_setting_existed_are_not_stale(tmp_path):
     io.own_dir(tmp_path / "r", "run", **marker_fields(old))
     assert stage_status(tmp_path / "r", "run", now) == ("same", [])
     assert stage_status(tmp_path / "r", "run", {**now, "model.fv_loss": "sampled"}) == ("stale", ["model.fv_loss"])
+
+
+@pytest.mark.parametrize("decode", ["exact", "beam"])
+def test_seen_means_the_whole_history_not_the_model_window(decode):
+    """Evaluation excludes every item of the history, also those older than the max_len window the
+    model reads: the same items `Recommender.recommend` and the server exclude. A model that ranks
+    the oldest history item first would score it at rank 1 if only the window were excluded."""
+    from sidrec.data.batching import seen_items
+
+    data, world = make_synthetic(40, 200, seed=5)
+    cb = fit_codebook(world.latent, "rq-kmeans", 2, 8, seed=0)
+    cfg = ModelConfig(head="ar", backbone=BackboneConfig(d_model=16, n_heads=2, d_ff=32, max_len=3))
+    torch.manual_seed(0)
+    model = SeqRecModel(cfg, data.n_items, cb).double()
+    ex = evaluate_split(model, data, "test", decode=decode, beam=64, exclude_seen=True, return_lists=True)
+    users = ex["_users"]
+    seen = seen_items(data, "test", users).numpy()
+    lists = ex["_lists"]
+    for row, u in enumerate(users):
+        hist = set(seen[row][seen[row] < data.n_items])
+        assert len(hist) == len(set(data.sequence(u)[:-1]))  # the whole history, not the last 3
+        assert not hist & set(lists[row][lists[row] >= 0])

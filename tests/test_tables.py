@@ -23,8 +23,11 @@ def quality(seeds: int = 3) -> dict:
                "ar/opq": {"exact_seen_excluded": m(0.045), "beam_seen_excluded": m(0.044),
                           "valid_exact_seen_excluded": m(0.058), "exact": m(0.042), "beam": m(0.041),
                           "valid_exact": m(0.05), "wall_s": 12.0}}
-    runs = {name: [{"seed": 0, "env": {"cuda": None}}] for name in summary}
+    stamp = {"commit": "abc1234", "dirty": False, "diff": None, "date": "2026-01-01 00:00:00"}
+    prov = {"start": stamp, "end": stamp, "code_changed_during_run": False}
+    runs = {name: [{"seed": 0, "env": {"cuda": None}, "provenance": prov}] for name in summary}
     return {"env": {"commit": "abc1234", "cuda": None, "cpu_count": 2, "torch": "2.0", "date": "2026-01-01 00:00"},
+            "provenance": prov,
             "dataset": "beauty", "users": 10, "items": 20, "seeds": seeds, "wall_seconds_per_seed": [22.0],
             "config": {"tokenizer": {"levels": 3, "codebook_size": 256}, "eval": {"exclude_seen": True}},
             "summary": summary, "runs": runs, "comparisons": {"ar/opq_ndcg10_rel_gap_vs_fv_seen_excluded": -0.1}}
@@ -45,6 +48,8 @@ def test_quality_table_renders_rows_gaps_published_rows_and_source(tmp_path, mon
                          "Runs trained on: CPU.")
     one = tables.quality_table(tmp_path / "q.json", {**quality(seeds=1), "parallel_levels": 2})
     assert "one seed" in one and "| AR-NTP, OPQ 2×256 | excluded | 0.0450 | 0.0450 | -10.0% |" in one
+    legacy = {k: v for k, v in quality().items() if k != "provenance"}  # written before start stamps
+    assert "commit `abc1234`, end-of-run stamp, CPU only" in tables.quality_table(tmp_path / "q.json", legacy)
     over = tables.quality_table(tmp_path / "q.json", {**quality(), "overrides": ["train.lr=0.001"]})
     assert over.splitlines()[0].endswith("exact ranking. Config overrides: `train.lr=0.001`.")
 
@@ -86,7 +91,9 @@ def joint(tok: str = "opq") -> dict:
 
     curve = [{"mix": x / 10, "recall@10": 0.04 + x / 1000, "ndcg@10": 0.04 + x / 1000} for x in range(11)]
     summary = {f"joint/{tok}": {"exact_seen_excluded": m(0.05, 0.5), "beam_seen_excluded": m(0.045, 0.3),
-                                "beam100_seen_excluded": m(0.0499, 1.5), "test_mix_curve_seen_excluded": curve}}
+                                "beam100_seen_excluded": m(0.0499, 1.5), "test_mix_curve_seen_excluded": curve,
+                                "valid_exact_seen_excluded": m(0.06), "valid_beam_seen_excluded": m(0.05),
+                                "valid_beam100_seen_excluded": m(0.0595)}}
     r = quality()
     return {**r, "summary": summary, "parallel_levels": 4,
             "runs": {f"joint/{tok}": [{"seed": s, "mix": 0.6, "env": None} for s in range(3)]}}
@@ -99,13 +106,29 @@ def test_joint_table_any_tokenizer_with_the_matched_sasrec_row(tmp_path, monkeyp
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     lines = tables.joint_table(tmp_path / "quality-beauty-joint-opq.json", joint()).splitlines()
     assert "AR-NTP + FV rescoring (joint), OPQ 4×256: one model" in lines[0] and "(0.6, 0.6, 0.6)" in lines[0]
-    assert "| exact mixture over all items | 0.0500 ± 0.0010 | 0.0500 ± 0.0010 | — | 0.500 |" in lines
-    assert "| AR beam 100 + FV rescoring | 0.0499 ± 0.0010 | 0.0499 ± 0.0010 | -0.2% | 1.500 |" in lines
-    assert "| its AR-NTP head alone (exact) | 0.0400 | 0.0400 | -20.0% | |" in lines
-    assert "| its FV-MLE head alone (exact) | 0.0500 | 0.0500 | +0.0% | |" in lines
+    assert "| exact mixture over all items | 0.0500 ± 0.0010 | 0.0500 ± 0.0010 | — | 0.500 | 0.0600 ± 0.0010 |" in lines
+    # beam 20 is 17% below the exact mixture on validation, beam 100 within 1%: beam 100 is served
+    assert "| AR beam 20 + FV rescoring | 0.0450 ± 0.0010 | 0.0450 ± 0.0010 | -10.0% | 0.300 | 0.0500 ± 0.0010 |" in lines
+    assert "| AR beam 100 + FV rescoring (served) | 0.0499 ± 0.0010 | 0.0499 ± 0.0010 | -0.2% | 1.500 | " \
+           "0.0595 ± 0.0010 |" in lines
+    assert "| its AR-NTP head alone (exact) | 0.0400 | 0.0400 | -20.0% | | |" in lines
+    assert "| its FV-MLE head alone (exact) | 0.0500 | 0.0500 | +0.0% | | |" in lines
     assert not any("trained by sidrec" in x for x in lines)
     matched = quality()
     matched["summary"] = {"fv": matched["summary"]["fv"]}
     (tmp_path / "quality-beauty-sasrec-ss.json").write_text(json.dumps(matched))
     lines = tables.joint_table(tmp_path / "quality-beauty-joint-opq.json", joint()).splitlines()
-    assert "| SASRec+SS recipe, trained by sidrec (3 seeds) | 0.0500 | 0.0500 | | |" in lines
+    assert "| SASRec+SS recipe, trained by sidrec (3 seeds) | 0.0500 | 0.0500 | | | 0.0600 |" in lines
+
+
+def test_the_served_beam_is_chosen_on_validation_never_on_test():
+    """The narrowest width within 1% of the exact mixture on validation; test figures play no part, and a
+    result without validation beams says that no width was chosen on it."""
+    def m(x):
+        return {"ndcg@10": {"mean": x, "std": 0.0}}
+
+    s = {"valid_exact": m(0.100), "valid_beam": m(0.095), "valid_beam50": m(0.0992), "valid_beam100": m(0.0999),
+         "beam": m(0.2), "exact": m(0.1)}  # test says beam 20: ignored
+    assert tables.served_beam(s, "") == ("beam50", True)
+    assert tables.served_beam({**s, "valid_beam50": m(0.098)}, "") == ("beam100", True)
+    assert tables.served_beam({"exact": m(0.1), "beam100": m(0.1)}, "") == ("beam100", False)

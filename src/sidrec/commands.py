@@ -324,7 +324,7 @@ def cmd_compare(a: argparse.Namespace) -> None:
     res = compare_runs(a.run_a, a.run_b, split=a.split, exclude_seen=seen, batch_size=a.batch_size)
     print(format_comparison(res))
     if a.out:
-        from sidrec.run import environment
+        from sidrec.provenance import environment
 
         io.write_json(Path(a.out), {"env": environment(), "command": "sidrec compare " + " ".join(sys.argv[2:]), **res})
         print(f"wrote {a.out}")

@@ -35,6 +35,7 @@ import yaml
 
 from sidrec import __version__, io
 from sidrec.errors import NonBijectiveWarning, UserError
+from sidrec.provenance import code_state, environment, label  # noqa: F401 (environment: re-exported)
 
 CONFIG, WEIGHTS, STATE = "config.yaml", "model.safetensors", "trainer_state.pt"
 METRICS, TIMINGS, CODEBOOK = "metrics.jsonl", "timings.jsonl", "codebook"
@@ -195,34 +196,7 @@ def marker_fields(inputs: dict) -> dict:
 
 
 def _commit() -> str | None:
-    import subprocess
-
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                           capture_output=True, text=True, timeout=5)
-        commit = r.stdout.strip()
-        if not commit:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)src", ":(top)bench",
-                                ":(top)configs", ":(top,exclude)bench/results"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                               timeout=5).stdout.strip()
-        return commit + ("+uncommitted" if dirty else "")  # the code that ran is not exactly that commit
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment() -> dict:
-    """The commit and machine a result was produced on (written into every result file)."""
-    import os
-    import platform
-    import time
-
-    return {
-        "commit": _commit(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(),
-        "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    return label(code_state())
 
 
 # --------------------------------------------------------------------------------------- the run

@@ -83,6 +83,14 @@ def eval_histories(data: SequenceData, split: str, max_len: int) -> tuple[np.nda
     return start, end - start
 
 
+def seen_items(data: SequenceData, split: str, users: np.ndarray) -> torch.Tensor:
+    """[B, S] every item of each user's whole history before the `split` target, right-padded with
+    n_items: what "seen" means everywhere (evaluation, the API, the server, benchmarks), however
+    long the history and whatever window the model reads."""
+    start = data.offsets[:-1][users]
+    return torch.from_numpy(pad_windows(data.items, start, data.history_end(split)[users] - start, data.n_items))
+
+
 def eval_batches(data: SequenceData, split: str, max_len: int, batch_size: int, users: np.ndarray | None = None):
     """Yield (user_ids, items [B, T], lengths [B]) sorted by history length (little padding)."""
     start, length = eval_histories(data, split, max_len)

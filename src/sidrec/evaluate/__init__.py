@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sidrec.data.batching import eval_batches
+from sidrec.data.batching import eval_batches, seen_items
 from sidrec.data.prepare import SequenceData
 from sidrec.decode.beam import beam_search
 from sidrec.decode.filters import ItemFilter
@@ -50,8 +50,9 @@ def evaluate_split(
 
     exact: all N items are scored exactly and the target's full rank is used.
     beam: the top-20 list of beam search is used (MRR is then truncated at 20).
-    exclude_seen: remove items of the user's input history from the ranking (off by default;
-    with repeat consumption it can remove the target itself).
+    exclude_seen: remove every item of the user's history from the ranking (the whole history, not
+    only the max_len window the model reads; off by default; with repeat consumption it can remove
+    the target itself).
     """
     model.eval()
     head = model.head
@@ -65,18 +66,19 @@ def evaluate_split(
         items, lengths = items.to(device), lengths.to(device)
         h = model.encode(items, lengths)
         tgt = torch.from_numpy(targets_all[u].astype(np.int64)).to(device)
+        seen = seen_items(data, split, u).to(device) if exclude_seen else None
         if decode == "exact":
             s = exact_scores(head, h, tables, normalized=False).float()  # ranks need no normaliser
-            r = exact_ranks(s, tgt, items if exclude_seen else None, data.n_items)
+            r = exact_ranks(s, tgt, seen, data.n_items)
             if return_lists:  # training's per-epoch validation needs ranks only
                 if exclude_seen:
-                    s = s.masked_fill(_history_mask(items, data.n_items, data.n_items), float("-inf"))
+                    s = s.masked_fill(_history_mask(seen, data.n_items, data.n_items), float("-inf"))
                 lists.append(torch.topk(s, min(LIST_K, s.shape[1]), dim=1).indices.cpu().numpy())
             ranks.append(r.cpu().numpy())
         else:
             filt = None
             if exclude_seen:  # seen items are masked inside the search, as `recommend` and the server do
-                filt = ItemFilter.from_padded(data.n_items, items.cpu().numpy())
+                filt = ItemFilter.from_padded(data.n_items, seen.cpu().numpy())
             res = beam_search(head, h, beam=beam, k=min(beam, LIST_K), item_filter=filt)
             n_invalid += res.n_invalid
             top = res.items
@@ -115,8 +117,9 @@ def mix_curve(model, data: SequenceData, grid: list[float], *, split: str = "val
         h = model.encode(items, lengths)
         tgt = torch.from_numpy(targets_all[u].astype(np.int64)).to(device)
         ar, fv = head.ar.log_prob_all(h, tables).float(), head.fv.logits(h).float()
+        seen = seen_items(data, split, u).to(device) if exclude_seen else None
         for m in grid:
-            r = exact_ranks((1 - m) * ar + m * fv, tgt, items if exclude_seen else None, data.n_items)
+            r = exact_ranks((1 - m) * ar + m * fv, tgt, seen, data.n_items)
             ranks[m].append(r.cpu().numpy())
     return {m: metrics_from_ranks(np.concatenate(r)) for m, r in ranks.items()}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sidrec.data.batching import eval_batches
+from sidrec.data.batching import eval_batches, seen_items
 from sidrec.decode.exact import exact_scores
 from sidrec.evaluate import exact_ranks
 from sidrec.evaluate.metrics import metrics_from_ranks
@@ -95,7 +95,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, split: str = "valid", exc
             scores = {"A": la, "B": lb, "ensemble": (la + lb) / 2}
             for j in range(1, k):
                 scores[f"A{j}+B"], scores[f"B{j}+A"] = hybrid(la, lb, trie, j, (ma, mb)), hybrid(lb, la, trie, j, (mb, ma))
-            hist = items if exclude_seen else None
+            hist = seen_items(data, split, u) if exclude_seen else None
             for n, s in scores.items():
                 ranks[n].append(exact_ranks(s, tgt, hist, data.n_items).numpy())
     level = {n: torch.cat(v).mean(0).tolist() for n, v in nll.items()}
