@@ -124,7 +124,7 @@ def test_item_vectors_keep_the_identities(tied):
     """The recipe head scores nodes with token + mean item vectors + node bias; Q still sums to 1, the
     loss is -log Q(target), the item table learns, and (tied) it is the backbone's input table."""
     cb = _codebook(300, levels=2, size=32)  # 32 first tokens for 300 items: ~9 siblings each
-    m = _model("ar", cb, cb.n_items, tied=tied)
+    m = _model("ar", cb, cb.n_items, tied=tied, node_table=False)  # free item vectors (the node table: test_node_table)
     with torch.no_grad():
         m.backbone.item_emb.weight.normal_(0, 0.3)
     table = m.backbone.item_emb.weight if tied else m.head.item_emb.weight
@@ -142,29 +142,32 @@ def test_item_vectors_keep_the_identities(tied):
     plain = _model("ar", cb, cb.n_items, item_vectors=False)  # the token-only head: another distribution
     assert not torch.allclose(plain.head.log_prob_all(h), lp)
     np.testing.assert_allclose(plain.head.log_prob_all(h).detach().exp().sum(1).numpy(), 1.0, atol=1e-10)
-    fresh = _model("ar", cb, cb.n_items, tied=tied)
+    fresh = _model("ar", cb, cb.n_items, tied=tied, node_table=False)
     fresh.load_state_dict(m.state_dict())
     np.testing.assert_allclose(fresh.head.log_prob_all(h).detach().numpy(), lp.detach().numpy(), atol=1e-12)
 
 
-def test_node_bias_starts_uniform_over_items_and_learns():
+@pytest.mark.parametrize("node_table", [False, True])
+def test_node_bias_starts_uniform_over_items_and_learns(node_table):
     """One bias per trie node, started at log(#items below). With every other output parameter at
     zero, Q is then 1/N for every item (uniform over items, as FV-MLE starts), not uniform over
     children; the biases get gradient, and the identities hold with them."""
     cb = _codebook(300, levels=3, size=8)
-    cfg = ModelConfig(head="ar", backbone=BackboneConfig(d_model=16, n_heads=2, d_ff=32, max_len=8))
+    cfg = ModelConfig(head="ar", node_table=node_table, backbone=BackboneConfig(d_model=16, n_heads=2, d_ff=32, max_len=8))
     m = SeqRecModel(cfg, cb.n_items, cb).double()
+    table = m.backbone.item_emb
     with torch.no_grad():
         for name, p in m.head.named_parameters():
             if not name.startswith("node_bias"):
                 p.zero_()
-        m.backbone.item_emb.weight.zero_()  # the tied item vectors
+        (table.rows if node_table else table.weight).zero_()  # the tied item vectors
     h = torch.randn(5, 16, dtype=torch.float64)
     np.testing.assert_allclose(m.head.log_prob_all(h).detach().numpy(), -np.log(cb.n_items), atol=1e-12)
     items = torch.arange(5) * 50
     np.testing.assert_allclose(m.head.nll(h, items).detach().numpy(), np.log(cb.n_items), atol=1e-12)
     m.head.nll(h, items).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.head.node_bias)
+    biases = [table.node_bias] if node_table else m.head.node_bias
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in biases)
 
 
 def test_item_vectors_refuse_unconstrained():
@@ -172,16 +175,17 @@ def test_item_vectors_refuse_unconstrained():
         _model("ar", _codebook(), 200, constrained=False, item_vectors=True)
 
 
-@pytest.mark.parametrize("item_vectors", [False, True])
-def test_ar_trains_under_bf16_autocast(item_vectors):
+@pytest.mark.parametrize("item_vectors,node_table", [(False, False), (True, False), (True, True)])
+def test_ar_trains_under_bf16_autocast(item_vectors, node_table):
     """Mixed precision (train.amp on CUDA; CPU autocast here) must not mix dtypes in the head."""
     cb = _codebook()
-    m = _model("ar", cb, cb.n_items, item_vectors=item_vectors, dtype=torch.float32, scale=0.1)
+    m = _model("ar", cb, cb.n_items, item_vectors=item_vectors, node_table=node_table, dtype=torch.float32, scale=0.1)
     items, targets = torch.randint(0, cb.n_items, (4, 6)), torch.randint(0, cb.n_items, (4, 6))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = m.nll(items, targets).float().sum()
     loss.backward()
-    assert torch.isfinite(loss) and m.backbone.item_emb.weight.grad is not None
+    table = m.backbone.item_emb
+    assert torch.isfinite(loss) and (table.rows if node_table else table.weight).grad is not None
 
 
 @pytest.mark.parametrize("chunk", [None, 64])

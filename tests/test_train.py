@@ -74,10 +74,13 @@ def _final_params(run: Path) -> dict:
     return blob["model"], blob["state"]
 
 
-def test_resume_after_kill_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_resume_after_kill_is_bit_identical(tmp_path, sparse):
+    """Also with a node table and catch-up Adam (its per-row steps and per-step record checkpointed)."""
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_train_cmd(ref), check=True, env=_env(), capture_output=True)
-    p = subprocess.Popen(_train_cmd(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = ["model.node_table=true", "train.sparse=true"] if sparse else []
+    subprocess.run(_train_cmd(ref, *flags), check=True, env=_env(), capture_output=True)
+    p = subprocess.Popen(_train_cmd(killed, *flags), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "trainer_state.pt").exists():
         time.sleep(0.05)
@@ -86,7 +89,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     p.wait()
     mid = torch.load(killed / "trainer_state.pt", weights_only=True)["state"]
     assert not mid["done"], "the kill must interrupt training"
-    subprocess.run(_train_cmd(killed, "--resume"), check=True,
+    subprocess.run(_train_cmd(killed, *flags, "--resume"), check=True,
                    env=_env(), capture_output=True)
     a, sa = _final_params(ref)
     b, sb = _final_params(killed)
@@ -100,9 +103,12 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     assert not list(killed.glob(".*.tmp")), "temp files of the kill are cleaned up on the next start"
 
 
-def test_ddp_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_ddp_two_processes_match_one(tmp_path, sparse):
+    """Also with a node table and row-sparse gradients, which DDP does not bucket (averaged apart)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["model.backbone.dropout=0.0", "train.max_steps=12", "train.log_every=1", "train.eval_every=100"]
+    common = ["model.backbone.dropout=0.0", "train.max_steps=12", "train.log_every=1", "train.eval_every=100",
+              f"model.node_table={str(sparse).lower()}", f"train.sparse={str(sparse).lower()}"]
     subprocess.run(_train_cmd(one, *common), check=True, env=_env(), capture_output=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "sidrec.cli"] + _train_cmd(two, *common)[3:]

@@ -275,12 +275,42 @@ def extend_model(model, base: Codebook, ext: Codebook, vectors: np.ndarray | Non
                 added = torch.where(torch.isnan(given), added, given)
             pad = value[n0:]  # the padding row of the input table (empty for the head's own table)
             state[key] = torch.cat([rows, added, pad])
+        elif key.endswith(".rows"):  # a node table: new nodes get zero rows (prefix means), see NodeTable
+            owner = key.rsplit(".", 1)[0]
+            state[key] = model.get_submodule(owner).extended_rows(new.get_submodule(owner), base.trie.keys)
+        elif key.endswith(".node_bias") and target.ndim == 2:  # a node table's biases, depth by depth
+            state[key] = _table_biases(model.get_submodule(key.rsplit(".", 1)[0]), target, base, ext)
         elif key.startswith("head.node_bias."):
             state[key] = _node_values(int(key.rsplit(".", 1)[1]) + 1, value, base, ext)
         else:
             raise RuntimeError(f"cannot extend parameter {key} from {tuple(value.shape)} to {tuple(target.shape)}")
     new.load_state_dict(state)
+    table = _table_module(new)
+    if vectors is not None and table is not None and not isinstance(table, torch.nn.Embedding):
+        given = ~np.isnan(vectors).any(1)  # a node table: the content vectors through the new leaves
+        table.set_items_(torch.as_tensor(np.flatnonzero(given) + n0), torch.as_tensor(vectors[given]))
     return new.to(device).eval()
+
+
+def _table_biases(table, target: torch.Tensor, base: Codebook, ext: Codebook) -> torch.Tensor:
+    """A node table's biases on the extended trie (`_node_values` at every depth; the root's kept)."""
+    from sidrec.model.node_table import NodeTable
+
+    bias = table.node_bias.detach().cpu()[:, 0]
+    out = target.new_zeros(target.shape)
+    out[0, 0] = bias[0]
+    new_off = NodeTable.offsets(ext.trie)
+    for depth in range(1, ext.trie.depth + 1):
+        out[new_off[depth]:new_off[depth + 1], 0] = _node_values(depth, bias[table.depth_slice(depth)], base, ext)
+    return out
+
+
+def _table_module(model):
+    """The module holding the item table content vectors are fitted to (see `item_table_key`)."""
+    if model.backbone.item_emb is not None:
+        return model.backbone.item_emb
+    own = getattr(model.head, "own_nodes", None) or getattr(model.head, "item_emb", None)
+    return own if isinstance(own, torch.nn.Module) else None
 
 
 def item_table_key(model) -> str | None:
@@ -292,9 +322,13 @@ def item_table_key(model) -> str | None:
 
 
 def item_table(model) -> torch.Tensor | None:
-    """The trained rows of that table [N, d] (None: the model has no item table)."""
-    key = item_table_key(model)
-    return None if key is None else model.state_dict()[key][: model.n_items].detach().cpu()
+    """The trained item vectors [N, d] of that table (None: the model has no item table); a node
+    table's are its path sums."""
+    table = _table_module(model)
+    if table is None:
+        return None
+    with torch.no_grad():
+        return table.weight[: model.n_items].detach().cpu()
 
 
 def _node_values(depth: int, value: torch.Tensor, base: Codebook, ext: Codebook) -> torch.Tensor:

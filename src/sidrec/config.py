@@ -194,7 +194,7 @@ SCHEMA: dict[str, tuple] = {
     "tokenizer.embeddings": _str(), "tokenizer.text_model": _str(), "tokenizer.collab_dim": _int(1),
     "tokenizer.resolve": _choice("reassign", "extra-token", "none"), "tokenizer.seed": _int(0, SEED_MAX),
     "model.head": _choice("ar", "fv", "parallel", "joint"), "model.tied": BOOL, "model.constrained": BOOL,
-    "model.item_vectors": BOOL, "model.head_hidden": _int(1, none=True), "model.fv_chunk": _int(1, none=True),
+    "model.item_vectors": BOOL, "model.node_table": BOOL, "model.head_hidden": _int(1, none=True), "model.fv_chunk": _int(1, none=True),
     "model.fv_loss": _choice("full", "sampled"), "model.fv_sampler": _choice("uniform", "popularity", "in-batch"),
     "model.fv_negatives": _int(1), "model.fv_shared_negatives": BOOL, "model.fv_logq": BOOL,
     "model.joint_fv_weight": _num(0), "model.joint_mix": _num(0, 1),
@@ -208,6 +208,7 @@ SCHEMA: dict[str, tuple] = {
     "train.eval_users": _int(0), "train.exclude_seen": BOOL, "train.seed": _int(0, SEED_MAX),
     "train.device": _choice(*DEVICES), "train.amp": BOOL, "train.ckpt_every_steps": _int(0),
     "train.max_steps": _int(0), "train.max_seconds": _num(0), "train.log_every": _int(1), "train.bucket": BOOL,
+    "train.sparse": BOOL, "train.sparse_optimizer": _choice("adam", "adagrad"), "train.sparse_lr": _num(0),
     "eval.beam": _int(1), "eval.exclude_seen": BOOL, "eval.batch_size": _int(1),
 }
 

@@ -152,7 +152,8 @@ def model_inputs(cfg: dict, data_fp: str, codebook_fp: str | None) -> dict:
 #: recorded inputs lack one of them was made with this value (so it is not stale for it).
 ADDED_KEYS = {"model.fv_loss": "full", "model.fv_sampler": "uniform", "model.fv_negatives": 256,
               "model.fv_shared_negatives": True, "model.fv_logq": True,
-              "train.max_seconds": 0, "model.joint_fv_weight": 1.0, "model.joint_mix": 0.5}
+              "train.max_seconds": 0, "model.joint_fv_weight": 1.0, "model.joint_mix": 0.5,
+              "model.node_table": False, "train.sparse": False, "train.sparse_optimizer": "adam", "train.sparse_lr": 0}
 
 
 def changed_keys(old: dict, new: dict, ignore=frozenset()) -> list[str]:

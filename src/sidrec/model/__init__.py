@@ -11,6 +11,7 @@ from sidrec.model.backbone import Backbone, BackboneConfig
 from sidrec.model.sampled import NegativeSampler
 from sidrec.model.heads import (AutoregressiveHead, FullSoftmaxHead, Head, ItemVectors, JointHead, ParallelHead,
                                 SharedTokenVectors, segment_logsumexp)
+from sidrec.model.node_table import NodeTable
 from sidrec.tokenize.codebook import Codebook
 
 HEADS = ("fv", "ar", "parallel", "joint")
@@ -25,6 +26,7 @@ class ModelConfig:
     tied: bool = True  # output vectors = input embeddings: fv the item-ID table, ar/parallel the token tables
     constrained: bool = True  # ar: normalise over valid trie children (false: the verifier's counter-example)
     item_vectors: bool = True  # ar: node vector += mean item vector below it, plus one bias per node
+    node_table: bool = False  # ar, joint: item vectors as a centred node table (training touches only read rows)
     head_hidden: int | None = None  # hidden width of the head MLPs (default 2 * d_model)
     fv_chunk: int | None = 1024  # fv: items per chunk of the streamed softmax loss (None: one pass)
     fv_loss: str = "full"  # fv: full (exact softmax) | sampled (sampled softmax with logQ correction)
@@ -71,6 +73,13 @@ def upgrade_model_dict(d: dict) -> dict:
     return d
 
 
+def uses_node_table(cfg: ModelConfig, codebook: Codebook | None) -> bool:
+    """Whether the AR item vectors are a node table: asked for, and possible (one leaf per item; a
+    codebook with collisions, a counter-example, keeps free item vectors)."""
+    return bool(cfg.node_table and cfg.head in ("ar", "joint") and cfg.item_vectors and codebook is not None
+                and codebook.trie.n_nodes(codebook.trie.depth) == codebook.n_items)
+
+
 class SeqRecModel(nn.Module):
     """Backbone + head. `nll(items, targets)` trains every position; `encode(items)` gives the
     state at the last real position of each history, which the heads score."""
@@ -85,7 +94,10 @@ class SeqRecModel(nn.Module):
         self.n_items = n_items
         codes = torch.as_tensor(codebook.codes) if codebook is not None else None
         sizes = codebook.sizes if codebook is not None else None
-        self.backbone = Backbone(cfg.backbone, n_items, codes, sizes)
+        table = None
+        if uses_node_table(cfg, codebook) and cfg.tied and cfg.backbone.item_input != "sid":
+            table = NodeTable(codebook, cfg.backbone.d_model)  # one table: the backbone's inputs, the head's vectors
+        self.backbone = Backbone(cfg.backbone, n_items, codes, sizes, item_table=table)
         d = cfg.backbone.d_model
         self.head: Head = _BUILDERS[cfg.head](self.backbone, cfg, d, n_items, codebook)
 
@@ -106,27 +118,66 @@ class SeqRecModel(nn.Module):
         h = self.backbone(items)
         return h[torch.arange(len(items), device=h.device), lengths - 1]
 
+    def _heads(self) -> list[nn.Module]:
+        return [self.head.ar, self.head.fv] if isinstance(self.head, JointHead) else [self.head]
+
+    def tables(self) -> list[nn.Module]:
+        """The N-row lookup tables: the item-ID embedding or node table, an AR head's own table."""
+        out = [self.backbone.item_emb] if self.backbone.item_emb is not None else []
+        for h in self._heads():
+            own = getattr(h, "own_nodes", None) or getattr(h, "item_emb", None)
+            if isinstance(own, (nn.Embedding, NodeTable)):
+                out.append(own)
+        return out
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """The parameters with one row per item or trie node (FV's own output vectors included): what
+        a row-sparse optimizer updates."""
+        out = []
+        for t in self.tables():
+            out += [t.rows, t.node_bias] if isinstance(t, NodeTable) else [t.weight]
+        out += [h.weight for h in self._heads() if isinstance(h, FullSoftmaxHead) and h.table is None]
+        return list({id(p): p for p in out}.values())  # a tied table once
+
+    def set_sparse(self, on: bool) -> None:
+        """Read the N-row tables with sparse lookups in training (row-sparse gradients)."""
+        for t in [*self.tables(), *(h for h in self._heads() if isinstance(h, FullSoftmaxHead))]:
+            t.sparse = on
+
+    def after_step(self, changed: dict) -> None:
+        """After an optimizer step: re-centre the node tables' sibling groups whose rows changed
+        (`changed`: {parameter: row ids, or None for all}; a parameter missing from it did not change)."""
+        for t in self.tables():
+            if isinstance(t, NodeTable) and t.rows in changed:
+                t.recentre_(changed[t.rows])
+
     def output_parameters(self) -> int:
         """Parameters of the output layer alone (FV's tied item vectors count as output)."""
         shared = sum(w.numel() for w in self.head.tok_out) if isinstance(
             getattr(self.head, "tok_out", None), SharedTokenVectors) else 0
         if isinstance(getattr(self.head, "item_emb", None), ItemVectors):
             shared += self.head.item_emb.weight.numel()
+        nodes = getattr(self.head, "nodes", None)
+        if nodes is not None and getattr(self.head, "own_nodes", None) is None:  # the backbone's node table
+            shared += nodes.rows.numel() + nodes.node_bias.numel()
         return sum(p.numel() for p in self.head.parameters()) + shared
 
 
 def _fv(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook) -> FullSoftmaxHead:
-    tied = backbone.item_emb.weight if (cfg.tied and backbone.item_emb is not None) else None
+    shared = backbone.item_emb if (cfg.tied and backbone.item_emb is not None) else None
     sampler = NegativeSampler(n_items, cfg.fv_sampler, cfg.fv_negatives, cfg.fv_shared_negatives,
                               cfg.fv_logq) if cfg.fv_loss == "sampled" else None
-    return FullSoftmaxHead(d, n_items, tied, cfg.fv_chunk, sampler)
+    if isinstance(shared, NodeTable):  # the joint head's FV vectors: the node table's path sums
+        return FullSoftmaxHead(d, n_items, None, cfg.fv_chunk, sampler, table=shared)
+    return FullSoftmaxHead(d, n_items, shared.weight if shared is not None else None, cfg.fv_chunk, sampler)
 
 
 def _ar(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook) -> AutoregressiveHead:
     # tied token vectors need semantic-token inputs (item_input sid or both), tied item vectors item ids
     return AutoregressiveHead(d, codebook, constrained=cfg.constrained, item_vectors=cfg.item_vectors,
                               hidden=cfg.head_hidden, shared_tokens=backbone.tok_emb if cfg.tied else None,
-                              item_table=backbone.item_emb if cfg.tied else None)
+                              item_table=backbone.item_emb if cfg.tied else None,
+                              node_table=uses_node_table(cfg, codebook))
 
 
 def _parallel(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook) -> ParallelHead:

@@ -5,7 +5,9 @@ parallel. Right padding plus causal attention means a real position never attend
 so no extra mask is needed; padded positions are simply ignored by the loss.
 
 Item inputs are configurable: an item-ID embedding, the sum of the item's semantic-token
-embeddings (one table per level), or both summed.
+embeddings (one table per level), or both summed. The item-ID embedding is a plain table, or a node
+table (`sidrec.model.node_table`: each item's vector is the sum of its trie path's rows) given by the
+model when its AR head shares it.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, cfg: BackboneConfig, n_items: int, codes: torch.Tensor | None = None,
-                 sizes: list[int] | None = None):
+                 sizes: list[int] | None = None, item_table: nn.Module | None = None):
         super().__init__()
         if cfg.d_model % cfg.n_heads:
             raise ValueError("d_model must be divisible by n_heads")
@@ -64,7 +66,9 @@ class Backbone(nn.Module):
         self.cfg = cfg
         self.pad_id = n_items
         d = cfg.d_model
-        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=n_items) if cfg.item_input != "sid" else None
+        self.item_emb = None
+        if cfg.item_input != "sid":
+            self.item_emb = item_table if item_table is not None else nn.Embedding(n_items + 1, d, padding_idx=n_items)
         if cfg.item_input != "id":
             if codes is None or sizes is None:
                 raise ValueError("semantic-ID item inputs need the codebook")
@@ -79,7 +83,7 @@ class Backbone(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(d, cfg.n_heads, cfg.d_ff, cfg.dropout) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(d)
-        self.apply(_init)
+        self.apply(_init)  # a node table is initialised by its own constructor (not an nn.Embedding)
 
     def embed_items(self, items: torch.Tensor) -> torch.Tensor:
         x = 0

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidrec.model.node_table import NodeTable
 from sidrec.model.sampled import NegativeSampler, sampled_softmax_nll
 from sidrec.model.softmax_ce import softmax_ce
 from sidrec.tokenize.codebook import Codebook
@@ -117,21 +118,36 @@ class FullSoftmaxHead(nn.Module):
 
     Trained with the exact loss (streamed over item chunks), or, with a `sampler`, with sampled
     softmax and logQ correction (`sidrec.model.sampled`): what large catalogues use in practice, an
-    approximation of MLE. Scoring and evaluation always use the full softmax."""
+    approximation of MLE. Scoring and evaluation always use the full softmax. The item vectors are its
+    own, the backbone's item-ID table (`tied_weight`) or a node table's path sums (`table`, the joint
+    head's); sampled softmax reads only the rows it scores (row-sparse gradients when `sparse`)."""
 
     supports_beam = False
 
     def __init__(self, d: int, n_items: int, tied_weight: nn.Parameter | None = None,
-                 chunk_size: int | None = None, sampler: NegativeSampler | None = None):
+                 chunk_size: int | None = None, sampler: NegativeSampler | None = None, table: nn.Module | None = None):
         super().__init__()
         self.n_items = n_items
         self.chunk_size = chunk_size  # item chunk of the memory-efficient loss (None: one pass)
-        self.weight = tied_weight if tied_weight is not None else nn.Parameter(torch.randn(n_items, d) * 0.02)
+        object.__setattr__(self, "table", table)  # a node table, registered and saved in the backbone
+        if table is None:
+            self.weight = tied_weight if tied_weight is not None else nn.Parameter(torch.randn(n_items, d) * 0.02)
         self.bias = nn.Parameter(torch.zeros(n_items))
         self.sampler = sampler
+        self.sparse = False
+
+    def item_weight(self) -> torch.Tensor:
+        """All item vectors [N, d]."""
+        return self.table.weight if self.table is not None else self.weight[: self.n_items]
+
+    def item_rows(self, items: torch.Tensor) -> torch.Tensor:
+        """The vectors of `items` [..., d], read sparsely (only these rows get a gradient)."""
+        if self.table is not None:
+            return self.table(items)
+        return F.embedding(items, self.weight, sparse=self.sparse and torch.is_grad_enabled())
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.weight[: self.n_items].T + self.bias
+        return h @ self.item_weight().T + self.bias
 
     def nll(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """The training loss per target (grad enabled: streamed exact CE, or sampled softmax when the
@@ -139,8 +155,8 @@ class FullSoftmaxHead(nn.Module):
         if h.dtype != torch.float32 or not torch.is_grad_enabled():
             return F.cross_entropy(self.logits(h), items, reduction="none")  # float64 checks, inference
         if self.sampler is not None:
-            return sampled_softmax_nll(h, self.weight[: self.n_items], self.bias, items, self.sampler)
-        return softmax_ce(h, self.weight[: self.n_items], self.bias, items, self.chunk_size)
+            return sampled_softmax_nll(h, self.item_rows, self.bias, items, self.sampler)
+        return softmax_ce(h, self.item_weight(), self.bias, items, self.chunk_size)
 
     def log_prob(self, h, items):
         return -self.nll(h, items)
@@ -173,6 +189,11 @@ class AutoregressiveHead(nn.Module):
     GEMM (node_tables): exact scoring of all N items costs about what FV-MLE's softmax costs, while
     training and beam search touch only each prefix's children.
 
+    With a node table (`sidrec.model.node_table`, the tied backbone's or its own) the item vectors are
+    path sums of per-node rows kept centred, so mean_{i below n} e_i is the sum of the rows from the root
+    to n; between siblings only their own rows differ, so training reads just those rows (row-sparse
+    gradients) and no step visits all N items. Same function class, same scores.
+
     Named variants: item_vectors=False drops the item terms (mean e_i and b_n: the token-only head);
     constrained=False (a counter-example for `sidrec verify`, token-only) normalises over all V_j
     tokens, so mass leaks to IDs of no item.
@@ -182,7 +203,7 @@ class AutoregressiveHead(nn.Module):
 
     def __init__(self, d: int, codebook: Codebook, *, constrained: bool = True, item_vectors: bool = True,
                  hidden: int | None = None, shared_tokens: nn.Embedding | None = None,
-                 item_table: nn.Embedding | None = None):
+                 item_table: nn.Module | None = None, node_table: bool = False):
         super().__init__()
         if item_vectors and not constrained:
             raise ValueError("item vectors and node biases need the constrained head (they exist only for valid IDs)")
@@ -199,9 +220,15 @@ class AutoregressiveHead(nn.Module):
             nn.init.zeros_(m[-1].bias)
         self.tok_out = token_vectors(self.sizes, d, shared_tokens)
         self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
-        self.item_emb, self.node_bias = None, None
+        self.item_emb, self.node_bias, self.own_nodes = None, None, None
+        object.__setattr__(self, "_nodes", None)
         self._means_cache = self._tables_cache = None
-        if item_vectors:
+        if item_vectors and (node_table or isinstance(item_table, NodeTable)):
+            if isinstance(item_table, NodeTable):
+                object.__setattr__(self, "_nodes", item_table)  # registered and saved once, in the backbone
+            else:
+                self.own_nodes = NodeTable(codebook, d)
+        elif item_vectors:
             if item_table is not None:
                 self.item_emb = ItemVectors(item_table, codebook.n_items)
             else:  # own table ("emb" in its name: no weight decay, like every embedding)
@@ -209,6 +236,15 @@ class AutoregressiveHead(nn.Module):
                 nn.init.normal_(self.item_emb.weight, std=0.02)
             self.node_bias = nn.ParameterList([nn.Parameter(torch.log(torch.as_tensor(
                 self.trie.n_items_below(j + 1), dtype=torch.float32))) for j in range(k)])
+
+    @property
+    def nodes(self) -> NodeTable | None:
+        """The node table the item terms come from (None: free item vectors, or none)."""
+        return self.own_nodes if self.own_nodes is not None else self.__dict__.get("_nodes")
+
+    @property
+    def has_item_terms(self) -> bool:
+        return self.item_emb is not None or self.nodes is not None
 
     # -- scoring ---------------------------------------------------------------------------
     def _film(self, j: int, prefix_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -231,17 +267,24 @@ class AutoregressiveHead(nn.Module):
         if film is not None:
             q = q * (1 + film[0]) + film[1]
         s = q @ self.tok_out[j].T + self.tok_bias[j]
-        if self.item_emb is None:
+        if not self.has_item_terms:
             return s
         if nodes is None:
             nodes = torch.zeros(len(q), dtype=torch.long, device=q.device)
-        nv = (means or self.node_means(q.device))[j]
-        return s + self._item_terms(j, q, nodes, s.shape[1], nv)
+        if self.nodes is not None:  # a child's own row and bias: the rows above it are its siblings' too
+            t = self.nodes
+            return s + self._item_terms(j, q, nodes, s.shape[1], lambda c: t.node_rows(j + 1, c),
+                                        lambda c: t.node_biases(j + 1, c))
+        nv, nb = (means or self.node_means(q.device))[j], self.node_bias[j]
+        return s + self._item_terms(j, q, nodes, s.shape[1], lambda c: torch.index_select(nv, 0, c),
+                                    lambda c: torch.index_select(nb, 0, c))
 
     def node_means(self, device) -> list[torch.Tensor]:
         """Per level j, [P_{j+1}, d]: the mean item vector below each depth-(j+1) node (a leaf: its
         item's vector). Computed bottom-up, each level's sums from its children's: one pass over the
         N item vectors for all levels, the rest over the (much smaller) upper levels."""
+        if self.nodes is not None:  # the prefix sums of the centred rows
+            return [self.nodes.node_means(j + 1) for j in range(len(self.sizes))]
         w = self.item_emb.weight
         key = (str(device), w.data_ptr(), w._version)  # _version: bumped by every in-place update
         if not torch.is_grad_enabled() and self._means_cache is not None and self._means_cache[0] == key:
@@ -259,21 +302,23 @@ class AutoregressiveHead(nn.Module):
             self._means_cache = (key, out)
         return out
 
-    def _item_terms(self, j: int, q: torch.Tensor, nodes: torch.Tensor, v: int, nv: torch.Tensor) -> torch.Tensor:
-        """<q, mean e_i> + b_n of each row's valid children, scattered to their tokens [B, V_j]
-        (0 elsewhere and for dead beams). Children are gathered as a flat ragged list, so the cost
-        is the number of real children, not rows x the largest fan-out."""
-        nb = self.node_bias[j]
+    def _item_terms(self, j: int, q: torch.Tensor, nodes: torch.Tensor, v: int, vec, bias) -> torch.Tensor:
+        """<q, w_n> + b_n of each row's valid children n, scattered to their tokens [B, V_j] (0 elsewhere
+        and for dead beams); vec(children) / bias(children) read the children's vectors and biases.
+        Children are gathered as a flat ragged list, so the cost is the number of real children, not
+        rows x the largest fan-out."""
         if j == 0:  # the root: every row has the same children, one GEMM
-            kids = self.trie.torch("node_tok", 1, q.device)
-            x = q @ nv.T
+            kids = torch.arange(self.trie.n_nodes(1), device=q.device)
+            x = q @ vec(kids).T
+            nb = bias(kids)
             x = x.to(torch.promote_types(x.dtype, nb.dtype)) + nb
-            return x.new_zeros(len(q), v).index_copy(1, kids, x)
+            return x.new_zeros(len(q), v).index_copy(1, self.trie.torch("node_tok", 1, q.device), x)
         rows, child = self.trie.children(j, nodes)
         tok = self.trie.torch("node_tok", j + 1, q.device)[child]
-        # index_select: its backward is a fast index_add
-        dots = (torch.index_select(q, 0, rows) * torch.index_select(nv, 0, child)).sum(-1)
-        dots = dots.to(torch.promote_types(dots.dtype, nb.dtype)) + torch.index_select(nb, 0, child)
+        # index_select / sparse lookups: their backward is an index_add, or row-sparse
+        dots = (torch.index_select(q, 0, rows) * vec(child)).sum(-1)
+        nb = bias(child)
+        dots = dots.to(torch.promote_types(dots.dtype, nb.dtype)) + nb
         return dots.new_zeros(len(q) * v).index_add(0, rows * v + tok, dots).view(len(q), v)
 
     def level_log_probs(self, j: int, q: torch.Tensor, prefix_codes: torch.Tensor,
@@ -289,7 +334,7 @@ class AutoregressiveHead(nn.Module):
         """Teacher-forced sum of token losses: -sum_j log P(c*_j | c*_<j, h)."""
         codes = self.codes[items]
         nodes = self.trie.torch("item_node", None, h.device)[:, items]
-        means = self.node_means(h.device) if self.item_emb is not None else None
+        means = self.node_means(h.device) if self.item_emb is not None else None  # free item vectors only
         loss = h.new_zeros(len(items))
         for j, q in enumerate(self.contexts(h)):
             lp = self.level_log_probs(j, q, codes[:, :j], nodes[j], means)
@@ -309,6 +354,9 @@ class AutoregressiveHead(nn.Module):
         self._tables_cache = None
         out = []
         means = self.node_means(device) if self.item_emb is not None else None
+        if self.nodes is not None:  # a node's own row: the rows above it are shared by its siblings
+            t = self.nodes
+            means = [t.rows[t.depth_slice(j + 1)] for j in range(len(self.sizes))]
         for j in range(len(self.sizes)):
             parent = self.trie.torch("node_parent", j + 1, device)
             tok = self.trie.torch("node_tok", j + 1, device)
@@ -320,6 +368,7 @@ class AutoregressiveHead(nn.Module):
     def _param_key(self, device) -> tuple:
         """Changes whenever any parameter is replaced or updated in place (tensor version counters)."""
         params = [*self.parameters(), *([self.item_emb.weight] if self.item_emb is not None else []),
+                  *(self.nodes.parameters() if self.nodes is not None else []),
                   *(self.tok_out if isinstance(self.tok_out, SharedTokenVectors) else [])]
         return (str(device), *((p.data_ptr(), p._version) for p in params))
 
@@ -374,9 +423,10 @@ class AutoregressiveHead(nn.Module):
     def _node_vectors(self, j, parent, tok, device, means=None) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.tok_out[j][tok]
         b = self.tok_bias[j][tok]
-        if self.item_emb is not None:
+        if self.has_item_terms:
             e = e + means[j] if torch.is_grad_enabled() else e.add_(means[j])  # e is a fresh gather
-            b = b + self.node_bias[j]
+            nb = self.node_bias[j] if self.nodes is None else self.nodes.node_bias[self.nodes.depth_slice(j + 1), 0]
+            b = b + nb
         film = self._film(j, self._node_codes(j, device)) if j else None  # over the [P_j, j] parents
         if film is None:
             return e, b
@@ -444,9 +494,8 @@ class JointHead(nn.Module):
 
     def rescore(self, h: torch.Tensor, items: torch.Tensor, ar_log_q: torch.Tensor) -> torch.Tensor:
         """Mixture scores [B, C] of candidate items [B, C] (-1: none) given their AR log Q."""
-        w = self.fv.weight[: self.fv.n_items]
         c = items.clamp(min=0)
-        logits = torch.einsum("bd,bcd->bc", h, w[c]) + self.fv.bias[c]
+        logits = torch.einsum("bd,bcd->bc", h, self.fv.item_rows(c)) + self.fv.bias[c]
         return torch.where(items >= 0, (1 - self.mix) * ar_log_q + self.mix * logits, ar_log_q)
 
 

@@ -70,19 +70,23 @@ class NegativeSampler(torch.nn.Module):
         return torch.randint(0, self.n_items, shape, device=targets.device), self.k
 
 
-def sampled_softmax_nll(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, targets: torch.Tensor,
+def sampled_softmax_nll(h: torch.Tensor, rows, b: torch.Tensor, targets: torch.Tensor,
                         sampler: NegativeSampler) -> torch.Tensor:
-    """Per-target sampled-softmax loss [n] for logits h @ w.T + b (see the module doc)."""
+    """Per-target sampled-softmax loss [n] for logits <h, w_i> + b_i (see the module doc), where
+    rows(items) -> [..., d] reads the item vectors of `items` (only they get a gradient), or is the
+    [N, d] table itself."""
+    if isinstance(rows, torch.Tensor):
+        table = rows
+        rows = lambda i: torch.index_select(table, 0, i.flatten()).view(*i.shape, -1)  # noqa: E731
     neg, k = sampler.sample(targets)
-    # index_select, not indexing: its backward is an index_add, far cheaper than an indexed accumulate
-    pos = (h * torch.index_select(w, 0, targets)).sum(-1) + torch.index_select(b, 0, targets)
+    pos = (h * rows(targets)).sum(-1) + torch.index_select(b, 0, targets)
     correction = math.log(k) + sampler.item_log_q(neg) if sampler.logq else 0.0
     bias = torch.index_select(b, 0, neg.flatten()).view(neg.shape) - correction
     if neg.ndim == 1:  # shared: one [n, K] product
-        logits = torch.addmm(bias, h, torch.index_select(w, 0, neg).T)
+        logits = torch.addmm(bias, h, rows(neg).T)
         hits = neg[None, :] == targets[:, None]
     else:  # per target: [n, K, d] gathered vectors, one dot product each
-        wn = torch.index_select(w, 0, neg.flatten()).view(*neg.shape, -1)
+        wn = rows(neg.flatten()).view(*neg.shape, -1)
         logits = torch.baddbmm(bias[:, :, None], wn, h[:, :, None]).squeeze(-1)
         hits = neg == targets[:, None]
     logits = logits.masked_fill(hits, float("-inf"))  # accidental hits
