@@ -61,15 +61,26 @@ class NodeTable(nn.Module):
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """Item vectors [..., d] of item ids (n_items: the padding item, a zero vector)."""
         flat = self.paths[items.reshape(-1)]
-        out = F.embedding_bag(flat, self.rows, mode="sum", sparse=self._sparse(), padding_idx=self.pad)
+        if self._sparse():
+            out = self._read(self.rows, flat.reshape(-1)).view(*flat.shape, self.dim).sum(1)
+        else:
+            out = F.embedding_bag(flat, self.rows, mode="sum", padding_idx=self.pad)
         return out.view(*items.shape, self.dim)
 
     def node_rows(self, depth: int, nodes: torch.Tensor) -> torch.Tensor:
         """The own rows [M, d] of depth-`depth` nodes."""
-        return F.embedding(nodes + self.off[depth], self.rows, sparse=self._sparse())
+        return self._read(self.rows, nodes + self.off[depth])
 
     def node_biases(self, depth: int, nodes: torch.Tensor) -> torch.Tensor:
-        return F.embedding(nodes + self.off[depth], self.node_bias, sparse=self._sparse()).squeeze(-1)
+        return self._read(self.node_bias, nodes + self.off[depth]).squeeze(-1)
+
+    def _read(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """table[ids]. Sparse: each distinct row is read once through a sparse lookup, so the gradient
+        holds one row per distinct id (not one per read: children and paths repeat within a batch)."""
+        if not self._sparse():
+            return torch.index_select(table, 0, ids)
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        return torch.index_select(F.embedding(uniq, table, sparse=True), 0, inv)
 
     def depth_slice(self, depth: int) -> slice:
         return slice(self.off[depth], self.off[depth + 1])
@@ -120,8 +131,17 @@ class NodeTable(nn.Module):
         bottom-up, leaving every item vector unchanged (see the module doc)."""
         u, trie = self.rows, self.trie
         dev = u.device
-        if changed is None:
-            changed = torch.arange(1, self.pad, device=dev)
+        if changed is None:  # every group: one pass per depth over its rows
+            for depth in range(trie.depth, 0, -1):
+                rows, parent = u[self.depth_slice(depth)], trie.torch("node_parent", depth, dev)
+                w = self.below[self.depth_slice(depth)].to(u.dtype)[:, None]
+                up = self.depth_slice(depth - 1)
+                mu = u.new_zeros(up.stop - up.start, u.shape[1]).index_add_(0, parent, rows * w)
+                mu /= self.below[up].to(u.dtype)[:, None]
+                rows -= mu[parent]
+                u[up] += mu
+            u[self.pad].zero_()
+            return
         changed = changed[(changed > 0) & (changed < self.pad)]
         for depth in range(trie.depth, 0, -1):
             lo, hi = self.off[depth], self.off[depth + 1]

@@ -9,7 +9,7 @@ gradient counts as every row, so either kind of table works):
   would have decayed its moments (m <- beta1^s m, v <- beta2^s v) and moved it by the momentum of
   those steps, sum_tau lr_tau c_tau (beta1 / sqrt(beta2))^tau m / sqrt(v) (c: the bias corrections;
   eps is neglected in the skipped steps only). Both are applied when the row is next touched, from a
-  per-step record of lr · c; `flush()` brings every row up to date (before validation and
+  per-step record of lr · c; a step that touches most of a small table updates it densely instead; `flush()` brings every row up to date (before validation and
   checkpoints), so the weights then equal dense Adam's on a table whose gradients do not depend on
   the rows' values (a test) — lazy moments without the catch-up (plain SparseAdam) are known to cost
   quality. Memory: two moments per value.
@@ -28,6 +28,9 @@ import torch
 
 #: skipped steps whose momentum a catch-up applies; beyond it (beta1/sqrt(beta2))^tau < 1e-11
 CATCH_UP_WINDOW = 256
+#: a step touching at least 1/DENSE_SHARE of a table's rows updates all of them in one dense pass (the same
+#: arithmetic: untouched rows take a zero gradient, as in dense Adam), cheaper than gathering and scattering
+DENSE_SHARE = 4
 
 
 def _rows_and_values(p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -56,27 +59,40 @@ class RowAdam(torch.optim.Optimizer):
         return st
 
     @staticmethod
-    def _catch_up(p, st, rows: torch.Tensor, upto: int, group: dict) -> None:
-        """Apply the skipped steps last+1 .. upto of `rows` (zero gradient in each)."""
+    def _skipped(st: dict, last: torch.Tensor, upto: int, group: dict, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """For rows last updated at `last`, the steps last+1 .. upto with a zero gradient: (s, w) with s
+        the number of them and w = sum_tau lr_tau c_tau (beta1 / sqrt(beta2))^tau, the weight of m / sqrt(v)
+        in the distance they moved. w depends on a row only through `last`: one sum per distinct step."""
         b1, b2 = group["betas"]
-        last = st["last"][rows]
-        todo = last < upto
-        if not bool(todo.any()):
-            return
-        rows, last = rows[todo], last[todo]
-        s = upto - last
-        # the momentum's weight depends on the row only through its last step: one sum per distinct step
         lasts, inv = torch.unique(last, return_inverse=True)
-        tau = torch.arange(1, CATCH_UP_WINDOW + 1, device=p.device)
+        tau = torch.arange(1, CATCH_UP_WINDOW + 1, device=last.device)
         steps = lasts[:, None] + tau[None, :]
         gamma = (b1 / math.sqrt(b2)) ** tau.double()
         w = torch.where(steps <= upto, st["lrc"][steps.clamp(max=upto)] * gamma, 0.0).sum(1)
-        m, v = st["exp_avg"][rows], st["exp_avg_sq"][rows]
-        shift = w[inv].to(p.dtype)[:, None] * torch.where(v > 0, m / v.sqrt(), torch.zeros_like(m))
-        p.data.index_add_(0, rows, -shift)
-        st["exp_avg"][rows] = m * (b1 ** s.double()).to(m.dtype)[:, None]
-        st["exp_avg_sq"][rows] = v * (b2 ** s.double()).to(v.dtype)[:, None]
-        st["last"][rows] = upto
+        return (upto - last), w[inv].to(dtype)[:, None]
+
+    def _update(self, p, st, idx: torch.Tensor, g: torch.Tensor | None, t: int, group: dict) -> None:
+        """Rows `idx`: catch up the steps they skipped, then (with a gradient g) one Adam step at t, in one
+        gather and one scatter of the moments and one index_add into the table."""
+        b1, b2 = group["betas"]
+        upto = t - 1 if g is not None else t
+        last = st["last"][idx]
+        s, w = self._skipped(st, last, upto, group, p.dtype)
+        m, v = st["exp_avg"][idx], st["exp_avg_sq"][idx]
+        # v = 0 only where m = 0 (a row never touched): the tiny offset keeps 0 * rsqrt finite
+        move = m * (w * torch.rsqrt(v + torch.finfo(v.dtype).tiny))  # the skipped steps' momentum
+        if g is not None:  # decay over the skipped steps and this one, then this step's gradient
+            m = torch.addcmul(g * (1 - b1), m, (b1 ** (s + 1).double()).to(m.dtype)[:, None])
+            v = torch.addcmul(g * g * (1 - b2), v, (b2 ** (s + 1).double()).to(v.dtype)[:, None])
+            bc1, bc2 = 1 - b1**t, 1 - b2**t
+            move.addcdiv_(m, v.sqrt().div_(math.sqrt(bc2)).add_(group["eps"]), value=group["lr"] / bc1)
+        else:
+            m = m * (b1 ** s.double()).to(m.dtype)[:, None]
+            v = v * (b2 ** s.double()).to(v.dtype)[:, None]
+        st["exp_avg"].index_copy_(0, idx, m)
+        st["exp_avg_sq"].index_copy_(0, idx, v)
+        st["last"].index_fill_(0, idx, t if g is not None else upto)
+        p.data.index_add_(0, idx, -move)
 
     @torch.no_grad()
     def step(self, closure=None) -> dict:
@@ -92,18 +108,30 @@ class RowAdam(torch.optim.Optimizer):
                 t = int(st["step"])
                 if len(st["lrc"]) <= t:  # grow the per-step record by doubling
                     st["lrc"] = torch.cat([st["lrc"], st["lrc"].new_zeros(len(st["lrc"]))])
-                bc1, bc2 = 1 - b1**t, 1 - b2**t
-                st["lrc"][t] = group["lr"] * math.sqrt(bc2) / bc1
+                st["lrc"][t] = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
                 rows, g = _rows_and_values(p)
-                idx = rows if rows is not None else torch.arange(p.shape[0], device=p.device)
-                self._catch_up(p, st, idx, t - 1, group)
-                m = st["exp_avg"][idx].mul_(b1).add_(g, alpha=1 - b1)
-                v = st["exp_avg_sq"][idx].mul_(b2).addcmul_(g, g, value=1 - b2)
-                st["exp_avg"][idx], st["exp_avg_sq"][idx] = m, v
-                p.data.index_add_(0, idx, -(group["lr"] / bc1) * m / (v.sqrt() / math.sqrt(bc2) + group["eps"]))
-                st["last"][idx] = t
+                if rows is not None and len(rows) * DENSE_SHARE < p.shape[0]:
+                    self._update(p, st, rows, g, t, group)
+                else:  # most rows touched: one dense pass (untouched rows: a zero gradient) is cheaper
+                    self._dense(p, st, rows, g, t, group)
+                    rows = None
                 changed[p] = rows
         return changed
+
+    def _dense(self, p, st, rows: torch.Tensor | None, g: torch.Tensor, t: int, group: dict) -> None:
+        """Adam on every row (rows None: g is dense), after catching up the rows left behind."""
+        b1, b2 = group["betas"]
+        behind = torch.nonzero(st["last"] < t - 1).squeeze(1)
+        if len(behind):
+            self._update(p, st, behind, None, t - 1, group)
+        if rows is not None:
+            g = torch.zeros_like(p).index_add_(0, rows, g)
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        p.data.addcdiv_(m, v.sqrt().div_(math.sqrt(bc2)).add_(group["eps"]), value=-group["lr"] / bc1)
+        st["last"].fill_(t)
 
     _EXACT = ("last", "lrc")  # integer steps and the float64 record: kept out of load_state_dict's casts
 
@@ -133,7 +161,7 @@ class RowAdam(torch.optim.Optimizer):
                 if st:
                     for lo in range(0, p.shape[0], 1 << 16):  # in row chunks: bounded memory at 10^7 rows
                         rows = torch.arange(lo, min(lo + (1 << 16), p.shape[0]), device=p.device)
-                        self._catch_up(p, st, rows, int(st["step"]), group)
+                        self._update(p, st, rows, None, int(st["step"]), group)
                     out[p] = None
         return out
 

@@ -34,7 +34,7 @@ from sidrec.data.prepare import SequenceData
 from sidrec.errors import UserError
 from sidrec.model import SeqRecModel
 from sidrec.run import RunDir
-from sidrec.train.sparse import RowAdagrad, RowAdam, clip_grad_norm
+from sidrec.train.optim import ModelOptimizer
 
 
 @dataclass
@@ -113,49 +113,27 @@ class Trainer:
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.model = model.to(self.device)
-        self.ddp = None
-        sparse = model.sparse_parameters() if cfg.sparse else []
-        if self.world > 1:
-            # DDP buckets dense gradients only: the row-sparse ones are averaged by `_allreduce_sparse`
-            ignore = [n for n, p in model.named_parameters() if any(p is q for q in sparse)]
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, ignore)
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        model.set_sparse(bool(sparse))
-        rest = [(n, p) for n, p in model.named_parameters() if all(p is not q for q in sparse)]
-        decay = [p for n, p in rest if p.ndim >= 2 and "emb" not in n]
-        no_decay = [p for n, p in rest if not (p.ndim >= 2 and "emb" not in n)]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-        self.sparse_opt = None
-        if sparse:  # no weight decay on them, as on every embedding
-            make = RowAdam if cfg.sparse_optimizer == "adam" else RowAdagrad
-            self.sparse_opt = make(sparse, lr=cfg.sparse_lr or cfg.lr)
         self.batches = TrainBatches(data, model.cfg.backbone.max_len, cfg.batch_size, cfg.seed, cfg.bucket)
         total = cfg.epochs * len(self.batches)
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
-        self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg, total))
-                       for o in (self.opt, self.sparse_opt) if o is not None]
-        self.sched = self.scheds[0]
+        self.optim = ModelOptimizer(model, cfg, lr_lambda(cfg, total), self.world)
+        self.ddp = None
+        if self.world > 1:
+            # DDP buckets dense gradients only: the row-sparse ones are averaged by the optimizer
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self.model, self.optim.ddp_ignored(self.model))
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0,
                       "done": False, "epoch_loss_sum": 0.0, "epoch_loss_n": 0, "step_seconds": 0.0}
 
     # -- checkpoints ------------------------------------------------------------------------
-    def flush(self) -> None:
-        """Bring every row of the row-sparse tables up to date (what dense Adam's weights would be now):
-        before validation and checkpoints, so both see the same model whatever the optimizer's laziness."""
-        if self.sparse_opt is not None:
-            self.model.after_step(self.sparse_opt.flush())
-
     def save_checkpoint(self) -> None:
-        self.flush()
+        self.optim.flush()
         if self.rank == 0:
-            extra = {} if self.sparse_opt is None else {"sparse_opt": self.sparse_opt.state_dict(),
-                                                        "sparse_sched": self.scheds[1].state_dict()}
-            self.run.save_state({"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                                 "sched": self.sched.state_dict(), "rng": torch.get_rng_state(),
-                                 "state": dict(self.state), **extra})
+            self.run.save_state({"model": self.model.state_dict(), **self.optim.state_dict(),
+                                 "rng": torch.get_rng_state(), "state": dict(self.state)})
 
     def load_checkpoint(self) -> bool:
         blob = self.run.load_state(self.device)
@@ -165,11 +143,7 @@ class Trainer:
 
         with reading(self.run.path / "trainer_state.pt", "trainer checkpoint (does it match this model?)"):
             self.model.load_state_dict(blob["model"])
-            self.opt.load_state_dict(blob["opt"])
-            self.sched.load_state_dict(blob["sched"])
-            if self.sparse_opt is not None:
-                self.sparse_opt.load_state_dict(blob["sparse_opt"])
-                self.scheds[1].load_state_dict(blob["sparse_sched"])
+            self.optim.load_state_dict(blob)
             torch.set_rng_state(blob["rng"].cpu())
         self.state.update(blob["state"])
         return True
@@ -194,21 +168,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             nll = net(b.items.to(self.device), b.targets.to(self.device))
         loss = nll.float().sum() * (self.world / float(n_global))
-        self.opt.zero_grad(set_to_none=True)
-        if self.sparse_opt is not None:
-            self.sparse_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.world > 1 and self.sparse_opt is not None:
-            _allreduce_sparse([p for g in self.sparse_opt.param_groups for p in g["params"]], self.world)
-        if self.cfg.grad_clip and self.sparse_opt is not None:
-            clip_grad_norm(list(self.model.parameters()), self.cfg.grad_clip)  # dense and row-sparse together
-        elif self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        changed = self.sparse_opt.step() if self.sparse_opt is not None else {p: None for p in self.model.parameters()}
-        self.model.after_step(changed)  # node tables: re-centre what changed (all of it after a dense step)
-        for sched in self.scheds:
-            sched.step()
+        self.optim.step(loss)
         out = loss.detach() / self.world
         if self.world > 1:
             dist.all_reduce(out)
@@ -246,7 +206,7 @@ class Trainer:
                     rate = n_tgt / max(time.perf_counter() - t_log, 1e-9)
                     bar.set_postfix(epoch=st["epoch"], loss=f"{loss:.4f}", tgt_s=f"{rate:.0f}")
                     self.log({"step": st["step"], "epoch": st["epoch"], "loss": loss,
-                              "lr": self.sched.get_last_lr()[0]}, {"targets_per_s": round(rate, 1)})
+                              "lr": self.optim.lr}, {"targets_per_s": round(rate, 1)})
                     t_log, n_tgt = time.perf_counter(), 0
                 if cfg.ckpt_every_steps and st["step"] % cfg.ckpt_every_steps == 0:
                     self.save_checkpoint()
@@ -274,7 +234,7 @@ class Trainer:
         rec = {"epoch": ep, "step": st["step"], "train_loss": st["epoch_loss_sum"] / n if n else None}
         timings = {"train_s": round(train_s, 2)}
         st.update(epoch=ep + 1, batch=0, epoch_loss_sum=0.0, epoch_loss_n=0)
-        self.flush()
+        self.optim.flush()
         if self.validate is not None and ((ep + 1) % cfg.eval_every == 0 or st["epoch"] >= cfg.epochs):
             t_valid = time.perf_counter()
             m = self.validate(self.model)
@@ -291,30 +251,6 @@ class Trainer:
         if self.on_epoch_end is not None:
             rec.update(self.on_epoch_end(self.model, ep) or {})
         self.log(rec, timings)
-
-
-def _allreduce_sparse(params: list[torch.Tensor], world: int) -> None:
-    """Average row-sparse gradients over the ranks as DDP averages dense ones: every rank gathers every
-    rank's (rows, values) and sums them (the union of the rows each rank read)."""
-    for p in params:
-        g = p.grad.coalesce() if p.grad is not None and p.grad.is_sparse else None
-        if g is None:  # dense or none: averaged like DDP would
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            dist.all_reduce(grad)
-            p.grad = grad / world
-            continue
-        idx, val = g.indices()[0], g.values()
-        sizes = [torch.zeros(1, dtype=torch.long, device=p.device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([len(idx)], device=p.device))
-        top = int(max(x.item() for x in sizes))
-        pad_i = torch.cat([idx, idx.new_zeros(top - len(idx))])
-        pad_v = torch.cat([val, val.new_zeros(top - len(idx), *val.shape[1:])])
-        all_i, all_v = [torch.empty_like(pad_i) for _ in range(world)], [torch.empty_like(pad_v) for _ in range(world)]
-        dist.all_gather(all_i, pad_i)
-        dist.all_gather(all_v, pad_v)
-        rows = torch.cat([i[: int(n.item())] for i, n in zip(all_i, sizes)])
-        vals = torch.cat([v[: int(n.item())] for v, n in zip(all_v, sizes)]) / world
-        p.grad = torch.sparse_coo_tensor(rows[None], vals, p.shape).coalesce()
 
 
 def ddp_setup() -> bool:
