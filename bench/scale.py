@@ -71,8 +71,13 @@ def _median(fn, repeats: int) -> float:
 
 
 TRAIN_KINDS = ("fv-naive", "fv-streamed", "fv-sampled-uniform-256", "fv-sampled-uniform-4096",
-               "fv-sampled-popularity-4096", "fv-sampled-in-batch", "ar", "ar-token")
-INFER_KINDS = ("fv", "ar", "ar-token")
+               "fv-sampled-popularity-4096", "fv-sampled-in-batch", "ar", "ar-token",
+               "ar-node", "fv-sampled-uniform-4096-sparse")
+INFER_KINDS = ("fv", "ar", "ar-token", "ar-node")
+#: whole-model steps (backbone + head + optimizer) on a realistic batch; "-sparse": the row-sparse path
+MODEL_KINDS = ("model-ar", "model-ar-node", "model-fv-sampled-4096", "model-fv-sampled-4096-sparse")
+MODEL_USERS, MODEL_HISTORY = 256, 50  # a batch: 256 histories of 50 items (12,800 targets)
+SPARSE = ("ar-node", "fv-sampled-uniform-4096-sparse")
 
 
 def make_head(kind: str, n: int, cb, dev):
@@ -81,10 +86,10 @@ def make_head(kind: str, n: int, cb, dev):
     from sidrec.model.sampled import NegativeSampler
 
     if kind.startswith("ar"):
-        return AutoregressiveHead(D, cb, item_vectors=kind == "ar").to(dev)
+        return AutoregressiveHead(D, cb, item_vectors=kind != "ar-token", node_table=kind == "ar-node").to(dev)
     sampler = None
     if kind.startswith("fv-sampled"):
-        spec = kind.removeprefix("fv-sampled-")  # uniform-256, popularity-4096, in-batch
+        spec = kind.removeprefix("fv-sampled-").removesuffix("-sparse")  # uniform-256, popularity-4096, in-batch
         sampler_kind, k = ("in-batch", TARGETS) if spec == "in-batch" else (spec.rsplit("-", 1)[0], int(spec.rsplit("-", 1)[1]))
         sampler = NegativeSampler(n, sampler_kind, k)
         if sampler.kind != "uniform":
@@ -94,55 +99,140 @@ def make_head(kind: str, n: int, cb, dev):
 
 def worker(spec: dict) -> dict:
     """One measurement in this (fresh) process."""
-    from sidrec.decode.beam import beam_search
     from sidrec.tokenize import Codebook
 
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n, kind = spec["n"], spec["kind"]
-    cb = Codebook.load(spec["codebook"]) if kind.startswith("ar") else None
-    head = make_head(kind, n, cb, dev)
-    table = n * D if kind in ("ar", "fv", "fv-naive", "fv-streamed") or kind.startswith("fv-sampled") else 0
-    total = sum(p.numel() for p in head.parameters())
-    out = {"n": n, "kind": kind, "output_parameters": total, "item_table_parameters": table,
-           "other_output_parameters": total - table}
+    cb = Codebook.load(spec["codebook"]) if "ar" in kind else None
     base = _rss_gib()
-    if spec["mode"] == "train":
-        h = torch.randn(TARGETS, D, device=dev, requires_grad=True)
-        y = torch.randint(0, n, (TARGETS,), device=dev)
-        opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
-
-        def step():
-            if kind == "fv-naive":
-                loss = torch.nn.functional.cross_entropy(head.logits(h), y)
-            else:
-                loss = head.nll(h, y).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        out["step_seconds"] = _median(step, spec["repeats"])
+    if spec["mode"] == "model":
+        out = model_step(kind, n, cb, dev, spec["repeats"])
     else:
-        h = torch.randn(spec.get("infer_batch", INFER_BATCH), D, device=dev)
-        with torch.no_grad():
-            if kind == "fv":
-                out["exact_seconds"] = _median(lambda: torch.topk(head.logits(h), 10, 1), spec["repeats"])
-            else:
-                head.eval()
-                t = time.perf_counter()
-                if kind == "ar":
-                    head.node_means(dev)  # cached until the weights change (what a server pays once)
-                out["node_means_seconds"] = time.perf_counter() - t
-                out["beam20_seconds"] = _median(lambda: beam_search(head, h, beam=20, k=10), spec["repeats"])
-                if kind == "ar":
-                    t = time.perf_counter()
-                    tables = head.eval_cache(dev)
-                    out["node_tables_seconds"] = time.perf_counter() - t
-                    out["exact_seconds"] = _median(lambda: torch.topk(head.log_prob_all(h, tables), 10, 1),
-                                                   spec["repeats"])
+        head = make_head(kind, n, cb, dev)
+        table = 0 if kind == "ar-token" else head.own_nodes.rows.numel() if kind == "ar-node" else n * D
+        total = sum(p.numel() for p in head.parameters())
+        out = {"n": n, "kind": kind, "output_parameters": total, "item_table_parameters": table,
+               "other_output_parameters": total - table}
+        out.update(head_train(head, kind, n, dev, spec["repeats"]) if spec["mode"] == "train" else
+                   head_infer(head, kind, dev, spec))
     out["peak_extra_gib"] = round(max(0.0, _peak_gib() - base), 3)
     if torch.cuda.is_available():
         out["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
+
+
+def _optimizer(module, sparse: bool, lr_steps: int = 10**6):
+    """The product's optimisation step (`sidrec.train.optim`) over a module: dense AdamW, or AdamW plus
+    catch-up Adam on the N-row tables read sparsely."""
+    from sidrec.train import TrainConfig
+    from sidrec.train.optim import ModelOptimizer
+
+    class Wrapped(torch.nn.Module):  # what ModelOptimizer needs of a model: its tables and re-centring
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def sparse_parameters(self):
+            return [p for t in _tables(self.m) for p in ([t.rows, t.node_bias] if hasattr(t, "rows") else [t.weight])]
+
+        def set_sparse(self, on):
+            for t in _tables(self.m):
+                t.sparse = on
+            if hasattr(self.m, "sparse"):
+                self.m.sparse = on
+
+        def after_step(self, changed):
+            for t in _tables(self.m):
+                if hasattr(t, "rows") and t.rows in changed:
+                    t.recentre_(changed[t.rows])
+
+    model = module if hasattr(module, "sparse_parameters") else Wrapped(module)
+    return ModelOptimizer(model, TrainConfig(sparse=sparse, grad_clip=1.0, weight_decay=0.0), lambda s: 1.0)
+
+
+def _tables(head) -> list:
+    if getattr(head, "own_nodes", None) is not None:
+        return [head.own_nodes]
+    return [head] if hasattr(head, "item_rows") and head.table is None else []
+
+
+def head_train(head, kind: str, n: int, dev, repeats: int) -> dict:
+    """The output layer's training step on 2,048 targets: forward + backward + clipping + optimizer."""
+    h = torch.randn(TARGETS, D, device=dev, requires_grad=True)
+    y = torch.randint(0, n, (TARGETS,), device=dev)
+    opt = _optimizer(head, kind in SPARSE) if kind in SPARSE else None
+    plain = torch.optim.AdamW(head.parameters(), lr=1e-3) if opt is None else None
+    touched = {}
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(head.logits(h), y) if kind == "fv-naive" else head.nll(h, y).mean()
+        if opt is None:
+            plain.zero_grad(set_to_none=True)
+            loss.backward()
+            plain.step()
+        else:
+            opt.step(loss)
+            touched["rows"] = sum(int(p.grad._nnz()) for p in opt.sparse if p.grad is not None and p.grad.is_sparse)
+
+    out = {"step_seconds": _median(step, repeats)}
+    if touched:
+        out["rows_touched"] = touched["rows"]
+    return out
+
+
+def head_infer(head, kind: str, dev, spec: dict) -> dict:
+    from sidrec.decode.beam import beam_search
+
+    out = {}
+    h = torch.randn(spec.get("infer_batch", INFER_BATCH), D, device=dev)
+    with torch.no_grad():
+        if kind == "fv":
+            out["exact_seconds"] = _median(lambda: torch.topk(head.logits(h), 10, 1), spec["repeats"])
+            return out
+        head.eval()
+        t = time.perf_counter()
+        if kind == "ar":
+            head.node_means(dev)  # cached until the weights change (what a server pays once)
+        out["node_means_seconds"] = time.perf_counter() - t
+        out["beam20_seconds"] = _median(lambda: beam_search(head, h, beam=20, k=10), spec["repeats"])
+        if kind in ("ar", "ar-node"):
+            t = time.perf_counter()
+            tables = head.eval_cache(dev)
+            out["node_tables_seconds"] = time.perf_counter() - t
+            out["exact_seconds"] = _median(lambda: torch.topk(head.log_prob_all(h, tables), 10, 1), spec["repeats"])
+    return out
+
+
+def model_step(kind: str, n: int, cb, dev, repeats: int) -> dict:
+    """A whole training step (backbone d 64, 2 layers + head + optimizer) on MODEL_USERS histories of
+    MODEL_HISTORY items drawn from a Zipf popularity: seconds, and the table rows it touched."""
+    from sidrec.model import BackboneConfig, ModelConfig, SeqRecModel
+
+    sparse = kind.endswith("-sparse") or kind == "model-ar-node"
+    head = "fv" if "fv" in kind else "ar"
+    cfg = ModelConfig(head=head, node_table=kind == "model-ar-node", fv_loss="sampled" if head == "fv" else "full",
+                      fv_negatives=4096, backbone=BackboneConfig(d_model=D, n_layers=2, n_heads=2, d_ff=256,
+                                                                 dropout=0.1, max_len=MODEL_HISTORY))
+    model = SeqRecModel(cfg, n, cb if head == "ar" else None).to(dev)
+    opt = _optimizer(model, sparse)
+    g = torch.Generator().manual_seed(0)
+    zipf = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)
+    seq = torch.multinomial(zipf / zipf.sum(), MODEL_USERS * (MODEL_HISTORY + 1), replacement=True, generator=g)
+    seq = seq.view(MODEL_USERS, MODEL_HISTORY + 1).to(dev)
+    touched = {}
+
+    def step():
+        model.train()
+        loss = model.nll(seq[:, :-1], seq[:, 1:]).mean()
+        opt.step(loss)
+        touched["rows"] = sum(int(p.grad._nnz()) if p.grad.is_sparse else p.shape[0] for p in opt.sparse
+                              if p.grad is not None) if opt.sparse else None
+
+    out = {"n": n, "kind": kind, "step_seconds": _median(step, repeats), "targets": MODEL_USERS * MODEL_HISTORY,
+           "parameters": sum(p.numel() for p in model.parameters())}
+    if touched.get("rows") is not None:
+        out["rows_touched"] = touched["rows"]
     return out
 
 
@@ -178,7 +268,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats (after a warm-up); 1 from N = 10^7")
     ap.add_argument("--mem-cap-gib", type=float, default=20.0, help="address-space cap per measurement")
     ap.add_argument("--timeout", type=int, default=1800)
-    ap.add_argument("--kinds", default=",".join(TRAIN_KINDS), help="training measurements to run")
+    ap.add_argument("--kinds", default=",".join(TRAIN_KINDS), help="output-layer training measurements to run")
+    ap.add_argument("--infer-kinds", default=",".join(INFER_KINDS), help="inference measurements to run")
+    ap.add_argument("--model-kinds", default=",".join(MODEL_KINDS), help="whole-model training steps to run")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--name", default="scale")
     ap.add_argument("--infer-batch", type=int, default=INFER_BATCH, help="users per inference batch (latency is per user)")
@@ -186,6 +278,8 @@ def main() -> None:
     out_dir = Path(a.out_dir) if a.out_dir else RESULTS
     sizes = [int(s) for s in a.sizes.split(",")]
     kinds = [k for k in a.kinds.split(",") if k]
+    infer_kinds = [k for k in a.infer_kinds.split(",") if k]
+    model_kinds = [k for k in a.model_kinds.split(",") if k]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
@@ -201,7 +295,7 @@ def main() -> None:
             row = {"n": n, "levels": levels, "codebook_size": 256, "tokenizer_fit_seconds": round(fit_s, 2),
                    "collision_rate_before": cb.meta["collision_rate_before"], "repeats": repeats}
             del cb
-            for mode, names in (("train", kinds), ("infer", INFER_KINDS)):
+            for mode, names in (("train", kinds), ("infer", infer_kinds), ("model", model_kinds)):
                 for kind in names:
                     spec = {"n": n, "kind": kind, "mode": mode, "codebook": str(cb_dir), "repeats": repeats,
                             "infer_batch": a.infer_batch}
@@ -210,6 +304,7 @@ def main() -> None:
             rows.append(row)
             summary = summarise(rows)  # written after every size: a long run leaves its finished sizes
             write_result(a.name, {"targets": TARGETS, "d": D, "infer_batch": a.infer_batch, "kinds": kinds,
+                                  "model_batch": {"users": MODEL_USERS, "history": MODEL_HISTORY},
                                   "rows": rows, "summary": summary}, out_dir)
     write_markdown_and_plot(rows, summary, out_dir, a.name, a.infer_batch)
 
@@ -236,18 +331,31 @@ def summarise(rows: list[dict]) -> dict:
                                                            _get(r, "train_ar-token", "output_parameters")),
             "beam20_speedup_vs_fv_exact": _ratio(_get(r, "infer_fv", "exact_seconds"),
                                                  _get(r, "infer_ar", "beam20_seconds")),
+            "step_speedup_ar_node_vs_exact_fv": _ratio(min(fv_exact), _get(r, "train_ar-node", "step_seconds"))
+            if fv_exact else None,
+            "step_speedup_ar_node_vs_sampled_4096_sparse": _ratio(
+                _get(r, "train_fv-sampled-uniform-4096-sparse", "step_seconds"), _get(r, "train_ar-node", "step_seconds")),
+            "beam20_speedup_ar_node_vs_fv_exact": _ratio(_get(r, "infer_fv", "exact_seconds"),
+                                                         _get(r, "infer_ar-node", "beam20_seconds")),
+            "model_step_ar_node_vs_ar": _ratio(_get(r, "model_model-ar-node", "step_seconds"),
+                                               _get(r, "model_model-ar", "step_seconds"), 3),
         }
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
-        for kind in ("ar", "ar-token", "fv-streamed", "fv-sampled-uniform-4096"):
+        for kind in ("ar", "ar-token", "ar-node", "fv-streamed", "fv-sampled-uniform-4096",
+                     "fv-sampled-uniform-4096-sparse"):
             s[f"step_growth_{kind}_{first['n']}_to_{last['n']}"] = _ratio(
                 _get(last, f"train_{kind}", "step_seconds"), _get(first, f"train_{kind}", "step_seconds"), 2)
+        for kind in MODEL_KINDS:
+            s[f"model_step_growth_{kind}_{first['n']}_to_{last['n']}"] = _ratio(
+                _get(last, f"model_{kind}", "step_seconds"), _get(first, f"model_{kind}", "step_seconds"), 2)
     return s
 
 
 LABELS = {"fv-naive": "FV-MLE naive", "fv-streamed": "FV-MLE streamed", "fv-sampled-uniform-256": "FV sampled, uniform 256",
           "fv-sampled-uniform-4096": "FV sampled, uniform 4,096", "fv-sampled-popularity-4096": "FV sampled, popularity 4,096",
-          "fv-sampled-in-batch": "FV sampled, in-batch", "ar": "AR-NTP shipped head", "ar-token": "AR-NTP token-only head"}
+          "fv-sampled-in-batch": "FV sampled, in-batch", "ar": "AR-NTP shipped head", "ar-token": "AR-NTP token-only head",
+          "ar-node": "AR-NTP node table, row-sparse", "fv-sampled-uniform-4096-sparse": "FV sampled 4,096, row-sparse"}
 
 
 def write_markdown_and_plot(rows: list[dict], summary: dict, out_dir: Path, name: str = "scale",

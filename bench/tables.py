@@ -379,7 +379,8 @@ def scale_table(r: dict) -> str:
     batch = r.get("infer_batch", 256)
     rows = r["rows"]
     kinds = [k for k in ("fv-naive", "fv-streamed", "fv-chunked", "fv-sampled-uniform-256", "fv-sampled-uniform-4096",
-                         "fv-sampled-popularity-4096", "fv-sampled-in-batch", "ar", "ar-token")
+                         "fv-sampled-popularity-4096", "fv-sampled-in-batch", "fv-sampled-uniform-4096-sparse",
+                         "ar", "ar-token", "ar-node")
              if any(f"train_{k}" in row for row in rows)]
 
     def step(row, kind):
@@ -395,12 +396,12 @@ def scale_table(r: dict) -> str:
         lines = ["Training step of the output layer (2,048 targets, forward + backward + AdamW), seconds:", "",
                  "| N | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
         lines += [f"| {row['n']:,} | " + " | ".join(step(row, k) for k in kinds) + " |" for row in rows] + [""]
-    params = [k for k in ("fv-streamed", "fv-chunked", "ar", "ar-token") if any(f"train_{k}" in row for row in rows)]
+    params = [k for k in ("fv-streamed", "fv-chunked", "ar", "ar-token", "ar-node") if any(f"train_{k}" in row for row in rows)]
     lines += ["Output-layer parameters (of which the N × d item table) and top-10 inference per user (batch "
               f"{batch}):" if params else f"Top-10 inference per user (batch {batch}):", "",
               "| N | " + "".join(f"{k} params | " for k in params) +
-              "FV exact | AR beam-20 | AR token-only beam-20 | AR exact | tokenizer fit |",
-              "|---|" + "---|" * (len(params) + 5)]
+              "FV exact | AR beam-20 | AR token-only beam-20 | AR exact | AR node-table beam-20 | AR node-table exact | "
+              "tokenizer fit |", "|---|" + "---|" * (len(params) + 7)]
     for row in rows:
         cells = []
         for k in params:
@@ -410,7 +411,25 @@ def scale_table(r: dict) -> str:
         lines.append(f"| {row['n']:,} | " + "".join(f"{c} | " for c in cells) + f"{per_user(row, 'infer_fv', 'exact_seconds')} | "
                      f"{per_user(row, 'infer_ar', 'beam20_seconds')} | "
                      f"{per_user(row, beam_key, 'beam20_seconds') if beam_key else '—'} | "
-                     f"{per_user(row, 'infer_ar', 'exact_seconds')} | {row['tokenizer_fit_seconds']} s |")
+                     f"{per_user(row, 'infer_ar', 'exact_seconds')} | {per_user(row, 'infer_ar-node', 'beam20_seconds')} | "
+                     f"{per_user(row, 'infer_ar-node', 'exact_seconds')} | {row['tokenizer_fit_seconds']} s |")
+    models = [k for k in ("model-ar", "model-ar-node", "model-fv-sampled-4096", "model-fv-sampled-4096-sparse")
+              if any(f"model_{k}" in row for row in rows)]
+    if models:
+        mb = r.get("model_batch", {})
+        lines += ["", f"Whole-model training step (backbone d 64, 2 layers + head + optimizer; {mb.get('users')} histories "
+                  f"of {mb.get('history')} items), seconds / peak extra GiB / table rows touched:", "",
+                  "| N | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        for row in rows:
+            cells = []
+            for k in models:
+                v = row.get(f"model_{k}", {})
+                if "error" in v:
+                    cells.append("OOM" if "OOM" in v["error"] else "error")
+                else:
+                    touched = f" / {v['rows_touched']:,}" if v.get("rows_touched") is not None else " / all"
+                    cells.append(f"{_g(v.get('step_seconds'), ' s')} / {v.get('peak_extra_gib')}{touched}")
+            lines.append(f"| {row['n']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
