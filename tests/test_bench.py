@@ -135,10 +135,13 @@ def test_scale_bench_smallest_size(tmp_path):
 def test_scale_fit_bench_smallest_size(tmp_path):
     """Fit to a known P* under one budget: every model trains, is scored against the truth, and the
     Bayes-optimal row bounds what any model can reach."""
-    _run(["bench.scale_fit", "--sizes", "2000", "--users", "400", "--budget-min", "0.1", "--eval-users", "100",
-          "--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path)], tmp_path)
+    _run(["bench.scale_fit", "--sizes", "2000", "--users", "400", "--seeds", "2", "--budget-min", "0.1",
+          "--eval-users", "100", "--out-root", str(tmp_path / "out"), "--results-dir", str(tmp_path)], tmp_path)
     row = json.loads((tmp_path / "scale-fit.json").read_text())["rows"][0]
-    assert row["n"] == 2000 and row["users"] == 400 and len(row["models"]) == 4
+    assert row["n"] == 2000 and row["users"] == 400 and len(row["models"]) == 8  # 4 models x 2 seeds
+    for name, s in row["summary"].items():  # selected on validation NLL, every epoch's value kept
+        assert s["seeds"] == 2 and s["kl_to_pstar"]["spread"] >= 0, name
+    assert all("valid_nll" in c for m in row["models"] for c in m["kl_curve"])
     for m in row["models"]:
         assert m["steps"] > 0 and m["kl_to_pstar"] > 0 and m["kl_curve"], m["model"]
         assert 0 < m["nll"] < 2 * np.log(2000) and 0 <= m["recall@10"] <= 1

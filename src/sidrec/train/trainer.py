@@ -101,7 +101,8 @@ def _dist_info() -> tuple[int, int]:
 class Trainer:
     def __init__(self, model: SeqRecModel, data: SequenceData, cfg: TrainConfig, run_dir: str | Path | RunDir,
                  validate: Callable[[SeqRecModel], dict] | None = None, on_epoch_end=None):
-        """validate(model) -> metrics with "ndcg@10": selects the best checkpoint and stops early
+        """validate(model) -> metrics with "ndcg@10" (or "selection", higher is better, when present):
+        selects the best checkpoint and stops early
         (None: no validation, the last weights are kept). on_epoch_end(model, epoch) -> dict merged
         into the epoch's log line."""
         self.on_epoch_end = on_epoch_end
@@ -125,7 +126,7 @@ class Trainer:
                 self.model, self.optim.ddp_ignored(self.model))
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.state = {"epoch": 0, "batch": 0, "step": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0,
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "best": -1e30, "best_epoch": -1, "bad_epochs": 0,
                       "done": False, "epoch_loss_sum": 0.0, "epoch_loss_n": 0, "step_seconds": 0.0}
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -240,8 +241,9 @@ class Trainer:
             m = self.validate(self.model)
             rec["valid"] = {k: v for k, v in m.items() if not k.startswith("_")}
             timings["valid_s"] = round(time.perf_counter() - t_valid, 2)
-            if m["ndcg@10"] > st["best"]:
-                st.update(best=m["ndcg@10"], best_epoch=ep, bad_epochs=0)
+            score = m.get("selection", m["ndcg@10"])  # a validator may select on another score (higher: better)
+            if score > st["best"]:
+                st.update(best=score, best_epoch=ep, bad_epochs=0)
                 self.save_best()
             else:
                 st["bad_epochs"] += 1
