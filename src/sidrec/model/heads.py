@@ -73,6 +73,34 @@ def segment_logsumexp(scores: torch.Tensor, seg: torch.Tensor, n_seg: int) -> to
     return torch.log(s) + mx_safe
 
 
+def grouped_dots(q: torch.Tensor, group: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """out[b, f] = <q[b], vectors[group[b], f]>: q [B, d], group [B] in 0..G-1, vectors [G, F, d] -> [B, F].
+
+    A segmented GEMM: the rows of each group are packed into chunks of c rows, and every chunk is
+    multiplied by its group's [F, d] block in one batched GEMM, so the vectors are copied once per
+    chunk instead of once per row (B·F·d). c = sqrt(B·F / G) balances the two paddings (rows
+    up to a multiple of c, blocks repeated per chunk); c = 1 is the per-row gather."""
+    b, (g, f, d) = len(q), vectors.shape
+    sizes = torch.bincount(group, minlength=g)
+    c = max(1, min(int(sizes.max()), round((b * f / g) ** 0.5)))
+    order = torch.argsort(group, stable=True)
+    first_row = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(b, device=q.device) - first_row[group[order]]  # position within its group
+    n_chunks = (sizes + c - 1) // c
+    first_chunk = torch.cumsum(n_chunks, 0) - n_chunks
+    pos = torch.empty_like(group)
+    pos[order] = (first_chunk[group[order]] + rank // c) * c + rank % c
+    total = int(n_chunks.sum())
+    packed = q.new_zeros(total * c, d).index_copy(0, pos, q).view(total, c, d)
+    blocks = vectors if bool((n_chunks == 1).all()) else torch.index_select(  # 2-d: its backward is a fast index_add
+        vectors.reshape(g, f * d), 0, torch.repeat_interleave(torch.arange(g, device=q.device), n_chunks)).view(total, f, d)
+    packed, blocks = packed.to(torch.promote_types(packed.dtype, blocks.dtype)), blocks.to(
+        torch.promote_types(packed.dtype, blocks.dtype))
+    # blocks [T, F, d] @ packed^T: the blocks' gradient comes out [T, F, d] contiguous (no transposed copy)
+    scores = torch.bmm(blocks, packed.transpose(1, 2)).transpose(1, 2).reshape(total * c, f)
+    return torch.index_select(scores, 0, pos)
+
+
 class SharedTokenVectors:
     """Per-level views [V_j, d] of the backbone's flat semantic-token input table.
 
@@ -331,14 +359,71 @@ class AutoregressiveHead(nn.Module):
 
     # -- the Head protocol ------------------------------------------------------------------
     def nll(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced sum of token losses: -sum_j log P(c*_j | c*_<j, h)."""
+        """Teacher-forced sum of token losses: -sum_j log P(c*_j | c*_<j, h).
+
+        Constrained, each level is normalised over the valid children of the target's prefix only
+        (`_level_nll`: children gathered once per distinct prefix, not once per target); the
+        unconstrained counter-example normalises over all V_j tokens."""
         codes = self.codes[items]
         nodes = self.trie.torch("item_node", None, h.device)[:, items]
         means = self.node_means(h.device) if self.item_emb is not None else None  # free item vectors only
         loss = h.new_zeros(len(items))
         for j, q in enumerate(self.contexts(h)):
-            lp = self.level_log_probs(j, q, codes[:, :j], nodes[j], means)
-            loss = loss - lp.gather(1, codes[:, j : j + 1]).squeeze(1)
+            if not self.constrained:
+                lp = self.level_log_probs(j, q, codes[:, :j], nodes[j], means)
+                loss = loss - lp.gather(1, codes[:, j : j + 1]).squeeze(1)
+                continue
+            film = self._film(j, codes[:, :j])
+            if film is not None:
+                q = q * (1 + film[0]) + film[1]
+            loss = loss + self._level_nll(j, q, nodes[j], nodes[j + 1], means)
+        return loss
+
+    def _level_nll(self, j: int, q: torch.Tensor, prefix: torch.Tensor, target: torch.Tensor,
+                   means: list[torch.Tensor] | None) -> torch.Tensor:
+        """-log P(target | prefix, q) [B] over the prefix's valid children (q: the FiLM-ed contexts;
+        prefix / target: depth-j / depth-(j+1) node ids).
+
+        The children of a node are contiguous in the trie, so the children of the batch's distinct
+        prefixes form padded blocks; prefixes are bucketed by fan-out rounded up to a power of two
+        (at most log2(V_j) + 1 buckets, padding under 2x however skewed the trie). Each bucket's rows
+        and biases are read once per distinct prefix (a node-table step touches only them) and
+        scored against its targets with one grouped GEMM (`grouped_dots`). Cost: B·F·d arithmetic,
+        P'·F·d memory traffic (F: the fan-outs), no pass over the level's other nodes."""
+        dev = q.device
+        ptr = self.trie.torch("child_ptr", j, dev)
+        uniq, inv = torch.unique(prefix, return_inverse=True)
+        start, count = ptr[uniq], ptr[uniq + 1] - ptr[uniq]
+        width = torch.pow(2, torch.ceil(torch.log2(count.double()))).long()
+        s_tok = q @ self.tok_out[j].T + self.tok_bias[j]  # [B, V_j]: one GEMM for every bucket
+        loss = s_tok.new_zeros(len(q), dtype=torch.promote_types(s_tok.dtype, torch.float32))
+        row_width = width[inv]
+        buckets = []
+        for w in torch.unique(width).tolist():
+            groups = torch.nonzero(width == w).squeeze(1)  # ascending, like uniq
+            rows = torch.nonzero(row_width == w).squeeze(1)
+            slot = torch.arange(w, device=dev)
+            valid = slot[None, :] < count[groups, None]
+            kids = torch.where(valid, start[groups, None] + slot[None, :], start[groups, None])  # pads: a sibling
+            buckets.append((rows, torch.searchsorted(groups, inv[rows]), valid, kids, start[groups]))
+        if self.has_item_terms:  # every bucket's rows in one lookup: one row-sparse gradient per level
+            flat = torch.cat([kids.reshape(-1) for *_, kids, _ in buckets])
+            if self.nodes is not None:
+                vec, nb = self.nodes.node_rows(j + 1, flat), self.nodes.node_biases(j + 1, flat)
+            else:
+                vec, nb = torch.index_select(means[j], 0, flat), torch.index_select(self.node_bias[j], 0, flat)
+            sizes = [kids.numel() for *_, kids, _ in buckets]
+            vecs, nbs = vec.split(sizes), nb.split(sizes)
+        tok_of = self.trie.torch("node_tok", j + 1, dev)
+        for i, (rows, local, valid, kids, first) in enumerate(buckets):
+            s = s_tok[rows].gather(1, torch.index_select(tok_of[kids], 0, local))  # [R, w]
+            if self.has_item_terms:
+                dots = grouped_dots(q[rows], local, vecs[i].view(*kids.shape, -1))
+                bias = torch.index_select(nbs[i].view(kids.shape), 0, local)
+                s = s + dots.to(torch.promote_types(dots.dtype, bias.dtype)) + bias
+            s = s.to(loss.dtype).masked_fill(~torch.index_select(valid, 0, local), NEG_INF)
+            pos = (target[rows] - first[local])[:, None]
+            loss = loss.index_copy(0, rows, torch.logsumexp(s, 1) - s.gather(1, pos).squeeze(1))
         return loss
 
     def log_prob(self, h, items):

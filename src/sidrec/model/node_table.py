@@ -26,6 +26,9 @@ from torch import nn
 
 from sidrec.tokenize.codebook import Codebook
 
+#: rows per block of the whole-table passes (initialisation, full re-centring): bounded temporaries at 10^7 rows
+ROW_BLOCK = 1 << 16
+
 
 class NodeTable(nn.Module):
     """rows [R + 1, d]: row 0 the root, then every depth-1 node, ..., every leaf (one per item), then a
@@ -49,8 +52,11 @@ class NodeTable(nn.Module):
         self.node_bias = nn.Parameter(torch.log(self.below.clamp(min=1)).float()[:, None])
         self.sparse = False  # set by the trainer: lookups then give row-sparse gradients
         self._cache = None
-        with torch.no_grad():
-            self.rows.copy_(self.from_items(torch.randn(n, d) * init_std))
+        with torch.no_grad():  # item vectors N(0, init_std^2): the leaf rows, then centred in place
+            leaves = self.rows[self.depth_slice(k)]
+            for lo in range(0, n, ROW_BLOCK):
+                leaves[lo:lo + ROW_BLOCK].normal_(0.0, init_std)
+            self.recentre_()
 
     @staticmethod
     def offsets(trie) -> list[int]:
@@ -131,14 +137,17 @@ class NodeTable(nn.Module):
         bottom-up, leaving every item vector unchanged (see the module doc)."""
         u, trie = self.rows, self.trie
         dev = u.device
-        if changed is None:  # every group: one pass per depth over its rows
+        if changed is None:  # every group: one pass per depth over its rows, in blocks (bounded memory)
             for depth in range(trie.depth, 0, -1):
                 rows, parent = u[self.depth_slice(depth)], trie.torch("node_parent", depth, dev)
                 w = self.below[self.depth_slice(depth)].to(u.dtype)[:, None]
                 up = self.depth_slice(depth - 1)
-                mu = u.new_zeros(up.stop - up.start, u.shape[1]).index_add_(0, parent, rows * w)
+                mu = u.new_zeros(up.stop - up.start, u.shape[1])
+                for lo in range(0, len(rows), ROW_BLOCK):
+                    mu.index_add_(0, parent[lo:lo + ROW_BLOCK], rows[lo:lo + ROW_BLOCK] * w[lo:lo + ROW_BLOCK])
                 mu /= self.below[up].to(u.dtype)[:, None]
-                rows -= mu[parent]
+                for lo in range(0, len(rows), ROW_BLOCK):
+                    rows[lo:lo + ROW_BLOCK] -= mu[parent[lo:lo + ROW_BLOCK]]
                 u[up] += mu
             u[self.pad].zero_()
             return

@@ -31,6 +31,9 @@ CATCH_UP_WINDOW = 256
 #: a step touching at least 1/DENSE_SHARE of a table's rows updates all of them in one dense pass (the same
 #: arithmetic: untouched rows take a zero gradient, as in dense Adam), cheaper than gathering and scattering
 DENSE_SHARE = 4
+#: rows updated per pass: a block's temporaries (a few MB) are reused from the heap and stay in cache,
+#: where one pass over 10^5+ rows pays fresh pages for every temporary (3x slower on a 2-core CPU)
+ROW_BLOCK = 4096
 
 
 def _rows_and_values(p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -72,8 +75,13 @@ class RowAdam(torch.optim.Optimizer):
         return (upto - last), w[inv].to(dtype)[:, None]
 
     def _update(self, p, st, idx: torch.Tensor, g: torch.Tensor | None, t: int, group: dict) -> None:
-        """Rows `idx`: catch up the steps they skipped, then (with a gradient g) one Adam step at t, in one
-        gather and one scatter of the moments and one index_add into the table."""
+        """Rows `idx`: catch up the steps they skipped, then (with a gradient g) one Adam step at t, in
+        blocks of ROW_BLOCK rows (rows are distinct: blocks are independent)."""
+        for lo in range(0, len(idx), ROW_BLOCK):
+            self._update_block(p, st, idx[lo:lo + ROW_BLOCK], None if g is None else g[lo:lo + ROW_BLOCK], t, group)
+
+    def _update_block(self, p, st, idx: torch.Tensor, g: torch.Tensor | None, t: int, group: dict) -> None:
+        """One block of `_update`: one gather and one scatter of the moments, one index_add into the table."""
         b1, b2 = group["betas"]
         upto = t - 1 if g is not None else t
         last = st["last"][idx]
@@ -159,9 +167,7 @@ class RowAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 st = self.state.get(p)
                 if st:
-                    for lo in range(0, p.shape[0], 1 << 16):  # in row chunks: bounded memory at 10^7 rows
-                        rows = torch.arange(lo, min(lo + (1 << 16), p.shape[0]), device=p.device)
-                        self._update(p, st, rows, None, int(st["step"]), group)
+                    self._update(p, st, torch.arange(p.shape[0], device=p.device), None, int(st["step"]), group)
                     out[p] = None
         return out
 
