@@ -291,6 +291,10 @@ class RunDir:
             cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
             _check_run_config(cfg)
             cfg["model"] = upgrade_model_dict(cfg["model"])
+            for key, legacy in ADDED_KEYS.items():  # written before the key existed: it ran as `legacy` did
+                section, name = key.split(".", 1)
+                if isinstance(cfg.get(section), dict):
+                    cfg[section].setdefault(name, legacy)
         try:
             check_stored(cfg)
         except UserError as e:

@@ -26,7 +26,7 @@ class ModelConfig:
     tied: bool = True  # output vectors = input embeddings: fv the item-ID table, ar/parallel the token tables
     constrained: bool = True  # ar: normalise over valid trie children (false: the verifier's counter-example)
     item_vectors: bool = True  # ar: node vector += mean item vector below it, plus one bias per node
-    node_table: bool = False  # ar, joint: item vectors as a centred node table (training touches only read rows)
+    node_table: bool = True  # ar, joint: item vectors as a centred node table (training touches only read rows)
     head_hidden: int | None = None  # hidden width of the head MLPs (default 2 * d_model)
     fv_chunk: int | None = 1024  # fv: items per chunk of the streamed softmax loss (None: one pass)
     fv_loss: str = "full"  # fv: full (exact softmax) | sampled (sampled softmax with logQ correction)
