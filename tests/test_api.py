@@ -99,3 +99,25 @@ def test_defaults_are_the_recipe():
         assert beauty[section] == recipe[section], section
     m = ModelConfig()
     assert m.item_vectors and m.constrained and m.tied and m.backbone.dropout == beauty["model"]["backbone"]["dropout"]
+
+
+def test_a_run_recorded_before_the_node_table_default_loads_as_trained(tmp_path, syn):
+    """Runs written before `model.node_table` / `train.sparse` existed were free-item-vector heads on
+    dense AdamW: with those keys missing from their config they still load and rank as trained,
+    although the defaults are now the node table on the row-sparse path."""
+    import yaml
+
+    rec = sidrec.Recommender(head="ar", **{**SMALL, "model": {**SMALL["model"], "node_table": False},
+                                           "train": {**SMALL["train"], "sparse": False}}).fit(syn, out=tmp_path / "r")
+    want = rec.recommend([["3", "17"]], k=5)
+    cfg_path = tmp_path / "r" / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    del cfg["model"]["node_table"], cfg["train"]["sparse"]
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    old = sidrec.Recommender.load(tmp_path / "r")
+    assert old.model.cfg.node_table is False
+    assert old.recommend([["3", "17"]], k=5)[0].tolist() == want[0].tolist()
+    from sidrec.model import ModelConfig
+    from sidrec.train import TrainConfig
+
+    assert ModelConfig().node_table and TrainConfig().sparse  # what a new run gets
