@@ -449,7 +449,8 @@ def train_speed_table(path: Path, r: dict) -> str:
     by = {(x["head"], x["bucketed"]): x for x in r["results"]}
     lines = ["| head | epoch, length-bucketed batches | epoch, random batches | output-layer parameters |",
              "|---|---|---|---|"]
-    for head, label in (("fv", "FV-MLE"), ("ar", "AR-NTP"), ("parallel", "Parallel")):
+    for head, label in (("fv", "FV-MLE"), ("ar", "AR-NTP"), ("ar-free", "AR-NTP, free item vectors, dense AdamW "
+                                                                       "(the earlier default)"), ("parallel", "Parallel")):
         if (head, True) in by:
             rnd = by.get((head, False))
             random = f"{rnd['median_epoch_seconds']} s" if rnd else "—"
@@ -458,6 +459,8 @@ def train_speed_table(path: Path, r: dict) -> str:
     note = (f"{s['dataset'].capitalize()}, {s['users']:,} users, {s['items']:,} items; d = {s['d_model']}, "
             f"{s['layers']} layers, history {s['max_len']}, batch {s['batch_size']}; median epoch. AR-NTP / FV-MLE "
             f"epoch-time ratio {s['ar_over_fv_epoch_ratio']}, peak RSS {s['peak_rss_gib']} GiB.")
+    if "ar_over_ar_free_epoch_ratio" in s:
+        note += f" AR-NTP / earlier AR-NTP epoch-time ratio {s['ar_over_ar_free_epoch_ratio']}."
     return "\n".join([*lines, "", note, "", source(path, r)])
 
 

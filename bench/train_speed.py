@@ -27,6 +27,11 @@ from sidrec.tokenize import fit_codebook
 from sidrec.train import TrainConfig, Trainer
 
 
+#: name -> (head, model keys, train keys): the shipped models (library defaults) and the earlier AR head
+VARIANTS = {"fv": ("fv", {}, {}), "ar": ("ar", {}, {}),
+            "ar-free": ("ar", {"node_table": False}, {"sparse": False}), "parallel": ("parallel", {}, {})}
+
+
 def epoch_times(model, data, tc: TrainConfig, epochs: int) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(model, data, tc, tmp)
@@ -47,24 +52,27 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--out-dir", default=None)
-    ap.add_argument("--heads", default="fv,ar,parallel")
+    ap.add_argument("--heads", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
     a = common.parse_args(ap, out_attr="out_dir")
     root = SHARED / "amazon-beauty"
     data = prepare(read("seq", root / "s3rec/Beauty.txt", root / "derived/items.jsonl"))
     cb = fit_codebook(embed_collab(data, 64), "rq-kmeans", 3, 256)
     results = []
-    for head in a.heads.split(","):
+    for name in a.heads.split(","):
+        if name not in VARIANTS:
+            ap.error(f"--heads: unknown {name!r}; choose from {', '.join(VARIANTS)}")
+        head, model_keys, train_keys = VARIANTS[name]
         for bucket in (True, False):
             if not bucket and head == "parallel":
                 continue
             torch.manual_seed(0)
             # the shipped model: the library defaults (the recipe), at the width asked for
-            cfg = ModelConfig(head=head, backbone=BackboneConfig(d_model=a.d_model, n_layers=a.layers,
-                                                                 d_ff=4 * a.d_model))
+            cfg = ModelConfig(head=head, **model_keys, backbone=BackboneConfig(d_model=a.d_model, n_layers=a.layers,
+                                                                               d_ff=4 * a.d_model))
             model = SeqRecModel(cfg, data.n_items, cb)
-            tc = TrainConfig(batch_size=a.batch_size, bucket=bucket, epochs=a.epochs)
+            tc = TrainConfig(batch_size=a.batch_size, bucket=bucket, epochs=a.epochs, **train_keys)
             ts = epoch_times(model, data, tc, a.epochs)
-            r = {"head": head, "bucketed": bucket, "epoch_seconds": [round(t, 2) for t in ts],
+            r = {"head": name, "bucketed": bucket, "epoch_seconds": [round(t, 2) for t in ts],
                  "median_epoch_seconds": round(statistics.median(ts), 2),
                  "output_layer_parameters": model.output_parameters(),
                  "total_parameters": sum(p.numel() for p in model.parameters())}
@@ -78,6 +86,9 @@ def main() -> None:
         "ar_over_fv_epoch_ratio": round(ar["median_epoch_seconds"] / fv["median_epoch_seconds"], 3),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }
+    free = next((r for r in results if r["head"] == "ar-free" and r["bucketed"]), None)
+    if free:  # the node-table head on the row-sparse path against the head it replaced
+        summary["ar_over_ar_free_epoch_ratio"] = round(ar["median_epoch_seconds"] / free["median_epoch_seconds"], 3)
     write_result("train_speed", {"summary": summary, "results": results},
                  Path(a.out_dir) if a.out_dir else None)
     print(summary)
