@@ -281,10 +281,19 @@ def headline(names: tuple[str, ...] = HEADLINE) -> str:
     files = [load(n) for n in names]
     datasets = [r["dataset"] for _, r in files]
     lines = ["| model | " + " | ".join(d.capitalize() for d in datasets) + " |", "|---|" + "---|" * len(files)]
-    rows = (("fv", "FV-MLE (full softmax, same backbone)"), ("ar/rq-kmeans", "**AR-NTP, RQ-KMeans 3×256**"))
-    for name, label in rows:
+    node = {r["dataset"]: r for r in (_optional(f"quality-{d}-nt") for d in datasets) if r}
+    rows = (("fv", "FV-MLE (full softmax, same backbone)", files),
+            ("ar/rq-kmeans", "**AR-NTP, RQ-KMeans 3×256** (node table, row-sparse: the default)",
+             [(None, node.get(d)) for d in datasets]),
+            ("ar/rq-kmeans", "AR-NTP, free item vectors, dense AdamW (the earlier head)", files))
+    for name, label, sources in rows:
+        if not any(r for _, r in sources):
+            continue
         cells = []
-        for _, r in files:
+        for _, r in sources:
+            if r is None:
+                cells.append("—")
+                continue
             s = r["summary"][name]["exact" + ("_seen_excluded" if r["config"]["eval"]["exclude_seen"] else "")]
             cells.append(f"{s['recall@10']['mean']:.4f} / {s['ndcg@10']['mean']:.4f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -306,6 +315,7 @@ def headline(names: tuple[str, ...] = HEADLINE) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{pub(v[0])} / {pub(v[1])}" if v else "—" for v in vals) + " |")
     protocol = {"seen items excluded" if r["config"]["eval"]["exclude_seen"] else "seen items kept" for _, r in files}
     seeds = {str(r["seeds"]) for _, r in files}
+    files += [load(f"quality-{d}-nt") for d in datasets if d in node]
     files += [load(f"quality-{d}-joint") for d in datasets if d in joint]
     src = "; ".join(f"`{p.relative_to(ROOT)}` ({code(r).removeprefix('commit ')})" for p, r in files)
     how = ("exact (the joint row: beam search + rescoring, the beam width in brackets, the narrowest within 1% "
