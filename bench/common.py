@@ -17,7 +17,6 @@ from pathlib import Path
 
 from sidrec import io
 from sidrec.provenance import code_state, environment, span  # noqa: F401 (environment: used by bench modules)
-from sidrec.train.allocator import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -36,7 +35,6 @@ def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None = None, out_a
                     "has uncommitted changes (the results are then labelled uncommitted)")
     a = ap.parse_args(argv)
     _START = code_state()
-    keep_freed_memory()  # as the sidrec command does: the benchmark measures the product's process
     out = Path(getattr(a, out_attr, None) or default_out).resolve()
     if _START and _START["dirty"] and out.is_relative_to(RESULTS.resolve()) and not a.allow_dirty:
         print(f"{ap.prog}: error: the code has uncommitted changes (diff {_START['diff']}); commit first, or pass "

@@ -39,7 +39,6 @@ import torch
 
 from bench import common
 from bench.common import RESULTS, write_result
-from sidrec.train.allocator import keep_freed_memory
 from bench.tables import measured as _get, scale_table
 
 D = 64
@@ -102,7 +101,6 @@ def worker(spec: dict) -> dict:
     """One measurement in this (fresh) process."""
     from sidrec.tokenize import Codebook
 
-    keep_freed_memory()  # as the sidrec command does
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n, kind = spec["n"], spec["kind"]

@@ -122,11 +122,3 @@ def test_ddp_two_processes_match_one(tmp_path, sparse):
     assert len(l1) == len(l2) == 12
     np.testing.assert_allclose(l1, l2, rtol=1e-4, atol=1e-5)
 
-
-def test_keep_freed_memory_applies_once_and_training_still_runs():
-    """The allocator setting the command line applies (glibc here) is idempotent and harmless."""
-    from sidrec.train.allocator import keep_freed_memory
-
-    assert keep_freed_memory() is keep_freed_memory()
-    x = torch.randn(1 << 20)  # a block over the default mmap threshold: served and freed normally
-    assert float((x * 0).sum()) == 0.0

@@ -168,9 +168,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from sidrec.train.allocator import keep_freed_memory
-
-    keep_freed_memory()  # this process is sidrec's: large temporaries reuse the heap (see the module)
     warnings.showwarning = _show_warning
     warnings.simplefilter("ignore")  # libraries' warnings are not the user's business here
     warnings.simplefilter("default", SidrecWarning)

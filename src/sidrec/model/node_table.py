@@ -26,8 +26,9 @@ from torch import nn
 
 from sidrec.tokenize.codebook import Codebook
 
-#: rows per block of the whole-table passes (initialisation, full re-centring): bounded temporaries at 10^7 rows
-ROW_BLOCK = 1 << 16
+#: rows per block of the passes over many rows (initialisation, re-centring): temporaries of a few MB,
+#: served from the heap (glibc maps every block over 32 MB afresh: a page fault per 4 KB) and kept in cache
+ROW_BLOCK = 1 << 14
 
 
 class NodeTable(nn.Module):
@@ -161,9 +162,13 @@ class NodeTable(nn.Module):
             group, kids = trie.children(depth - 1, parents)
             kid_rows = kids + lo
             w = self.below[kid_rows].to(u.dtype)[:, None]
-            sums = u.new_zeros(len(parents), u.shape[1]).index_add_(0, group, u[kid_rows] * w)
+            sums = u.new_zeros(len(parents), u.shape[1])
+            blocks = range(0, len(kid_rows), ROW_BLOCK)  # bounded temporaries: heap-served, in cache
+            for b in blocks:
+                sums.index_add_(0, group[b:b + ROW_BLOCK], u[kid_rows[b:b + ROW_BLOCK]] * w[b:b + ROW_BLOCK])
             mu = sums / self.below[parents + self.off[depth - 1]].to(u.dtype)[:, None]
-            u.index_add_(0, kid_rows, -mu[group])
+            for b in blocks:
+                u.index_add_(0, kid_rows[b:b + ROW_BLOCK], -mu[group[b:b + ROW_BLOCK]])
             u.index_add_(0, parents + self.off[depth - 1], mu)
             changed = torch.cat([changed, parents + self.off[depth - 1]])
         u[self.pad].zero_()
