@@ -431,3 +431,4 @@ def test_training_loss_on_a_skewed_trie_is_minus_log_q():
         full = m.head.log_prob_all(h).detach()
         np.testing.assert_allclose(m.head.nll(h, items).detach().numpy(),
                                    -full.gather(1, items[:, None]).squeeze(1).numpy(), atol=1e-9)
+        assert m.head.nll(h[:0], items[:0]).shape == (0,)  # a batch whose targets were all padding

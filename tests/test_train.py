@@ -121,4 +121,3 @@ def test_ddp_two_processes_match_one(tmp_path, sparse):
     l1, l2 = losses(one), losses(two)
     assert len(l1) == len(l2) == 12
     np.testing.assert_allclose(l1, l2, rtol=1e-4, atol=1e-5)
-

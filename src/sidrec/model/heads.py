@@ -78,8 +78,10 @@ def grouped_dots(q: torch.Tensor, group: torch.Tensor, vectors: torch.Tensor) ->
 
     A segmented GEMM: the rows of each group are packed into chunks of c rows, and every chunk is
     multiplied by its group's [F, d] block in one batched GEMM, so the vectors are copied once per
-    chunk instead of once per row (B·F·d). c = sqrt(B·F / G) balances the two paddings (rows
-    up to a multiple of c, blocks repeated per chunk); c = 1 is the per-row gather."""
+    chunk instead of once per row (B·F·d). c = sqrt(B·F / G) balances the memory of the two
+    paddings (rows up to a multiple of c, blocks repeated per chunk), not the arithmetic of padded
+    rows (on a skewed batch up to about sqrt(F / mean group size) times B·F·d, still GEMM-speed);
+    c = 1 is the per-row gather."""
     b, (g, f, d) = len(q), vectors.shape
     sizes = torch.bincount(group, minlength=g)
     c = max(1, min(int(sizes.max()), round((b * f / g) ** 0.5)))
@@ -364,6 +366,8 @@ class AutoregressiveHead(nn.Module):
         Constrained, each level is normalised over the valid children of the target's prefix only
         (`_level_nll`: children gathered once per distinct prefix, not once per target); the
         unconstrained counter-example normalises over all V_j tokens."""
+        if not len(items):  # every target was padding
+            return h.new_zeros(0)
         codes = self.codes[items]
         nodes = self.trie.torch("item_node", None, h.device)[:, items]
         means = self.node_means(h.device) if self.item_emb is not None else None  # free item vectors only
@@ -386,10 +390,11 @@ class AutoregressiveHead(nn.Module):
 
         The children of a node are contiguous in the trie, so the children of the batch's distinct
         prefixes form padded blocks; prefixes are bucketed by fan-out rounded up to a power of two
-        (at most log2(V_j) + 1 buckets, padding under 2x however skewed the trie). Each bucket's rows
-        and biases are read once per distinct prefix (a node-table step touches only them) and
-        scored against its targets with one grouped GEMM (`grouped_dots`). Cost: B·F·d arithmetic,
-        P'·F·d memory traffic (F: the fan-outs), no pass over the level's other nodes."""
+        (at most ceil(log2 V_j) + 1 buckets, padding under 2x however skewed the trie). Each bucket's
+        rows and biases are read once per distinct prefix (a node-table step touches only them) and
+        scored against its targets with one grouped GEMM (`grouped_dots`). Memory traffic P'·F·d
+        (F: the fan-outs) instead of B·F·d; arithmetic B·F·d plus the chunk padding; no pass over
+        the level's other nodes."""
         dev = q.device
         ptr = self.trie.torch("child_ptr", j, dev)
         uniq, inv = torch.unique(prefix, return_inverse=True)
