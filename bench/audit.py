@@ -8,7 +8,8 @@ started on other code. Against the git history this finds, for each file:
 - runs whose start (`env.date` − `wall_s`) precedes the commit they are stamped with (they ran on older,
   possibly uncommitted code);
 - stamps that say the code was uncommitted;
-- config keys the stamped commit's `src/sidrec/config.py` does not know (the run used later code).
+- config keys the stamped commit's `src/sidrec/config.py` does not know (the run used later code);
+- seen-excluded rankings made before "seen" meant the whole history (only the model's window was removed).
 The findings go into the file as `provenance_audit`; `bench.tables` prints them in every source line of
 the file. Files with start and end stamps (`provenance`) need no audit and are left alone.
 """
@@ -81,13 +82,22 @@ def findings(r: dict) -> list[str]:
         unknown = [k for k in keys if not _known(base, k.rsplit(".", 1)[-1])]
         if unknown:
             out.append(f"its config uses keys {base} does not know ({', '.join(unknown)}): it ran on later code")
+    if base and _seen_rankings(r) and commit_time(base) is not None and not _known(base, "seen_items"):
+        window = ((r.get("config") or {}).get("model") or {}).get("backbone", {}).get("max_len", "max_len")
+        out.append(f"its seen-excluded rankings removed only the last {window} history items (the history window; "
+                   "seen means the whole history from 034ad51 on)")
     return out
+
+
+def _seen_rankings(r: dict) -> bool:
+    """Whether the file reports rankings with seen items excluded (the rule changed in 034ad51)."""
+    return "seen_excluded" in json.dumps(r.get("summary") or {})
 
 
 def verdict(found: list[str]) -> list[str]:
     """The findings in a few words each, for source lines."""
     kinds = (("uncommitted", "ran on uncommitted code"), ("before", "runs started before that commit"),
-             ("later code", "ran on later code"))
+             ("later code", "ran on later code"), ("history window", "seen = history window"))
     return [short for key, short in kinds if any(key in f for f in found)]
 
 

@@ -103,3 +103,17 @@ def test_committed_legacy_results_carry_an_up_to_date_audit():
                       text=True).stdout.strip() != "false":
         pytest.skip("needs the full git history")
     assert audit.main(["--check"]) == 0
+
+
+def test_audit_labels_seen_rankings_made_before_seen_meant_the_whole_history():
+    if subprocess.run(["git", "cat-file", "-e", "5d49d97^{commit}"], cwd=common.ROOT).returncode != 0:
+        pytest.skip("needs the git history")
+    r = {"env": {"commit": "5d49d97"}, "summary": {"ar": {"exact_seen_excluded": {}}},
+         "config": {"model": {"backbone": {"max_len": 50}}}}
+    found = audit.findings(r)
+    assert any("last 50 history items" in f for f in found) and "seen = history window" in audit.verdict(found)
+    r["summary"] = {"ar": {"exact": {}}}  # no seen-excluded ranking: nothing to label
+    assert audit.findings(r) == []
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    assert audit.findings({**r, "env": {"commit": head}, "summary": {"ar": {"exact_seen_excluded": {}}}}) == []
