@@ -67,6 +67,10 @@ def test_recommend_excludes_history_and_pads(tmp_path, syn):
     assert (ids[0] == "").sum() == 60 and np.isneginf(scores[0][-60:]).all()  # only 60 items are left
     with pytest.raises(sidrec.errors.UserError, match="unknown item"):
         rec.recommend([["nope"]])
+    # ids match exactly: NumPy strings would read "5\x00" as "5"
+    assert rec.item_index(["5\x00", "5", "\x005"]).tolist() == [-1, rec.item_index(["5"])[0], -1]
+    with pytest.raises(sidrec.errors.UserError, match="unknown item"):
+        rec.recommend([["5\x00"]])
     saved = rec.save(tmp_path / "copy")
     assert sidrec.Recommender.load(saved).recommend(hist[:1], k=5)[0].tolist() == rec.recommend(hist[:1], k=5)[0].tolist()
 

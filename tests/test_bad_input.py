@@ -102,3 +102,10 @@ def test_unknown_option_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["data", "prepare", "--format", "xml", "--path", "x", "--out", "y"])
     assert e.value.code == 2
+
+
+def test_nul_in_an_item_id_names_its_line(capsys, tmp_path):
+    p = tmp_path / "log.csv"  # NumPy strings would turn "b\0" into "b" and merge two items
+    p.write_text("user_id,item_id,timestamp\n1,a,10\n1,b\x00,11\n1,b,12\n")
+    err = _prepare(capsys, tmp_path, "csv", p)
+    assert f"{p}, line 3" in err and "NUL" in err

@@ -208,3 +208,10 @@ def test_every_command_has_help(cmd, capsys):
         main([*cmd, "--help"])
     assert e.value.code == 0
     assert "usage: sidrec" in capsys.readouterr().out
+
+
+def test_items_add_help_names_the_default_vector_rule(capsys):
+    with pytest.raises(SystemExit):
+        main(["items", "add", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "nearest trained item by content (--vectors content, the default)" in text

@@ -191,11 +191,17 @@ class Recommender:
         return self._raw
 
     def item_index(self, raw: list[str] | np.ndarray) -> np.ndarray:
-        """Internal ids of raw item ids, -1 for ids the catalogue does not hold (one sorted lookup)."""
+        """Internal ids of raw item ids, -1 for ids the catalogue does not hold (one sorted lookup).
+
+        Ids match exactly: NumPy's fixed-width strings drop trailing NULs, so "1\\x00" would look
+        like "1"; catalogue ids never end in NUL (they pass through the same strings), so such ids are unknown."""
         keys, order = self._sorted
-        raw = np.asarray(raw, dtype=str) if len(raw) else np.zeros(0, dtype=str)
+        if not len(raw):
+            return np.zeros(0, np.int64)
+        padded = np.fromiter((str(r).endswith("\x00") for r in raw), dtype=bool, count=len(raw))
+        raw = np.asarray(raw, dtype=str)
         pos = np.searchsorted(keys, raw).clip(max=len(keys) - 1)
-        return np.where(keys[pos] == raw, order[pos], -1) if len(raw) else np.zeros(0, np.int64)
+        return np.where((keys[pos] == raw) & ~padded, order[pos], -1)
 
     def _indices(self, raw: list, what: str) -> np.ndarray:
         idx = self.item_index([str(i) for i in raw])

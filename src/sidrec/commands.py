@@ -507,7 +507,8 @@ def add_items(sub) -> None:
                       description="New items get a semantic ID from their content with the run's fitted tokenizer "
                       "(no refit; existing IDs never move) and are recommendable at once: AR-NTP scores them "
                       "through their tokens; what the model never trained for them (item vector, node bias) is "
-                      "the mean of their ID prefix. Written as a new catalogue version of the run; the previous "
+                      "taken from their nearest trained item by content (--vectors content, the default) or is the "
+                      "mean of their ID prefix (--vectors prefix-mean). Written as a new catalogue version of the run; the previous "
                       "one is kept (`sidrec items use`). FV-MLE runs refuse: a new item has no output vector.")
     q.add_argument("run", help="trained run directory (AR-NTP or parallel head)")
     q.add_argument("--items", required=True, help="new items: JSONL, CSV/TSV or Parquet with an id column and text fields")

@@ -81,11 +81,15 @@ def _numeric_timestamps(values: pd.Series, path: Path, first_line: int) -> np.nd
 
 
 def _require_ids(df: pd.DataFrame, cols: list[str], path: Path, first_line: int) -> None:
-    """Every row names a user and an item (an empty id would silently join no one)."""
+    """Every row names a user and an item (an empty id would silently join no one), and no id holds
+    a NUL character (NumPy strings drop trailing NULs, which would merge "1\\x00" into "1")."""
     for c in cols:
         missing = df[c].isna().to_numpy() | (df[c].astype(str).str.strip() == "").to_numpy()
         if missing.any():
             raise UserError(f"empty {c!r}", str(path), first_line + int(np.flatnonzero(missing)[0]))
+        nul = df[c].astype(str).str.contains("\x00", regex=False).to_numpy()
+        if nul.any():
+            raise UserError(f"{c!r} holds a NUL character", str(path), first_line + int(np.flatnonzero(nul)[0]))
 
 
 def _frame(users, items, ts) -> pd.DataFrame:
