@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,31 @@ def test_recommend_excludes_history_and_pads(tmp_path, syn):
         rec.recommend([["5\x00"]])
     saved = rec.save(tmp_path / "copy")
     assert sidrec.Recommender.load(saved).recommend(hist[:1], k=5)[0].tolist() == rec.recommend(hist[:1], k=5)[0].tolist()
+    (saved / "joint-mix.json").write_text('{"mix": 0.5}')  # what a joint run holds: sidrec's own file
+    assert rec.save(saved, overwrite=True) == saved and not (saved / "joint-mix.json").exists()
+
+
+def test_a_run_another_process_writes_is_refused_until_it_ends(tmp_path, syn, capsys):
+    run = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sidrec import io; "
+                               "io.own_dir(sys.argv[1], 'run'); print('held', flush=True); time.sleep(120)", str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (run / ".model.safetensors.123.tmp").write_bytes(b"half a checkpoint")  # the writer's, mid-save
+        args = ["train", "--out", str(run), "--head", "fv", "--set", f"data.dir={syn.path}", "train.epochs=1",
+                "model.backbone.d_model=16", "model.backbone.d_ff=32", "model.backbone.n_heads=1"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "another sidrec process is writing" in err[0] and str(run) in err[0]
+        with pytest.raises(sidrec.errors.UserError, match="another sidrec process"):
+            sidrec.Recommender(head="ar", **SMALL).fit(syn, out=run)
+        assert (run / ".model.safetensors.123.tmp").exists()  # its temp file was not swept as stale
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args) == 0  # the OS dropped the lock with its process
+    assert main(args[:3] + ["--overwrite"] + args[3:]) == 0  # and this process let go of it when done
 
 
 def test_from_frame_and_pyarrow(tmp_path):

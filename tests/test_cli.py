@@ -215,3 +215,21 @@ def test_items_add_help_names_the_default_vector_rule(capsys):
         main(["items", "add", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "nearest trained item by content (--vectors content, the default)" in text
+
+
+def test_run_with_the_joint_head_alone_then_verify_and_save_it(tmp_path, capsys):
+    out = tmp_path / "j"
+    assert main(["run", "--out", str(out), "--set", *SMALL, "heads=joint"]) == 0
+    joint = out / "joint"
+    assert (joint / "joint-mix.json").is_file() and (joint / "eval.json").is_file()
+    assert not any((out / h).exists() for h in ("ar", "fv", "parallel"))
+    capsys.readouterr()
+    assert main(["verify", str(joint), "--contexts", "32"]) == 0  # its AR part is the exact FV-MLE it claims
+    report = json.loads((joint / "verify.json").read_text())
+    assert report["all_pass"] is True and report["head"] == "joint"
+    import sidrec
+
+    rec = sidrec.Recommender.load(joint)
+    copy = rec.save(tmp_path / "copy")
+    assert rec.save(copy, overwrite=True) == copy  # a joint run's own files are sidrec's (joint-mix.json)
+    assert json.loads((copy / "joint-mix.json").read_text()) == json.loads((joint / "joint-mix.json").read_text())

@@ -2,6 +2,7 @@
 model, CLI, API and server serving them at once."""
 
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -175,6 +176,23 @@ def test_versions_list_use_and_rollback(trained, tmp_path, capsys):
     assert main(["items", "use", str(run), "v0009"]) == 2 and main(["items", "use", str(run), "../x"]) == 2
 
 
+def test_retraining_a_run_deletes_its_catalogue_versions_and_nothing_else(trained, tmp_path):
+    """Versions were built on the old weights (their item vectors, node rows): --overwrite deletes
+    them with the weights; a file the user put into catalog/ stays."""
+    run = tmp_path / "ar"
+    trained["ar"].save(run)
+    sidrec.Recommender.load(run).add_items(trained["new"], embeddings=trained["emb"])
+    assert (run / "catalog" / "v0001").is_dir()
+    (run / "catalog" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--resume|--overwrite"):
+        sidrec.Recommender(head="ar", **SMALL).fit(trained["data"], out=run)  # neither: refused, nothing deleted
+    assert (run / "catalog" / "v0001").is_dir()
+    rec = sidrec.Recommender(head="ar", **SMALL).fit(trained["data"], out=run, overwrite=True)
+    assert sorted(p.name for p in (run / "catalog").iterdir()) == ["notes.txt"]
+    assert rec.catalog_version is None and rec.model.n_items == 200
+    assert sidrec.Recommender.load(run).model.n_items == 200
+
+
 def test_fv_refuses_and_bad_inputs_are_one_line(trained, tmp_path, capsys):
     root = trained["root"]
     assert main(["items", "add", str(trained["fv"].run.path), "--items", str(root / "new.jsonl")]) == 2
@@ -193,6 +211,11 @@ def test_fv_refuses_and_bad_inputs_are_one_line(trained, tmp_path, capsys):
 
 
 def test_server_reloads_a_new_catalogue_while_answering(trained, tmp_path):
+    """SIGHUP reloads while requests are in flight: every request before, during and after the
+    reload is answered from one whole catalogue (old or new), none fails."""
+    import signal
+    import threading
+
     import httpx
 
     run = tmp_path / "ar"
@@ -205,14 +228,57 @@ def test_server_reloads_a_new_catalogue_while_answering(trained, tmp_path):
         assert r.status_code == 422 and r.json()["error"]["field"] == "allow"
         sidrec.Recommender.load(run).add_items(trained["new"], embeddings=trained["emb"])
         assert c.post("/recommend", json={"history": ["3"], "k": 3}).status_code == 200  # still the old catalogue
-        r = c.post("/admin/reload")
-        assert r.json() == {"reloaded": True, "version": "v0001", "previous": "v0000", "n_items": 212}
-        assert c.post("/admin/reload").json()["reloaded"] is False
+        answers, stop = [], threading.Event()
+
+        def ask():  # bounded: at most 400 requests per thread, ends when the reload is seen
+            with httpx.Client(base_url=s.url, timeout=30) as h:
+                for _ in range(400):
+                    r = h.post("/recommend/batch", json={"requests": [{"history": ["3"], "k": 5},
+                                                                      {"history": ["17", "42"], "k": 5}]})
+                    answers.append((r.status_code, len(r.json().get("results", []))))
+                    if stop.is_set():
+                        return
+
+        threads = [threading.Thread(target=ask) for _ in range(3)]
+        for t in threads:
+            t.start()
+        while len(answers) < 10:  # requests are flowing before the signal
+            time.sleep(0.01)
+        s.proc.send_signal(signal.SIGHUP)
+        for _ in range(600):  # up to 60 s for the reload
+            if c.get("/info").json()["catalog_version"] == "v0001":
+                break
+            time.sleep(0.1)
+        n_at_reload = len(answers)
+        while len(answers) < n_at_reload + 10 and any(t.is_alive() for t in threads):  # and after it
+            time.sleep(0.01)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert len(answers) > n_at_reload and all(code == 200 and n == 2 for code, n in answers), answers[:5]
+        assert c.post("/admin/reload").json()["reloaded"] is False  # already serving the active version
         r = c.post("/recommend", json={"history": ["3", new_ids[5]], "k": 3, "allow": new_ids[:3]})
         assert r.status_code == 200 and sorted(r.json()["items"]) == sorted(new_ids[:3])
         info = c.get("/info").json()
         assert info["catalog_version"] == "v0001" and info["n_items"] == 212
         c.close()
+    finally:
+        assert s.stop() == 0
+    assert any("v0001" in line for line in s.stderr), s.stderr[-5:]  # the reload is logged
+
+
+def test_admin_reload_reports_the_versions(trained, tmp_path):
+    import httpx
+
+    run = tmp_path / "ar"
+    trained["ar"].save(run)
+    s = ServerProcess(run)
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            sidrec.Recommender.load(run).add_items(trained["new"], embeddings=trained["emb"])
+            r = c.post("/admin/reload")
+            assert r.json() == {"reloaded": True, "version": "v0001", "previous": "v0000", "n_items": 212}
+            assert c.post("/admin/reload").json()["reloaded"] is False
     finally:
         assert s.stop() == 0
 

@@ -114,13 +114,16 @@ class Recommender:
             data = SequenceData.load(data)
         run = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="sidrec-run-")) / "run"
         rundir.check_claim(run, resume=resume, overwrite=overwrite, option="out")
-        if data.path is None:  # in-memory data travels inside the run
-            data = _persist(data, run, replace=not resume)
-        cfg = head_config(self.config, self.head)
-        cfg["data"] = {**cfg["data"], "dir": str(Path(data.path).resolve()), "synthetic": None, "format": None}
-        claim_run_dir(cfg, run, resume=resume, overwrite=overwrite)
-        codebook = ensure_codebook(cfg, data, run) if needs_semantic_ids(cfg, [self.head]) else None
-        train_one(cfg, data, codebook, run, resume=resume, overwrite=overwrite)
+        try:
+            if data.path is None:  # in-memory data travels inside the run
+                data = _persist(data, run, replace=not resume)
+            cfg = head_config(self.config, self.head)
+            cfg["data"] = {**cfg["data"], "dir": str(Path(data.path).resolve()), "synthetic": None, "format": None}
+            claim_run_dir(cfg, run, resume=resume, overwrite=overwrite)  # takes the run's writer lock
+            codebook = ensure_codebook(cfg, data, run) if needs_semantic_ids(cfg, [self.head]) else None
+            train_one(cfg, data, codebook, run, resume=resume, overwrite=overwrite)
+        finally:
+            io.release_writer_lock(run)
         return self._open(RunDir(run), data)
 
     @classmethod
@@ -155,7 +158,7 @@ class Recommender:
         io.check_output_dir(path, "run", overwrite=overwrite)
         marker = {k: v for k, v in self.run.marker().items() if k not in ("kind", "sidrec", "legacy")}
         with io.atomic_dir(path, "run", **marker) as tmp:
-            shutil.copytree(self.run.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(io.MARKER))
+            shutil.copytree(self.run.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(io.MARKER, io.LOCK))
         return path
 
     # -- using it ----------------------------------------------------------------------------

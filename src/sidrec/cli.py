@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 
+from sidrec import io
 from sidrec.cli_args import int_range, one_char
 from sidrec.errors import SidrecWarning, UserError
 
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - a bug: one line, not a traceback (SIDREC_DEBUG=1 shows it)
         return _internal(e)
+    finally:
+        io.release_writer_locks()
 
 
 def _internal(e: Exception) -> int:

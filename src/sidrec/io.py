@@ -17,6 +17,7 @@ the file, so a corrupt or truncated artefact is a user error (exit 2), never a t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -217,6 +218,8 @@ def own_dir(path: str | Path, kind: str, **marker: Any) -> Path:
     path = Path(path)
     check_output_dir(path, kind, exist_ok=True)
     path.mkdir(parents=True, exist_ok=True)
+    if kind in LOCKED_KINDS:
+        hold_writer_lock(path)  # before clean_stale: another writer's temp files are not stale
     clean_stale(path)
     old = read_marker(path) or {}
     if old.get("legacy") or MARKER not in os.listdir(path) or marker:
@@ -224,13 +227,53 @@ def own_dir(path: str | Path, kind: str, **marker: Any) -> Path:
     return path
 
 
+#: Kinds written by long jobs, which one process at a time may write (see hold_writer_lock).
+LOCKED_KINDS = ("run", "pipeline")
+LOCK = ".sidrec.lock"
+_HELD: dict[str, Any] = {}
+
+
+def hold_writer_lock(path: str | Path) -> None:
+    """Take the sidrec directory `path` for this process alone, or refuse (UserError) while another
+    process writes it: two trainings into one run would interleave checkpoints and remove each
+    other's temp files. A non-blocking flock on `.sidrec.lock`, held until `release_writer_lock` or
+    the process ends; the OS drops it when a killed job dies, so no stale lock outlives its writer."""
+    key = str(Path(path).resolve())
+    if key in _HELD:
+        return
+    f = open(Path(path) / LOCK, "a")  # noqa: SIM115 - kept open: the lock lives as long as the file
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError("another sidrec process is writing this directory; wait for it to finish or give "
+                        "another directory", str(path)) from None
+    _HELD[key] = f
+
+
+def release_writer_lock(path: str | Path) -> None:
+    """Let other processes write `path` again (a no-op if this process does not hold it)."""
+    f = _HELD.pop(str(Path(path).resolve()), None)
+    if f is not None:
+        f.close()
+
+
+def release_writer_locks() -> None:
+    """Release every directory this process holds (a command's locks end with the command)."""
+    for key in list(_HELD):
+        release_writer_lock(key)
+
+
 #: What sidrec writes into directories it replaces wholesale (anything else there is the user's).
+#: The module that owns a kind's layout registers it (run.py: "run").
 _OWN_ENTRIES = {"data": {"sequences.npz", "items.parquet", "stats.json", "prepare.json", "world.npz", "embeddings"},
                 "codebook": {"codebook.npz", "codebook.json"},
-                "run": {"config.yaml", "codebook", "data", "model.safetensors", "trainer_state.pt", "metrics.jsonl",
-                        "timings.jsonl", "eval.json", "eval-seen-excluded.json", "verify.json", "report.md",
-                        "bench.json", "catalog"},
                 "catalog": {"items.parquet", "codebook", "catalog.json"}}
+
+
+def register_entries(kind: str, names: set[str]) -> None:
+    """Declare what sidrec writes into a directory of `kind` (called by the module owning its layout)."""
+    _OWN_ENTRIES[kind] = set(names)
 
 
 def foreign_entries(path: Path, kind: str) -> list[str]:
@@ -238,7 +281,7 @@ def foreign_entries(path: Path, kind: str) -> list[str]:
     own = _OWN_ENTRIES.get(kind)
     if own is None:
         return []
-    return sorted(p.name for p in Path(path).iterdir() if p.name not in own and p.name != MARKER
+    return sorted(p.name for p in Path(path).iterdir() if p.name not in own and p.name not in (MARKER, LOCK)
                   and not (p.name.startswith(".") and p.name.endswith((".tmp", ".old"))))
 
 
@@ -264,10 +307,15 @@ def atomic_dir(path: str | Path, kind: str, **marker: Any) -> Iterator[Path]:
     If the body raises, the temporary directory is removed and `path` is left untouched.
     """
     path = Path(path)
+    locked = path.is_dir() and kind in LOCKED_KINDS and str(path.resolve()) not in _HELD
     if path.exists():
         check_output_dir(path, kind, overwrite=True)
+        if locked:
+            hold_writer_lock(path)  # not replaced under a process that is writing it
         foreign = foreign_entries(path, kind)
         if foreign:
+            if locked:
+                release_writer_lock(path)
             raise UserError(f"holds files sidrec did not write ({', '.join(foreign[:5])}); move them out before "
                             f"it is replaced", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +324,8 @@ def atomic_dir(path: str | Path, kind: str, **marker: Any) -> Iterator[Path]:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as e:
+        if locked:
+            release_writer_lock(path)
         raise OSError(e.errno, e.strerror, str(path)) from None
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
@@ -299,6 +349,8 @@ def atomic_dir(path: str | Path, kind: str, **marker: Any) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+        if locked:
+            release_writer_lock(path)
 
 
 def _json_default(o: Any) -> Any:

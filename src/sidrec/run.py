@@ -42,6 +42,7 @@ METRICS, TIMINGS, CODEBOOK = "metrics.jsonl", "timings.jsonl", "codebook"
 EVALS = ("eval.json", "eval-seen-excluded.json")
 JOINT_MIX = "joint-mix.json"  # a joint head's ranking weight, chosen on validation after training
 PRODUCTS = (WEIGHTS, STATE, METRICS, TIMINGS, JOINT_MIX, *EVALS, "verify.json", "report.md")
+io.register_entries("run", {CONFIG, CODEBOOK, "data", "catalog", "bench.json", *PRODUCTS})
 
 #: Settings that may change on `train --resume`: they do not change the weights a run reaches.
 RESUME_FREE = frozenset({"train.device", "train.eval_batch_size", "train.log_every", "train.ckpt_every_steps"})

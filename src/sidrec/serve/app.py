@@ -291,12 +291,22 @@ def create_app(service: Service, batching: Batching = Batching(), limits: Limits
 
     async def reload() -> dict:
         async with reloading:  # one reload at a time; requests are answered throughout
-            return await asyncio.to_thread(service.reload)
+            out = await asyncio.to_thread(service.reload)
+        if out["reloaded"]:  # the operator's confirmation (a SIGHUP has no reply)
+            print(f"sidrec serve: serving catalogue {out['version']} ({out['n_items']} items; was "
+                  f"{out['previous']})", file=sys.stderr, flush=True)
+        return out
+
+    def reloaded(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # keep serving the old catalogue; say why
+            print(f"sidrec serve: reload failed, still serving the previous catalogue: {task.exception()}",
+                  file=sys.stderr, flush=True)
 
     def on_sighup() -> None:
         task = asyncio.get_running_loop().create_task(reload())
         tasks.add(task)  # keep a reference until it finishes
-        task.add_done_callback(tasks.discard)
+        task.add_done_callback(reloaded)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
