@@ -34,7 +34,7 @@ from sidrec import run as rundir
 from sidrec.pipeline import (ensure_codebook, ensure_data, evaluate_run, head_config, model_inputs, train_one,
                              MIX_GRID, tune_joint_mix)
 from sidrec.evaluate import mix_curve
-from sidrec.train.trainer import pick_device
+from sidrec.train.config import pick_device
 from sidrec.run import RunDir
 
 DATASETS = ("beauty", "sports", "yelp", "ml-100k")  # configs/<name>.yaml says where the data is

@@ -7,7 +7,7 @@ The Python API (`sidrec.Recommender`, `sidrec.load_data`, `sidrec.from_frame`, `
 is imported on first use, so `import sidrec` and the CLI's --help stay fast.
 """
 
-__version__ = "0.1.0"
+from sidrec.version import __version__
 
 _API = ("Recommender", "load_data", "from_frame", "synthetic")
 

@@ -91,7 +91,7 @@ class Recommender:
         unknown = set(sections) - {"data", "tokenizer", "model", "train", "eval"}
         if unknown:
             raise UserError(f"unknown config section(s) {', '.join(sorted(unknown))} (tokenizer, model, train, eval)")
-        from sidrec.train.trainer import pick_device
+        from sidrec.train.config import pick_device
 
         self.head = head
         self.device = pick_device(device)
@@ -129,7 +129,7 @@ class Recommender:
     @classmethod
     def load(cls, run: str | Path, device: str = "auto") -> "Recommender":
         """A trained run directory (from `fit`, `sidrec train` or `sidrec run DIR/<head>`)."""
-        from sidrec.train.trainer import pick_device
+        from sidrec.train.config import pick_device
 
         rd = RunDir.open(run)
         self = cls.__new__(cls)

@@ -13,9 +13,8 @@ import yaml
 from sidrec import io
 from sidrec.errors import UserError
 from sidrec.model import BackboneConfig, ModelConfig, upgrade_model_dict
-from sidrec.run import flat_keys
 from sidrec.tokenize import METHODS
-from sidrec.train.trainer import TrainConfig
+from sidrec.train.config import TrainConfig
 
 DEFAULTS: dict[str, Any] = {
     "name": "run",
@@ -48,6 +47,18 @@ SYNTHETIC: dict[str, Any] = {
     "heads": ["ar", "fv", "parallel"],
     "eval": {"exclude_seen": False},
 }
+
+
+def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}: the dotted keys configs, schemas and
+    fingerprints speak in."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _merge(base: dict, over: dict, path: str = "") -> dict:

@@ -286,7 +286,7 @@ def foreign_entries(path: Path, kind: str) -> list[str]:
 
 
 def write_marker(path: Path, kind: str, **fields: Any) -> None:
-    from sidrec import __version__
+    from sidrec.version import __version__
 
     write_json(Path(path) / MARKER, {"kind": kind, "sidrec": __version__, **fields})
 

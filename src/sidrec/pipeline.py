@@ -178,10 +178,10 @@ def train_one(cfg: dict, data: SequenceData, codebook: Codebook | None, run: Pat
     An existing run is continued (`resume`, same settings only) or replaced (`overwrite`)."""
     from sidrec.evaluate import validator
     from sidrec.model import SeqRecModel
-    from sidrec.train.trainer import Trainer, _dist_info
+    from sidrec.train.trainer import Trainer, dist_info
 
     mc, tc = model_config(cfg), train_config(cfg)
-    rank, _ = _dist_info()
+    rank, _ = dist_info()
     if rank == 0:
         rd = RunDir.create(run, model_inputs(cfg, data, codebook), resume=resume, overwrite=overwrite)
         resolved = copy.deepcopy(cfg)
@@ -220,7 +220,7 @@ def tune_joint_mix(run: Path, *, data: SequenceData | None = None, grid: tuple[f
     to the smaller weight, i.e. toward the AR head that proposes the candidates) and store it in the
     run, where every later load applies it. exclude_seen None: the run's checkpoint-selection protocol."""
     from sidrec.evaluate import mix_curve
-    from sidrec.train.trainer import pick_device
+    from sidrec.train.config import pick_device
 
     grid = tuple(sorted(set(float(m) for m in grid)))
     if not grid or not all(0 <= m <= 1 for m in grid):
@@ -257,7 +257,7 @@ def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int
     head, how many AR candidates the FV rescoring needs to match the exact mixture).
     """
     from sidrec.evaluate import evaluate_split, overlap_at
-    from sidrec.train.trainer import pick_device
+    from sidrec.train.config import pick_device
 
     device = pick_device(device)
     rd = RunDir.open(run)

@@ -33,9 +33,11 @@ import numpy as np
 import torch
 import yaml
 
-from sidrec import __version__, io
+from sidrec import io
+from sidrec.version import __version__
 from sidrec.errors import NonBijectiveWarning, UserError
 from sidrec.provenance import code_state, environment, label  # noqa: F401 (environment: re-exported)
+from sidrec.config import flat_keys
 
 CONFIG, WEIGHTS, STATE = "config.yaml", "model.safetensors", "trainer_state.pt"
 METRICS, TIMINGS, CODEBOOK = "metrics.jsonl", "timings.jsonl", "codebook"
@@ -87,18 +89,6 @@ def file_digest(path: str | Path) -> str:
                 h.update(block)
         _FILE_DIGESTS[key] = h.hexdigest()[:16]
     return _FILE_DIGESTS[key]
-
-
-def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}: the dotted keys configs, schemas and
-    fingerprints speak in."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat_keys(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def check_claim(path: str | Path, *, resume: bool, overwrite: bool, inputs: tuple = (), option: str = "--out") -> bool:
@@ -569,4 +559,4 @@ def eval_file(exclude_seen: bool) -> str:
 
 __all__ = ["RunDir", "NonBijectiveWarning", "digest", "file_digest", "data_inputs", "codebook_inputs",
            "model_inputs", "changed_keys", "stage_status", "dir_fingerprint", "marker_fields", "eval_file",
-           "RESUME_FREE", "flat_keys", "check_claim"]
+           "RESUME_FREE", "check_claim"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,48 +33,8 @@ from sidrec.data.prepare import SequenceData
 from sidrec.errors import UserError
 from sidrec.model import SeqRecModel
 from sidrec.run import RunDir
+from sidrec.train.config import TrainConfig, pick_device
 from sidrec.train.optim import ModelOptimizer
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 256  # sequences per (global) batch
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 200
-    schedule: str = "cosine"  # cosine | inverse-sqrt | constant
-    grad_clip: float = 1.0
-    patience: int = 8  # epochs without validation NDCG@10 improvement before stopping
-    eval_every: int = 1  # epochs
-    eval_batch_size: int = 1024
-    eval_users: int = 0  # 0: all users; else a fixed random subset for faster validation
-    exclude_seen: bool = False  # validation protocol (the pipeline sets it from eval.exclude_seen)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bf16 autocast on CUDA
-    ckpt_every_steps: int = 0  # 0: checkpoint at epoch ends only
-    max_steps: int = 0  # 0: no limit (tests and benchmarks stop early)
-    max_seconds: float = 0  # 0: no limit; else stop once the optimisation steps took this long (a time budget)
-    log_every: int = 50
-    bucket: bool = True  # length-bucketed batches (False: random batches padded to their max)
-    sparse: bool = True  # the N-row tables: sparse lookups and a row-sparse optimizer (sidrec.train.sparse)
-    sparse_optimizer: str = "adam"  # adam (with catch-up of skipped steps) | adagrad (row-wise)
-    sparse_lr: float = 0  # the row-sparse optimizer's learning rate (0: lr)
-
-
-def pick_device(name: str | torch.device) -> torch.device:
-    """One device rule for training, evaluation and recommendation: auto = the GPU when there is one."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r}: no CUDA GPU is available (use auto or cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r} (auto, cpu, cuda)") from None
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -92,7 +51,8 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return f
 
 
-def _dist_info() -> tuple[int, int]:
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside torch.distributed. Only rank 0 writes."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -110,7 +70,7 @@ class Trainer:
         self.cfg = cfg
         self.data = data
         self.run = run_dir if isinstance(run_dir, RunDir) else RunDir.create(run_dir, resume=True)
-        self.rank, self.world = _dist_info()
+        self.rank, self.world = dist_info()
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.model = model.to(self.device)
@@ -266,4 +226,4 @@ def ddp_setup() -> bool:
     return False
 
 
-__all__ = ["TrainConfig", "Trainer", "pick_device", "ddp_setup", "asdict"]
+__all__ = ["Trainer", "ddp_setup", "dist_info", "lr_lambda"]

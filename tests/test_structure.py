@@ -1,0 +1,54 @@
+"""The package's shape: dependencies point one way (no import cycles, function-level imports included)."""
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for f in SRC.rglob("*.py"):
+        parts = f.relative_to(SRC).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return out
+
+
+def _imports(mod: str, f: Path, mods: dict[str, Path]) -> set[str]:
+    """sidrec modules `mod` imports anywhere in its body (`from pkg import sub` names the submodule)."""
+    names = []
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
+                base = ".".join(pkg[:len(pkg) - node.level + 1] + ([base] if base else []))
+            names += [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+    out = set()
+    for n in names:
+        while n and n not in mods:
+            n = n.rpartition(".")[0]
+        if n and n != mod:
+            out.add(n)
+    return out
+
+
+def test_no_import_cycles():
+    mods = _modules()
+    graph = {m: _imports(m, f, mods) for m, f in mods.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            assert state.get(n) != 1, "import cycle: " + " -> ".join(path[path.index(n):] + [n])
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert "sidrec.run" in graph and "sidrec.train.config" in graph  # the walk saw the package
