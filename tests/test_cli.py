@@ -75,7 +75,9 @@ def test_export_items_feeds_tokenize(synthetic_run, tmp_path, capsys):
     data_dir = yaml.safe_load((synthetic_run / "fv" / "config.yaml").read_text())["data"]["dir"]
     assert main(["tokenize", data_dir, "--embeddings", str(npy), "--codebook-size", "8", "--out",
                  str(tmp_path / "cb")]) == 0
-    assert json.loads((tmp_path / "cb" / "codebook.json").read_text())["bijective"] is True
+    meta = json.loads((tmp_path / "cb" / "codebook.json").read_text())
+    assert meta["bijective"] is True
+    assert meta["tokenizer"]["codebook_size"] == 8 and meta["tokenizer"]["embeddings"] == str(npy)  # as train records
     assert main(["export-items", str(tmp_path / "nope"), "--out", str(npy)]) == 2
     assert main(["export-items", str(synthetic_run / "fv"), "--out", str(tmp_path / "x.txt")]) == 2
 
@@ -233,3 +235,21 @@ def test_run_with_the_joint_head_alone_then_verify_and_save_it(tmp_path, capsys)
     copy = rec.save(tmp_path / "copy")
     assert rec.save(copy, overwrite=True) == copy  # a joint run's own files are sidrec's (joint-mix.json)
     assert json.loads((copy / "joint-mix.json").read_text()) == json.loads((joint / "joint-mix.json").read_text())
+
+
+def test_a_log_without_timestamps_reads_alike_from_data_prepare_and_from_a_config(tmp_path):
+    """time_col "none" (file order) means the same in `data prepare` and in a config's data section."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = [f"u{u},i{i}" for u in range(120) for i in rng.choice(40, size=8, replace=False)]
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id\n" + "\n".join(rows) + "\n")
+    assert main(["data", "prepare", "--format", "csv", "--path", str(log), "--time-col", "none",
+                 "--out", str(tmp_path / "d")]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--head", "fv", "--set", "data.synthetic=null", "data.format=csv",
+                 f"data.path={log}", "data.time_col=none", "train.epochs=1", "model.backbone.d_model=16",
+                 "model.backbone.d_ff=32", "model.backbone.n_heads=1"]) == 0
+    a, b = (np.load(p / "sequences.npz", allow_pickle=False) for p in (tmp_path / "d", run / "data"))
+    assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)

@@ -69,14 +69,17 @@ def synthetic(out: str | Path | None = None, *, n_items: int = 2000, n_users: in
               seed: int = 0) -> SequenceData:
     """The synthetic catalogue with a known P*(item | history), written to `out` (default: a new
     temporary directory) so that its ground truth travels with it."""
-    from sidrec.data.synth import make_synthetic, save_synthetic
+    from sidrec.pipeline import write_data
 
-    spec = {"n_items": n_items, "n_users": n_users, "dim": dim, "seed": seed}
+    spec = {"synthetic": {"n_items": n_items, "n_users": n_users, "dim": dim, "seed": seed}}
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="sidrec-synthetic-")) / "data"
     io.check_output_dir(out, "data")
-    data, world = make_synthetic(**spec)
-    save_synthetic(data, world, out, rundir.marker_fields(rundir.data_inputs({"synthetic": spec})))
-    return SequenceData.load(out)
+    return write_data(spec, out, rundir.data_inputs(spec))
+
+
+def unknown_ids_message(missing: list[str]) -> str:
+    """How the API, the CLI and the server name ids the catalogue does not hold (the first 20)."""
+    return f"unknown item id(s): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else "")
 
 
 # ----------------------------------------------------------------------------------- the estimator
@@ -209,8 +212,7 @@ class Recommender:
     def _indices(self, raw: list, what: str) -> np.ndarray:
         idx = self.item_index([str(i) for i in raw])
         if (idx < 0).any():
-            missing = [str(r) for r, i in zip(raw, idx) if i < 0]
-            raise UserError(f"{what}: unknown item id(s): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+            raise UserError(f"{what}: {unknown_ids_message([str(r) for r, i in zip(raw, idx) if i < 0])}")
         return idx
 
     def recommend_indices(self, histories: list[np.ndarray], k: int, *, decode: str = "exact", beam: int = 20,

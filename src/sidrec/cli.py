@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from sidrec import io
 from sidrec.cli_args import int_range, one_char
@@ -29,37 +30,25 @@ def print_stats(stats: dict) -> None:
 # ----------------------------------------------------------------------------------------- data
 def cmd_data_prepare(a: argparse.Namespace) -> None:
     from sidrec import io, run
-    from sidrec.data import prepare, read
+    from sidrec.pipeline import write_data
 
     io.check_output_dir(a.out, "data", overwrite=a.overwrite, inputs=(a.path, a.meta))
     settings = {"format": a.format, "path": a.path, "meta": a.meta, "kcore": a.kcore, "dedup": a.dedup,
                 "max_seq_len": a.max_seq_len, "item_id_col": a.item_id_col}
     if a.format == "csv":
         settings.update(user_col=a.user_col, item_col=a.item_col, time_col=a.time_col, sep=a.sep)
-    inputs = run.data_inputs(settings)
-    kw = {}
-    if a.format == "csv":
-        kw = dict(user_col=a.user_col, item_col=a.item_col, sep=a.sep,
-                  time_col=None if a.time_col.lower() == "none" else a.time_col)
-        if a.item_id_col:
-            kw["item_id_col"] = a.item_id_col
-    elif a.format == "seq" and a.item_id_col:
-        kw["item_id_col"] = a.item_id_col
-    ds = read(a.format, a.path, a.meta, **kw)
-    data = prepare(ds, kcore_k=a.kcore, dedup=a.dedup, max_seq_len=a.max_seq_len)
-    data.save(a.out, marker=run.marker_fields(inputs))
+    data = write_data(settings, Path(a.out), run.data_inputs(settings))
     print(f"wrote {a.out}")
     print_stats(data.stats())
 
 
 def cmd_data_synth(a: argparse.Namespace) -> None:
     from sidrec import io, run
-    from sidrec.data.synth import make_synthetic, save_synthetic
+    from sidrec.pipeline import write_data
 
     io.check_output_dir(a.out, "data", overwrite=a.overwrite)
-    syn = {"n_items": a.items, "n_users": a.users, "dim": a.dim, "seed": a.seed}
-    data, world = make_synthetic(**syn)
-    save_synthetic(data, world, a.out, run.marker_fields(run.data_inputs({"synthetic": syn})))
+    syn = {"synthetic": {"n_items": a.items, "n_users": a.users, "dim": a.dim, "seed": a.seed}}
+    data = write_data(syn, Path(a.out), run.data_inputs(syn))
     print(f"wrote {a.out}")
     print_stats(data.stats())
 

@@ -30,9 +30,7 @@ def print_codebook(info: dict) -> None:
 def cmd_tokenize(a: argparse.Namespace) -> None:
     from sidrec import io, run
     from sidrec.data import SequenceData
-    from sidrec.embed import get_embeddings
-    from sidrec.pipeline import say
-    from sidrec.tokenize import fit_codebook
+    from sidrec.pipeline import fit_tokenizer, say
 
     out = Path(a.out)
     npy = a.embeddings if a.embeddings.endswith(".npy") else None
@@ -41,9 +39,7 @@ def cmd_tokenize(a: argparse.Namespace) -> None:
     tok = {"method": a.method, "levels": a.levels, "codebook_size": a.codebook_size, "embeddings": a.embeddings,
            "text_model": a.text_model, "collab_dim": a.collab_dim, "resolve": a.resolve, "seed": a.seed}
     inputs = run.codebook_inputs(tok, run.dir_fingerprint(a.data, "data"))
-    emb = get_embeddings(data, a.embeddings, model=a.text_model, dim=a.collab_dim, seed=a.seed)
-    cb = fit_codebook(emb, a.method, a.levels, a.codebook_size, resolve_strategy=a.resolve, seed=a.seed,
-                      embeddings=a.embeddings)
+    cb = fit_tokenizer(data, tok, a.embeddings)
     cb.save(out, marker=run.marker_fields(inputs))
     print(f"wrote {out}")
     print_codebook(cb.to_json())

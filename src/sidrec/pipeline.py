@@ -57,18 +57,28 @@ def ensure_data(cfg: dict, work: Path) -> SequenceData:
         return SequenceData.load(out)
     if status == "stale":
         say(f"{out} was prepared from other inputs ({', '.join(changed)}): preparing it again")
+    return write_data(d, out, inputs, _resolver(cfg))
+
+
+def write_data(d: dict, out: Path, inputs: dict, resolve=lambda p: p) -> SequenceData:
+    """Make the prepared data directory `out` from data settings `d` (a config's data section; the
+    CLI's `data prepare` / `data synth` flags and `sidrec.synthetic` speak the same keys): the
+    synthetic generator, or a log read and prepared. `inputs` (run.data_inputs) go into its marker.
+    One place, so that every entry point reads a file the same way (e.g. time_col "none")."""
     marker = rundir.marker_fields(inputs)
     if d.get("synthetic"):
         from sidrec.data.synth import make_synthetic, save_synthetic
 
         data, world = make_synthetic(**d["synthetic"])
         save_synthetic(data, world, out, marker)
-    else:
-        kw = {"item_id_col": d["item_id_col"]} if d.get("item_id_col") else {}
-        if d["format"] == "csv":
-            kw.update(user_col=d["user_col"], item_col=d["item_col"], time_col=d["time_col"], sep=d["sep"])
-        ds = read(d["format"], resolve_path(cfg, d["path"]), resolve_path(cfg, d.get("meta")), **kw)
-        prepare(ds, kcore_k=d["kcore"], dedup=d["dedup"], max_seq_len=d["max_seq_len"]).save(out, marker=marker)
+        return SequenceData.load(out)
+    kw = {"item_id_col": d["item_id_col"]} if d.get("item_id_col") else {}
+    if d["format"] == "csv":
+        tc = d.get("time_col")
+        kw.update(user_col=d["user_col"], item_col=d["item_col"], sep=d["sep"],
+                  time_col=None if tc is None or str(tc).lower() == "none" else tc)
+    ds = read(d["format"], resolve(d["path"]), resolve(d.get("meta")), **kw)
+    prepare(ds, kcore_k=d["kcore"], dedup=d["dedup"], max_seq_len=d["max_seq_len"]).save(out, marker=marker)
     return SequenceData.load(out)
 
 
@@ -79,8 +89,6 @@ def codebook_inputs(cfg: dict, data_fp: str) -> dict:
 def ensure_codebook(cfg: dict, data: SequenceData, work: Path) -> Codebook:
     """A codebook fitted with the config's tokenizer settings on `data`, in work/codebook (reused when
     made from the same inputs)."""
-    from sidrec.embed import get_embeddings
-
     t = cfg["tokenizer"]
     out = work / "codebook"
     inputs = codebook_inputs(cfg, rundir.dir_fingerprint(data.path, "data"))
@@ -93,13 +101,21 @@ def ensure_codebook(cfg: dict, data: SequenceData, work: Path) -> Codebook:
     if status != "new":
         say(f"{out} was fitted on other inputs ({', '.join(changed)}): fitting it again")
     source = str(t["embeddings"])
-    if source.endswith(".npy"):
-        source = resolve_path(cfg, source)
-    emb = get_embeddings(data, source, model=t["text_model"], dim=t["collab_dim"], seed=t["seed"])
+    cb = fit_tokenizer(data, t, resolve_path(cfg, source) if source.endswith(".npy") else source)
+    cb.save(out, marker=rundir.marker_fields(inputs))
+    return cb
+
+
+def fit_tokenizer(data: SequenceData, t: dict, source: str | Path) -> Codebook:
+    """Embed `data`'s items from `source` (collab | text | latent | a .npy path) and fit the tokenizer
+    settings `t` (a config's tokenizer section); the settings travel in the codebook's meta, which
+    `items add` reads to embed new items the same way. One place for `sidrec tokenize` and training."""
+    from sidrec.embed import get_embeddings
+
+    emb = get_embeddings(data, str(source), model=t["text_model"], dim=t["collab_dim"], seed=t["seed"])
     cb = fit_codebook(emb, t["method"], t["levels"], t["codebook_size"], resolve_strategy=t["resolve"],
                       seed=t["seed"], embeddings=str(t["embeddings"]))
     cb.meta["tokenizer"] = {k: (str(v) if k == "embeddings" else v) for k, v in t.items()}
-    cb.save(out, marker=rundir.marker_fields(inputs))
     return cb
 
 

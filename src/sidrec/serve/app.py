@@ -32,6 +32,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from sidrec.api import unknown_ids_message
 from sidrec.errors import UserError
 from sidrec.serve.batcher import MicroBatcher, Overloaded
 from sidrec.serve.schemas import BadRequest, Limits, parse, request_models
@@ -170,8 +171,7 @@ class Service:
             if (idx < 0).any():
                 unknown = [x for x, i in zip(raw, idx) if i < 0]
                 if r.on_unknown == "error":
-                    raise BadRequest(422, r.where + name, f"unknown item id(s): {', '.join(unknown[:20])}"
-                                     + (" ..." if len(unknown) > 20 else ""), unknown=unknown[:1000])
+                    raise BadRequest(422, r.where + name, unknown_ids_message(unknown), unknown=unknown[:1000])
                 ignored[name] = unknown
                 idx = idx[idx >= 0]
             out.append(idx)
