@@ -253,3 +253,14 @@ def test_a_log_without_timestamps_reads_alike_from_data_prepare_and_from_a_confi
                  "model.backbone.d_ff=32", "model.backbone.n_heads=1"]) == 0
     a, b = (np.load(p / "sequences.npz", allow_pickle=False) for p in (tmp_path / "d", run / "data"))
     assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_tokenize_options_are_the_config_keys_they_mirror(capsys):
+    from sidrec.cli import build_parser
+    from sidrec.config import DEFAULTS
+
+    a = build_parser().parse_args(["tokenize", "d", "--out", "o"])
+    assert {k: getattr(a, k) for k in DEFAULTS["tokenizer"]} == DEFAULTS["tokenizer"]
+    with pytest.raises(SystemExit) as e:
+        main(["tokenize", "d", "--out", "o", "--codebook-size", "1"])  # the schema's range: >= 2
+    assert e.value.code == 2 and "must be in [2, " in capsys.readouterr().err

@@ -44,3 +44,15 @@ def float_range(lo: float, hi: float):
 
     parse.__name__ = "number"
     return parse
+
+
+def schema_option(p: argparse.ArgumentParser, flag: str, key: str, help: str) -> None:
+    """An option that sets config key `key`: its type, range, choices and default come from
+    config.SCHEMA / DEFAULTS, so a flag and the key it mirrors never disagree."""
+    from sidrec.config import DEFAULTS, SCHEMA
+
+    spec, (section, name) = SCHEMA[key], key.split(".", 1)
+    default = DEFAULTS[section][name]
+    kw = {"type": int_range(spec[1], spec[2])} if spec[0] == "int" else \
+        {"choices": list(spec[1])} if spec[0] == "choice" else {}
+    p.add_argument(flag, default=default, help=f"{help} (default {default}; the config's {key})", **kw)

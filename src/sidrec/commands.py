@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sidrec.cli_args import float_range, int_range
+from sidrec.cli_args import float_range, int_range, schema_option
 
 
 def print_codebook(info: dict) -> None:
@@ -49,27 +49,24 @@ def cmd_tokenize(a: argparse.Namespace) -> None:
 
 
 def add_tokenize(sub: argparse._SubParsersAction) -> None:
-    from sidrec.embed import DEFAULT_TEXT_MODEL
-    from sidrec.tokenize import METHODS
-
     p = sub.add_parser(
         "tokenize", help="fit a semantic-ID tokenizer and save a bijective codebook",
         description="Embed items (text, collaborative, synthetic latent, or a .npy file), fit a cascaded "
         "(RQ-KMeans, balanced RQ-KMeans, RQ-VAE) or parallel (PQ, OPQ) tokenizer, resolve collisions so "
         "that the item -> ID map is a bijection, and save codebook.npz + codebook.json.")
     p.add_argument("data", help="prepared data directory")
-    p.add_argument("--method", default="rq-kmeans", choices=METHODS)
-    p.add_argument("--levels", type=int_range(1, 16), default=3, help="tokens per ID before resolution (default 3)")
-    p.add_argument("--codebook-size", type=int_range(2, 1 << 20), default=256, help="codes per level (default 256)")
-    p.add_argument("--embeddings", default="collab",
-                   help="collab (default, as the recipe) | text | latent (synthetic data) | PATH.npy of shape [items, d]")
-    p.add_argument("--text-model", default=DEFAULT_TEXT_MODEL,
-                   help="sentence-transformers model name or local path (e.g. sentence-t5-base)")
-    p.add_argument("--collab-dim", type=int_range(1), default=64, help="dimension of collaborative embeddings")
-    p.add_argument("--resolve", default="reassign", choices=["reassign", "extra-token", "none"],
-                   help="collision strategy: move to the nearest free last-level code (default), append a "
-                   "disambiguation token (TIGER), or none (non-bijective, for counter-examples)")
-    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0)
+    schema_option(p, "--method", "tokenizer.method", "tokenizer")
+    schema_option(p, "--levels", "tokenizer.levels", "tokens per ID before resolution")
+    schema_option(p, "--codebook-size", "tokenizer.codebook_size", "codes per level")
+    schema_option(p, "--embeddings", "tokenizer.embeddings",
+                  "collab (as the recipe) | text | latent (synthetic data) | PATH.npy of shape [items, d]")
+    schema_option(p, "--text-model", "tokenizer.text_model",
+                  "sentence-transformers model name or local path (e.g. sentence-t5-base)")
+    schema_option(p, "--collab-dim", "tokenizer.collab_dim", "dimension of collaborative embeddings")
+    schema_option(p, "--resolve", "tokenizer.resolve", "collision strategy: move to the nearest free last-level "
+                  "code (reassign), append a disambiguation token (extra-token, TIGER), or none (non-bijective, "
+                  "for counter-examples)")
+    schema_option(p, "--seed", "tokenizer.seed", "seed")
     p.add_argument("--out", required=True, help="output codebook directory (new, or one sidrec made)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing codebook directory at --out")
     p.set_defaults(func=cmd_tokenize)
