@@ -41,6 +41,7 @@ DATASETS = ("beauty", "sports", "yelp", "ml-100k")  # configs/<name>.yaml says w
 KEYS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr")
 WIDE_BEAMS = (50, 100)  # a joint head's extra beam widths
 TEST_CURVE = "test-mix-curve.json"  # a joint run's test metrics (seen items excluded) at every mix
+io.register_entries("run", {TEST_CURVE})  # the benchmark's own records in a run are sidrec's, not the user's
 
 
 def prepared(dataset: str, cfg: dict, work: Path, max_users: int | None) -> SequenceData:
@@ -142,7 +143,8 @@ def trained(hc: dict, data: SequenceData, cb, run_dir: Path) -> float:
         return wall
     t = time.perf_counter()
     start = common.code_state()  # a resumed run: the code of its resumed part (the stamp says "resumed")
-    train_one(hc, data, cb, run_dir, resume=status == "same", overwrite=status == "stale")
+    with io.writer_session():  # the run is released once trained: a long benchmark holds only the current one
+        train_one(hc, data, cb, run_dir, resume=status == "same", overwrite=status == "stale")
     io.write_json(bench_file, {"config": want, "wall_s": None})  # a killed run resumes from its checkpoint
     evaluate_both(hc, data, run_dir)
     wall = round(time.perf_counter() - t, 1)

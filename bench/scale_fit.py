@@ -6,11 +6,10 @@ For each catalogue size N, synthetic users are drawn from the generator with a k
 P*(item | history) (`sidrec.data.synth`: a latent item hierarchy, popularity, an EMA of the
 history). Then, on the same backbone and the same training-time budget on this machine (the time
 spent in optimisation steps; validation excluded), each output layer is trained with the library's
-Trainer: AR-NTP on RQ-KMeans semantic IDs of the items' latent vectors (the shipped head, whose
-node vectors add the mean item vector below each node, and the token-only head, which has no
-per-item output parameters), FV-MLE
-with the exact streamed softmax, and FV-MLE with sampled softmax (popularity proposal, 4,096
-negatives, logQ correction). On held-out test users: NLL of the real next item, KL(P* || Q), Recall@10
+Trainer: AR-NTP on RQ-KMeans semantic IDs of the items' latent vectors (the default head, a
+centred node table on the row-sparse path, and the earlier head, free item vectors with dense
+AdamW), FV-MLE with the exact streamed softmax, and FV-MLE with sampled softmax on the row-sparse
+path (popularity proposal, 4,096 negatives, logQ correction). On held-out test users: NLL of the real next item, KL(P* || Q), Recall@10
 and NDCG@10 (full ranking, seen items kept: users may return to an item) against the Bayes-optimal
 ranking by P*, and the KL after every epoch with the training time it took (how fast each reaches
 a given KL). Each model's epoch is selected on the NLL of held-out validation items (NDCG@10 is near

@@ -89,16 +89,21 @@ def test_a_run_another_process_writes_is_refused_until_it_ends(tmp_path, syn, ca
         (run / ".model.safetensors.123.tmp").write_bytes(b"half a checkpoint")  # the writer's, mid-save
         args = ["train", "--out", str(run), "--head", "fv", "--set", f"data.dir={syn.path}", "train.epochs=1",
                 "model.backbone.d_model=16", "model.backbone.d_ff=32", "model.backbone.n_heads=1"]
-        assert main(args) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "another sidrec process is writing" in err[0] and str(run) in err[0]
-        with pytest.raises(sidrec.errors.UserError, match="another sidrec process"):
-            sidrec.Recommender(head="ar", **SMALL).fit(syn, out=run)
-        assert (run / ".model.safetensors.123.tmp").exists()  # its temp file was not swept as stale
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            if extra:  # a checkpoint of the writer's: what --overwrite would delete, --resume would load
+                (run / "model.safetensors").write_bytes(b"the writer's last checkpoint")
+            assert main(args[:3] + extra + args[3:]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "another sidrec process is writing" in err[0] and str(run) in err[0]
+        for kw in ({"overwrite": True}, {"resume": True}):
+            with pytest.raises(sidrec.errors.UserError, match="another sidrec process"):
+                sidrec.Recommender(head="ar", **SMALL).fit(syn, out=run, **kw)
+        # nothing of the writer's was deleted: not its temp file (a stale sweep), not its checkpoint (--overwrite)
+        assert (run / ".model.safetensors.123.tmp").exists() and (run / "model.safetensors").exists()
     finally:
         holder.kill()
         holder.wait()
-    assert main(args) == 0  # the OS dropped the lock with its process
+    assert main(args[:3] + ["--overwrite"] + args[3:]) == 0  # the OS dropped the lock with its process
     assert main(args[:3] + ["--overwrite"] + args[3:]) == 0  # and this process let go of it when done
 
 

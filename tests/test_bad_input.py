@@ -109,3 +109,20 @@ def test_nul_in_an_item_id_names_its_line(capsys, tmp_path):
     p.write_text("user_id,item_id,timestamp\n1,a,10\n1,b\x00,11\n1,b,12\n")
     err = _prepare(capsys, tmp_path, "csv", p)
     assert f"{p}, line 3" in err and "NUL" in err
+
+
+def test_nul_ids_are_refused_by_every_other_entry(capsys, tmp_path):
+    """S3-Rec lines, JSON item tables and DataFrames reach the same check (prepare, item tables)."""
+    import pandas as pd
+
+    import sidrec
+
+    seq = tmp_path / "seq.txt"
+    seq.write_text("u1 a b\x00 c\nu2 a b c\n")
+    assert "NUL" in _prepare(capsys, tmp_path, "seq", seq)
+    frame = pd.DataFrame({"user_id": ["1", "1", "2"], "item_id": ["a", "b\x00", "a"], "timestamp": [1, 2, 3]})
+    with pytest.raises(sidrec.errors.UserError, match="NUL"):
+        sidrec.from_frame(frame, kcore=0)
+    items = pd.DataFrame({"item_id": ["a", "a\x00"], "title": ["x", "y"]})
+    with pytest.raises(sidrec.errors.UserError, match="NUL"):
+        sidrec.from_frame(frame.assign(item_id=["a", "b", "a"]), items=items, kcore=0)

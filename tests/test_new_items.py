@@ -242,16 +242,18 @@ def test_server_reloads_a_new_catalogue_while_answering(trained, tmp_path):
         threads = [threading.Thread(target=ask) for _ in range(3)]
         for t in threads:
             t.start()
-        while len(answers) < 10:  # requests are flowing before the signal
+        deadline = time.time() + 60
+        while len(answers) < 10 and time.time() < deadline:  # requests are flowing before the signal
             time.sleep(0.01)
+        assert len(answers) >= 10, answers
         s.proc.send_signal(signal.SIGHUP)
         for _ in range(600):  # up to 60 s for the reload
             if c.get("/info").json()["catalog_version"] == "v0001":
                 break
             time.sleep(0.1)
         n_at_reload = len(answers)
-        while len(answers) < n_at_reload + 10 and any(t.is_alive() for t in threads):  # and after it
-            time.sleep(0.01)
+        while len(answers) < n_at_reload + 10 and any(t.is_alive() for t in threads) and time.time() < deadline + 60:
+            time.sleep(0.01)  # and after it
         stop.set()
         for t in threads:
             t.join(60)
@@ -267,7 +269,9 @@ def test_server_reloads_a_new_catalogue_while_answering(trained, tmp_path):
     assert any("v0001" in line for line in s.stderr), s.stderr[-5:]  # the reload is logged
 
 
-def test_admin_reload_reports_the_versions(trained, tmp_path):
+def test_admin_reload_reports_the_versions_and_a_failed_reload_keeps_serving(trained, tmp_path):
+    import signal
+
     import httpx
 
     run = tmp_path / "ar"
@@ -279,6 +283,14 @@ def test_admin_reload_reports_the_versions(trained, tmp_path):
             r = c.post("/admin/reload")
             assert r.json() == {"reloaded": True, "version": "v0001", "previous": "v0000", "n_items": 212}
             assert c.post("/admin/reload").json()["reloaded"] is False
+            (run / "catalog" / "CURRENT").write_text("v0009\n")  # a version that does not exist
+            s.proc.send_signal(signal.SIGHUP)
+            deadline = time.time() + 60
+            while not any("reload failed" in line for line in s.stderr) and time.time() < deadline:
+                time.sleep(0.05)
+            assert any("reload failed, still serving the previous catalogue" in line for line in s.stderr)
+            r = c.post("/recommend", json={"history": ["3", "new-5"], "k": 3})
+            assert r.status_code == 200 and c.get("/info").json()["catalog_version"] == "v0001"
     finally:
         assert s.stop() == 0
 

@@ -29,9 +29,8 @@ from sidrec import run as rundir
 from sidrec.config import load_config
 from sidrec.data import Dataset, SequenceData, prepare, read
 from sidrec.errors import UserError
+from sidrec.model import HEADS
 from sidrec.run import RunDir
-
-HEADS = ("ar", "fv", "parallel", "joint")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -116,8 +115,8 @@ class Recommender:
         if not isinstance(data, SequenceData):
             data = SequenceData.load(data)
         run = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="sidrec-run-")) / "run"
-        rundir.check_claim(run, resume=resume, overwrite=overwrite, option="out")
-        try:
+        with io.writer_session():  # the run is this process's until the fit ends
+            rundir.check_claim(run, resume=resume, overwrite=overwrite, option="out")
             if data.path is None:  # in-memory data travels inside the run
                 data = _persist(data, run, replace=not resume)
             cfg = head_config(self.config, self.head)
@@ -125,8 +124,6 @@ class Recommender:
             claim_run_dir(cfg, run, resume=resume, overwrite=overwrite)  # takes the run's writer lock
             codebook = ensure_codebook(cfg, data, run) if needs_semantic_ids(cfg, [self.head]) else None
             train_one(cfg, data, codebook, run, resume=resume, overwrite=overwrite)
-        finally:
-            io.release_writer_lock(run)
         return self._open(RunDir(run), data)
 
     @classmethod

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")  # libraries' warnings are not the user's business here
     warnings.simplefilter("default", SidrecWarning)
     try:
-        return int(args.func(args) or 0)
+        with io.writer_session():  # the directories a command takes are released when it ends
+            return int(args.func(args) or 0)
     except UserError as e:
         print(f"sidrec: error: {e}", file=sys.stderr)
         return 2
@@ -185,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - a bug: one line, not a traceback (SIDREC_DEBUG=1 shows it)
         return _internal(e)
-    finally:
-        io.release_writer_locks()
 
 
 def _internal(e: Exception) -> int:

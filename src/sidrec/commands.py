@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from sidrec.cli_args import float_range, int_range, schema_option
+from sidrec.config import HEAD_NAMES
 
 
 def print_codebook(info: dict) -> None:
@@ -138,7 +139,7 @@ def add_train(sub) -> None:
                        "Checkpoints are atomic; --resume continues a killed run. Launch with torchrun for "
                        "data-parallel training.")
     _add_config_args(p)
-    p.add_argument("--head", choices=["ar", "fv", "parallel", "joint", "ar-unconstrained"], default=None,
+    p.add_argument("--head", choices=HEAD_NAMES, default=None,
                    help="override model.head")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",

@@ -12,7 +12,7 @@ import yaml
 
 from sidrec import io
 from sidrec.errors import UserError
-from sidrec.model import BackboneConfig, ModelConfig, upgrade_model_dict
+from sidrec.model import HEADS, BackboneConfig, ModelConfig, upgrade_model_dict
 from sidrec.tokenize import METHODS
 from sidrec.train.config import TrainConfig
 
@@ -170,7 +170,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
 # range. `validate` checks a whole config against it once, where the config enters (load_config),
 # so later code can trust every value. Messages name the dotted key and the bad value.
 FORMATS = ("csv", "recbole", "ml-100k", "ml-1m", "amazon", "seq")
-HEAD_NAMES = ("ar", "fv", "parallel", "joint", "ar-unconstrained")
+HEAD_NAMES = (*HEADS, "ar-unconstrained")  # heads a config may list: the counter-example too
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -204,7 +204,7 @@ SCHEMA: dict[str, tuple] = {
     "tokenizer.method": _choice(*METHODS), "tokenizer.levels": _int(1, 16), "tokenizer.codebook_size": _int(2, 1 << 20),
     "tokenizer.embeddings": _str(), "tokenizer.text_model": _str(), "tokenizer.collab_dim": _int(1),
     "tokenizer.resolve": _choice("reassign", "extra-token", "none"), "tokenizer.seed": _int(0, SEED_MAX),
-    "model.head": _choice("ar", "fv", "parallel", "joint"), "model.tied": BOOL, "model.constrained": BOOL,
+    "model.head": _choice(*HEADS), "model.tied": BOOL, "model.constrained": BOOL,
     "model.item_vectors": BOOL, "model.node_table": BOOL, "model.head_hidden": _int(1, none=True), "model.fv_chunk": _int(1, none=True),
     "model.fv_loss": _choice("full", "sampled"), "model.fv_sampler": _choice("uniform", "popularity", "in-batch"),
     "model.fv_negatives": _int(1), "model.fv_shared_negatives": BOOL, "model.fv_logq": BOOL,

@@ -17,17 +17,23 @@ the file, so a corrupt or truncated artefact is a user error (exit 2), never a t
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from sidrec.errors import UserError
+from sidrec.errors import SidrecWarning, UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: directories are not locked (hold_writer_lock warns)
+    fcntl = None
 
 MARKER = ".sidrec.json"
 KINDS = ("data", "codebook", "run", "pipeline", "download", "verify", "catalog")
@@ -183,7 +189,7 @@ def check_output_dir(path: str | Path, kind: str, *, overwrite: bool = False, ex
             raise UserError(f"{option}: cannot create a directory under {parent} (not a writable directory)",
                             str(path))
         return False
-    if not any(path.iterdir()):
+    if not any(p.name != LOCK for p in path.iterdir()):  # empty, or only a lock sidrec took
         return True
     m = read_marker(path)
     if m is None:
@@ -231,23 +237,36 @@ def own_dir(path: str | Path, kind: str, **marker: Any) -> Path:
 LOCKED_KINDS = ("run", "pipeline")
 LOCK = ".sidrec.lock"
 _HELD: dict[str, Any] = {}
+_UNLOCKABLE: list[str] = []
 
 
 def hold_writer_lock(path: str | Path) -> None:
     """Take the sidrec directory `path` for this process alone, or refuse (UserError) while another
     process writes it: two trainings into one run would interleave checkpoints and remove each
     other's temp files. A non-blocking flock on `.sidrec.lock`, held until `release_writer_lock` or
-    the process ends; the OS drops it when a killed job dies, so no stale lock outlives its writer."""
+    the process ends; the OS drops it when a killed job dies, so no stale lock outlives its writer.
+    Where the platform or filesystem has no flock (Windows, some network mounts) it warns once and
+    goes on unlocked, as sidrec did before the lock existed. Per process: threads share it."""
     key = str(Path(path).resolve())
     if key in _HELD:
         return
     f = open(Path(path) / LOCK, "a")  # noqa: SIM115 - kept open: the lock lives as long as the file
     try:
+        if fcntl is None:
+            raise OSError(errno.ENOSYS, "no fcntl on this platform")
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         raise UserError("another sidrec process is writing this directory; wait for it to finish or give "
                         "another directory", str(path)) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+            f.close()
+            raise
+        if not _UNLOCKABLE:
+            warnings.warn(f"{path}: this filesystem cannot lock files ({e.strerror}); nothing stops a second "
+                          "process writing the same run", SidrecWarning, stacklevel=2)
+        _UNLOCKABLE.append(key)
     _HELD[key] = f
 
 
@@ -258,10 +277,16 @@ def release_writer_lock(path: str | Path) -> None:
         f.close()
 
 
-def release_writer_locks() -> None:
-    """Release every directory this process holds (a command's locks end with the command)."""
-    for key in list(_HELD):
-        release_writer_lock(key)
+@contextlib.contextmanager
+def writer_session() -> Iterator[None]:
+    """The directories taken inside the block are released when it ends (a CLI command, a fit);
+    those this process held before stay held."""
+    before = set(_HELD)
+    try:
+        yield
+    finally:
+        for key in [k for k in _HELD if k not in before]:
+            release_writer_lock(key)
 
 
 #: What sidrec writes into directories it replaces wholesale (anything else there is the user's).
@@ -272,8 +297,9 @@ _OWN_ENTRIES = {"data": {"sequences.npz", "items.parquet", "stats.json", "prepar
 
 
 def register_entries(kind: str, names: set[str]) -> None:
-    """Declare what sidrec writes into a directory of `kind` (called by the module owning its layout)."""
-    _OWN_ENTRIES[kind] = set(names)
+    """Declare what sidrec writes into a directory of `kind` (called by the module owning its layout,
+    and by tools that add their own records, e.g. bench.quality); adds to what is declared."""
+    _OWN_ENTRIES.setdefault(kind, set()).update(names)
 
 
 def foreign_entries(path: Path, kind: str) -> list[str]:
@@ -307,15 +333,21 @@ def atomic_dir(path: str | Path, kind: str, **marker: Any) -> Iterator[Path]:
     If the body raises, the temporary directory is removed and `path` is left untouched.
     """
     path = Path(path)
-    locked = path.is_dir() and kind in LOCKED_KINDS and str(path.resolve()) not in _HELD
     if path.exists():
         check_output_dir(path, kind, overwrite=True)
-        if locked:
+    with writer_session():
+        if path.is_dir() and kind in LOCKED_KINDS:
             hold_writer_lock(path)  # not replaced under a process that is writing it
+        with _replace_dir(path, kind, marker) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _replace_dir(path: Path, kind: str, marker: dict) -> Iterator[Path]:
+    """atomic_dir's body: build under a temp name, then swap it in (the caller holds the lock)."""
+    if path.exists():
         foreign = foreign_entries(path, kind)
         if foreign:
-            if locked:
-                release_writer_lock(path)
             raise UserError(f"holds files sidrec did not write ({', '.join(foreign[:5])}); move them out before "
                             f"it is replaced", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,8 +356,6 @@ def atomic_dir(path: str | Path, kind: str, **marker: Any) -> Iterator[Path]:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as e:
-        if locked:
-            release_writer_lock(path)
         raise OSError(e.errno, e.strerror, str(path)) from None
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
@@ -349,8 +379,6 @@ def atomic_dir(path: str | Path, kind: str, **marker: Any) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-        if locked:
-            release_writer_lock(path)
 
 
 def _json_default(o: Any) -> Any:

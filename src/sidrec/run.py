@@ -98,6 +98,8 @@ def check_claim(path: str | Path, *, resume: bool, overwrite: bool, inputs: tupl
     if exists and RunDir(path).has_products() and not (resume or overwrite):
         raise UserError(f"{option} already holds a trained run; pass --resume to continue it, --overwrite "
                         "to train it again from scratch, or give a new directory", str(path))
+    if exists and Path(path).is_dir():
+        io.hold_writer_lock(path)  # before --overwrite deletes anything or data is copied in
     return exists
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from sidrec import io
 from sidrec.data.dataset import Dataset
+from sidrec.data.readers import refuse_nul
 from sidrec.errors import UserError
 
 #: Leave-one-out needs a training prefix, a validation item and a test item.
@@ -210,6 +211,10 @@ def prepare(
     n_raw = len(df)
     if n_raw == 0:
         raise UserError("no interactions", ds.source)
+    for col in ("user", "item"):  # every reader and from_frame pass here (CSV also names the line)
+        refuse_nul(df[col], f"{col} id", ds.source)
+    if ds.items is not None:
+        refuse_nul(ds.items["item"], "item id (item table)", ds.source)
     if dedup == "exact":
         df = df.drop_duplicates(["user", "item", "timestamp"], keep="first")
     elif dedup == "user-item":

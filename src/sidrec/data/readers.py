@@ -202,9 +202,18 @@ def _join_text(value) -> str:
     return str(value)
 
 
+def refuse_nul(values: pd.Series, what: str, where: str | None) -> None:
+    """No id may hold a NUL character: NumPy's fixed-width strings drop trailing NULs, so "1\\x00"
+    would become item "1" once the ids are arrays (a second "1", or someone else's item)."""
+    nul = values.astype(str).str.contains("\x00", regex=False).to_numpy()
+    if nul.any():
+        raise UserError(f"{what} {values.to_numpy()[nul][0]!r} holds a NUL character", where)
+
+
 def normalise_item_table(df: pd.DataFrame, unique: bool = False, where: str | None = None) -> pd.DataFrame:
     """One row per item (the first; with `unique`, a repeated id is a user error); list-valued side
     information as plain strings."""
+    refuse_nul(df["item"], "item id", where)
     dup = df["item"].duplicated()
     if unique and dup.any():
         raise UserError(f"item id {df['item'][dup].iloc[0]!r} appears more than once", where)
