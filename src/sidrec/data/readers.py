@@ -81,15 +81,13 @@ def _numeric_timestamps(values: pd.Series, path: Path, first_line: int) -> np.nd
 
 
 def _require_ids(df: pd.DataFrame, cols: list[str], path: Path, first_line: int) -> None:
-    """Every row names a user and an item (an empty id would silently join no one), and no id holds
-    a NUL character (NumPy strings drop trailing NULs, which would merge "1\\x00" into "1")."""
+    """Every row names a user and an item (an empty id would silently join no one) and no id holds a
+    NUL character (refuse_nul), each refusal naming its line."""
     for c in cols:
         missing = df[c].isna().to_numpy() | (df[c].astype(str).str.strip() == "").to_numpy()
         if missing.any():
             raise UserError(f"empty {c!r}", str(path), first_line + int(np.flatnonzero(missing)[0]))
-        nul = df[c].astype(str).str.contains("\x00", regex=False).to_numpy()
-        if nul.any():
-            raise UserError(f"{c!r} holds a NUL character", str(path), first_line + int(np.flatnonzero(nul)[0]))
+        refuse_nul(df[c], repr(c), str(path), first_line)
 
 
 def _frame(users, items, ts) -> pd.DataFrame:
@@ -202,12 +200,15 @@ def _join_text(value) -> str:
     return str(value)
 
 
-def refuse_nul(values: pd.Series, what: str, where: str | None) -> None:
+def refuse_nul(values: pd.Series, what: str, where: str | None, first_line: int | None = None) -> None:
     """No id may hold a NUL character: NumPy's fixed-width strings drop trailing NULs, so "1\\x00"
-    would become item "1" once the ids are arrays (a second "1", or someone else's item)."""
+    would become item "1" once the ids are arrays (a second "1", or someone else's item). With
+    `first_line`, the message names the file line of the first offending row."""
     nul = values.astype(str).str.contains("\x00", regex=False).to_numpy()
     if nul.any():
-        raise UserError(f"{what} {values.to_numpy()[nul][0]!r} holds a NUL character", where)
+        i = int(np.flatnonzero(nul)[0])
+        raise UserError(f"{what} {values.to_numpy()[i]!r} holds a NUL character", where,
+                        None if first_line is None else first_line + i)
 
 
 def normalise_item_table(df: pd.DataFrame, unique: bool = False, where: str | None = None) -> pd.DataFrame:

@@ -189,10 +189,8 @@ def _joint(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook)
                      fv_weight=cfg.joint_fv_weight, mix=cfg.joint_mix)
 
 
-_BUILDERS = {"ar": _ar, "fv": _fv, "parallel": _parallel, "joint": _joint}
-#: The heads a model can have (`model.head`); every list of head names derives from this one.
-HEADS = tuple(_BUILDERS)
+_BUILDERS = {"fv": _fv, "ar": _ar, "parallel": _parallel, "joint": _joint}
 
-__all__ = ["HEADS", "Head", "upgrade_model_dict", "ModelConfig", "BackboneConfig", "SeqRecModel", "FullSoftmaxHead", "AutoregressiveHead",
+__all__ = ["Head", "upgrade_model_dict", "ModelConfig", "BackboneConfig", "SeqRecModel", "FullSoftmaxHead", "AutoregressiveHead",
            "JointHead",
            "ParallelHead", "segment_logsumexp", "HEADS"]
