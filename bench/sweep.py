@@ -3,7 +3,8 @@
     python -m bench.sweep bench/sweeps/beauty-backbone.yaml --jobs 2
 
 The YAML names the dataset, the seed and a list of variants, each a `bench.quality` call:
-`{tag, heads, tokenizers, set: [key=value, ...], parallel_levels}`. Variants run as separate processes (`--jobs` at
+`{tag, heads, tokenizers, set: [key=value, ...], parallel_levels, backbone}` (`backbone`: the options of a
+backbone ablation, run through `bench.experiments.backbone`). Variants run as separate processes (`--jobs` at
 a time: one per core pair on a CPU, several per GPU); a finished variant is reused (bench.quality
 reuses any run whose config is unchanged), so a killed sweep resumes. The ranking uses the
 validation NDCG@10 under the config's protocol only; test metrics are listed beside it for the
@@ -15,6 +16,7 @@ headline results (bench/results/ holds only those).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +33,8 @@ from sidrec import io
 
 
 def command(spec: dict, v: dict, out_root: Path, results: Path, allow_dirty: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "bench.quality", "--dataset", spec["dataset"], "--seeds", str(spec.get("seeds", 1)),
+    exp = ["-m", "bench.experiments.backbone", "--variant", json.dumps(v["backbone"]), "--"] if v.get("backbone") else []
+    cmd = [sys.executable, *(exp or ["-m", "bench.quality"]), "--dataset", spec["dataset"], "--seeds", str(spec.get("seeds", 1)),
            "--tokenizers", v.get("tokenizers", "rq-kmeans"), "--heads", v.get("heads", "ar"), "--tag", v["tag"],
            "--out-root", str(out_root), "--results-dir", str(results), *(["--allow-dirty"] if allow_dirty else [])]
     if v.get("parallel_levels"):
@@ -61,7 +64,7 @@ def rows(dataset: str, variants: list[dict], results: Path, failed: set[str] = f
         sfx = "_seen_excluded" if r["config"]["eval"]["exclude_seen"] else ""
         for name, s in r["summary"].items():
             get = lambda mode, k: s.get(mode + sfx, {}).get(k, {}).get("mean")  # noqa: E731
-            out.append({"tag": v["tag"], "model": name, "set": v.get("set", []), "note": v.get("note", ""),
+            out.append({"tag": v["tag"], "model": name, "set": v.get("set", []) + [f"backbone.{k}={x}" for k, x in v.get("backbone", {}).items()], "note": v.get("note", ""),
                         "valid_ndcg@10": get("valid_exact", "ndcg@10"), "test_recall@10": get("exact", "recall@10"),
                         "test_ndcg@10": get("exact", "ndcg@10"), "beam_ndcg@10": get("beam", "ndcg@10"),
                         "wall_s": s.get("wall_s"), "device": r["env"].get("cuda") or "cpu"})

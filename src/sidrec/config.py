@@ -219,6 +219,7 @@ SCHEMA: dict[str, tuple] = {
     "train.eval_users": _int(0), "train.exclude_seen": BOOL, "train.seed": _int(0, SEED_MAX),
     "train.device": _choice(*DEVICES), "train.amp": BOOL, "train.ckpt_every_steps": _int(0),
     "train.max_steps": _int(0), "train.max_seconds": _num(0), "train.log_every": _int(1), "train.bucket": BOOL,
+    "train.weighting": _choice("target", "user"),
     "train.sparse": BOOL, "train.sparse_optimizer": _choice("adam", "adagrad"), "train.sparse_lr": _num(0),
     "eval.beam": _int(1), "eval.exclude_seen": BOOL, "eval.batch_size": _int(1),
 }

@@ -69,6 +69,24 @@ class TrainBatches:
         perm = rng.permutation(len(batches))
         return [batches[i] for i in perm]
 
+    def weights(self, rows: np.ndarray, weighting: str) -> torch.Tensor:
+        """Per-target loss weights of `rows`' targets, in the order the model returns their NLLs
+        (row-major over the right-padded batch). Batch-independent by design: with length-bucketed
+        batches, averaging each batch on its own would weigh a target by 1 / its batch's size, so
+        short histories would count several times more than long ones. `target` gives every
+        training target weight 1 / (mean targets per batch); `user` gives each user's targets
+        1 / (its target count x mean users per batch), so every user counts alike (what a
+        one-target-per-user test measures). Either way, the expected loss over an epoch is the
+        same whichever batching is used."""
+        n = self.length[rows]
+        if weighting == "target":
+            w = np.full(n.sum(), len(self) / self.n_targets)
+        elif weighting == "user":
+            w = np.repeat(len(self) / (len(self.length) * n), n)
+        else:
+            raise ValueError(f"weighting must be target or user, not {weighting!r}")
+        return torch.from_numpy(w.astype(np.float32))
+
     def make(self, rows: np.ndarray) -> Batch:
         s, n = self.start[rows], self.length[rows]
         x = pad_windows(self.items, s, n, self.pad_id)

@@ -32,6 +32,7 @@ class TrainConfig:
     max_seconds: float = 0  # 0: no limit; else stop once the optimisation steps took this long (a time budget)
     log_every: int = 50
     bucket: bool = True  # length-bucketed batches (False: random batches padded to their max)
+    weighting: str = "target"  # the objective's weights: target (every target alike) | user (every user alike)
     sparse: bool = True  # the N-row tables: sparse lookups and a row-sparse optimizer (sidrec.train.sparse)
     sparse_optimizer: str = "adam"  # adam (with catch-up of skipped steps) | adagrad (row-wise)
     sparse_lr: float = 0  # the row-sparse optimizer's learning rate (0: lr)

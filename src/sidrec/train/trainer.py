@@ -11,8 +11,9 @@ sum of the epoch's losses. A resumed CPU run reaches bit-identical parameters an
 metrics.jsonl identical to an uninterrupted run's (wall-clock figures go to timings.jsonl).
 
 Data-parallel training (torchrun, gloo or nccl): every rank takes an interleaved share of each
-global batch and scales its summed loss by world_size / global_targets, so DDP's gradient
-averaging yields exactly the single-process gradient of the global batch.
+global batch and scales its weighted loss by world_size, so DDP's gradient averaging yields exactly
+the single-process gradient of the global batch. The weights (`TrainBatches.weights`: per target or
+per user) do not depend on how users are grouped into batches.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ class Trainer:
 
     # -- one optimisation step --------------------------------------------------------------
     def step(self, rows: np.ndarray) -> float:
-        """One global batch; returns the mean NLL per target over the global batch."""
+        """One global batch: a step on its weighted NLL (`TrainConfig.weighting`); returns the mean
+        NLL per target over the global batch (the logged loss, whatever the weighting)."""
         mine = rows[self.rank :: self.world]
         b = self.batches.make(mine)
         n_global = self.batches.length[rows].sum()
@@ -127,10 +129,10 @@ class Trainer:
         net.train()
         amp = self.cfg.amp and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-            nll = net(b.items.to(self.device), b.targets.to(self.device))
-        loss = nll.float().sum() * (self.world / float(n_global))
-        self.optim.step(loss)
-        out = loss.detach() / self.world
+            nll = net(b.items.to(self.device), b.targets.to(self.device)).float()
+        w = self.batches.weights(mine, self.cfg.weighting).to(self.device)
+        self.optim.step((nll * w).sum() * self.world)  # DDP averages: the global batch's weighted sum
+        out = nll.detach().sum() / float(n_global)
         if self.world > 1:
             dist.all_reduce(out)
         return float(out)

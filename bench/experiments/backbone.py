@@ -1,0 +1,150 @@
+"""Backbone ablations against the RecTools SASRec that the published SASRec+SS row came from
+(`blondered/transformer_benchmark`, RecTools 0.13), for issue #31.
+
+    python -m bench.experiments.backbone --variant '{"init": "xavier", "scale": false}' -- \
+        --dataset beauty --seeds 1 --heads fv --tag x ... (bench.quality's arguments)
+
+The variant replaces `sidrec.model.Backbone` (and, for `emb_dropout`, wraps the FV head's
+candidate vectors) in this process, then runs `bench.quality` unchanged. Options (default: today's
+sidrec backbone):
+
+- scale: multiply item inputs by sqrt(d) (sidrec: true; RecTools: false)
+- init: normal (N(0, 0.02), sidrec) | xavier (xavier-normal on every matrix, RecTools)
+- emb_dropout: dropout on the item vectors, inputs and the FV head's candidate vectors alike: as
+  RecTools does it, one draw over the whole item-ID table per step, read by both (a node table or
+  semantic-token inputs: independent draws per read)
+- layer: preln (sidrec: x + attn(LN x), x + ff(LN x), GELU, dropout on residual branches) | rectools
+  (q = LN x, q + attn(q, x, x), then f = LN(.), f + drop(ff(f)), ReLU, dropout inside the ff)
+- batch_mean: weigh each target by 1 / (targets in its batch), the trainer's weighting before
+  `train.weighting` existed (with length-bucketed batches it over-weighs short histories)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sidrec.model as model_pkg
+from sidrec.model.backbone import Backbone
+from sidrec.data.batching import TrainBatches
+from sidrec.model.heads import FullSoftmaxHead
+
+DROPPED: dict = {}  # this step's dropped item table and the parameter it came from (emb_dropout)
+OPTIONS = {"scale": True, "init": "normal", "emb_dropout": 0.0, "layer": "preln", "batch_mean": False}
+
+
+class RecToolsBlock(nn.Module):
+    """RecTools' SASRecTransformerLayer: the residual of attention starts from the normed input."""
+
+    def __init__(self, d: int, heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.q_ln, self.ff_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.kv = nn.Linear(d, d), nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(d, d)
+        self.ff1, self.ff2 = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+        self.heads, self.p = heads, dropout
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q = self.q_ln(x)
+        k, v = self.kv(x).split(d, dim=2)
+        qh, kh, vh = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (self.q(q), k, v))
+        a = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, dropout_p=self.p if self.training else 0.0)
+        x = q + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        f = self.ff_ln(x)
+        return f + self.drop(self.ff2(self.drop(F.relu(self.ff1(f)))))
+
+
+def variant_backbone(opts: dict) -> type:
+    """A Backbone subclass with the variant's options."""
+
+    class Variant(Backbone):
+        def __init__(self, cfg, n_items, codes=None, sizes=None, item_table=None):
+            super().__init__(cfg, n_items, codes, sizes, item_table)
+            d = cfg.d_model
+            if opts["layer"] == "rectools":
+                self.blocks = nn.ModuleList([RecToolsBlock(d, cfg.n_heads, cfg.d_ff, cfg.dropout)
+                                             for _ in range(cfg.n_layers)])
+            if opts["init"] == "xavier":
+                for p in self.parameters():
+                    if p.dim() > 1:
+                        nn.init.xavier_normal_(p)
+                if isinstance(self.item_emb, nn.Embedding):
+                    with torch.no_grad():
+                        self.item_emb.weight[self.pad_id].zero_()
+
+        def embed_items(self, items):
+            p = opts["emb_dropout"]
+            if p and self.training and isinstance(self.item_emb, nn.Embedding) and self.tok_emb is None:
+                # RecTools: dropout on the whole table once per step; the FV head reads the same draw
+                DROPPED.update(source=self.item_emb.weight, table=F.dropout(self.item_emb.weight, p))
+                return F.embedding(items, DROPPED["table"], padding_idx=self.pad_id)
+            x = super().embed_items(items)
+            return F.dropout(x, p, self.training) if p else x
+
+        def forward(self, items):
+            t = items.shape[1]
+            x = self.embed_items(items) * (self.cfg.d_model**0.5 if opts["scale"] else 1.0)
+            x = self.drop(x + self.pos_emb.weight[:t])
+            for blk in self.blocks:
+                x = blk(x)
+            return self.ln_f(x)
+
+    return Variant
+
+
+def install(opts: dict) -> None:
+    """Patch this process's model builder with the variant."""
+    bad = set(opts) - set(OPTIONS)
+    if bad:
+        raise SystemExit(f"unknown variant options {sorted(bad)} (known: {sorted(OPTIONS)})")
+    full = {**OPTIONS, **opts}
+    model_pkg.Backbone = variant_backbone(full)
+    if full["batch_mean"]:
+        TrainBatches.weights = lambda self, rows, weighting: torch.full(
+            (int(self.length[rows].sum()),), 1.0 / float(self.length[rows].sum()))
+    p = full["emb_dropout"]
+    if p:
+        rows, weight = FullSoftmaxHead.item_rows, FullSoftmaxHead.item_weight
+
+        def dropped(self) -> torch.Tensor | None:
+            train = self.training and torch.is_grad_enabled()
+            tied = train and self.table is None and DROPPED.get("source") is self.weight
+            return DROPPED["table"] if tied else None
+
+        def item_rows(self, i):
+            t = dropped(self)
+            if t is not None:
+                return F.embedding(i, t)
+            return F.dropout(rows(self, i), p, self.training and torch.is_grad_enabled())
+
+        def item_weight(self):
+            t = dropped(self)
+            if t is not None:
+                return t[: self.n_items]
+            return F.dropout(weight(self), p, self.training and torch.is_grad_enabled())
+
+        FullSoftmaxHead.item_rows, FullSoftmaxHead.item_weight = item_rows, item_weight
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", default="{}", help="JSON object of options (see the module doc)")
+    a = ap.parse_args(argv[:cut])
+    install(json.loads(a.variant))
+    from bench import quality
+
+    sys.argv = ["bench.quality", *argv[cut + 1:]]
+    quality.main()
+
+
+if __name__ == "__main__":
+    main()
