@@ -12,8 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from sidrec.data import SequenceData
+from sidrec.data.batching import TrainBatches
 from sidrec.model import BackboneConfig, ModelConfig, SeqRecModel
 from sidrec.tokenize import Codebook
 from sidrec.train import TrainConfig, Trainer
@@ -121,3 +123,33 @@ def test_ddp_two_processes_match_one(tmp_path, sparse):
     l1, l2 = losses(one), losses(two)
     assert len(l1) == len(l2) == 12
     np.testing.assert_allclose(l1, l2, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(4, 12), min_size=5, max_size=40), batch=st.integers(1, 9),
+       seed=st.integers(0, 3))
+def test_loss_weights_do_not_depend_on_batching(lengths, batch, seed):
+    """An epoch's objective is the same with length-bucketed and random batches: every target (or
+    every user) keeps its weight whatever batch it lands in. The old per-batch mean did not."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    data = SequenceData(offsets, rng.integers(0, 9, offsets[-1]).astype(np.int32),
+                        np.arange(len(lengths)).astype(str), pd.DataFrame({"item": np.arange(9).astype(str)}))
+    nll = {}  # a fixed per-target loss, keyed by (row, position)
+    for bucket in (True, False):
+        tb = TrainBatches(data, max_len=50, batch_size=batch, seed=seed, bucket=bucket)
+        for weighting in ("target", "user"):
+            total, per_user = 0.0, np.zeros(len(tb.length))
+            for rows in tb.order(0):
+                w = tb.weights(rows, weighting).double().numpy()
+                keys = [(r, t) for r in rows for t in range(tb.length[r])]
+                vals = np.array([nll.setdefault(k, float(rng.uniform(0, 3))) for k in keys])
+                total += float((w * vals).sum())
+                np.add.at(per_user, np.repeat(rows, tb.length[rows]), w)
+            if weighting == "user":  # every user's targets weigh the same in all
+                np.testing.assert_allclose(per_user, per_user[0], rtol=1e-5)
+            else:  # every target weighs the same: a user's share is its target count
+                np.testing.assert_allclose(per_user / tb.length, per_user[0] / tb.length[0], rtol=1e-5)
+            nll.setdefault(("total", weighting, bucket), total)
+    for weighting in ("target", "user"):
+        assert nll[("total", weighting, True)] == pytest.approx(nll[("total", weighting, False)], rel=1e-5)
