@@ -33,6 +33,7 @@ import sidrec.model as model_pkg
 from sidrec.model.backbone import Backbone
 from sidrec.data.batching import TrainBatches
 from sidrec.model.heads import FullSoftmaxHead
+from sidrec.model.node_table import NodeTable
 
 DROPPED: dict = {}  # this step's dropped item table and the parameter it came from (emb_dropout)
 OPTIONS = {"scale": True, "init": "normal", "emb_dropout": 0.0, "layer": "preln", "batch_mean": False}
@@ -72,9 +73,16 @@ def variant_backbone(opts: dict) -> type:
                 self.blocks = nn.ModuleList([RecToolsBlock(d, cfg.n_heads, cfg.d_ff, cfg.dropout)
                                              for _ in range(cfg.n_layers)])
             if opts["init"] == "xavier":
+                table = self.item_emb if isinstance(self.item_emb, NodeTable) else None
+                skip = {id(p) for p in table.parameters()} if table is not None else set()
                 for p in self.parameters():
-                    if p.dim() > 1:
+                    if p.dim() > 1 and id(p) not in skip:
                         nn.init.xavier_normal_(p)
+                if table is not None:  # item vectors xavier-normal, then centred as the table keeps them
+                    with torch.no_grad():
+                        table.rows.zero_()
+                        table.rows[table.depth_slice(table.trie.depth)].normal_(0.0, (2 / (n_items + d)) ** 0.5)
+                        table.recentre_()
                 if isinstance(self.item_emb, nn.Embedding):
                     with torch.no_grad():
                         self.item_emb.weight[self.pad_id].zero_()
