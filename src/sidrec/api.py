@@ -243,9 +243,7 @@ class Recommender:
         with torch.no_grad():
             h = self.model.encode(torch.from_numpy(recent).to(dev), torch.from_numpy(lengths).to(dev))
             if decode == "exact":  # log Q (a joint head: the mixture score its beam search also returns)
-                head = self.model.head
-                s = head.rank_scores(h) if hasattr(head, "rescore") else head.log_prob_all(h)
-                s = filt.mask_scores(s.contiguous())
+                s = filt.mask_scores(self.model.head.served_scores(h).contiguous())
                 scores, idx = torch.topk(s, int(k), dim=1)
             else:
                 r = beam_search(self.model.head, h, beam=max(int(beam), int(k)), k=int(k), item_filter=filt)

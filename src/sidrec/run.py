@@ -364,8 +364,8 @@ class RunDir:
             vectors = cat.load_vectors(self.path, version, self.weights_stamp())
             model = cat.extend_model(model, codebook, cat.load_version(self.path, version)[0], vectors)
         mix = self.joint_mix()
-        if mix is not None and hasattr(model.head, "mix"):
-            model.head.mix = mix
+        if mix is not None:  # a joint run's ranking weight, chosen on validation after training
+            model.head.mix = mix  # joint-mix.json is written for joint runs only
         if codebook is not None and not codebook.bijective and not codebook.meta.get("counter_example"):
             warnings.warn(f"{self.path}: the codebook is not bijective ({codebook.n_collisions} items share an ID "
                           "with another item): scores are not a distribution over items and colliding items "

@@ -33,6 +33,8 @@ class Head(Protocol):
     supports_beam: AR heads, which decode level by level (they also offer contexts/level_scores).
     eval_cache(device): what scoring can reuse across batches of one pass (AR: node tables), or None.
     rank_scores(h, cache): [B, N] scores ranking items like log_prob_all (may omit a per-row constant).
+    served_scores(h, cache): [B, N] the scores exact decoding returns to a user: log Q(i | h), or a
+    joint head's mixture score (what its beam search returns too, so both decodes agree).
     """
 
     supports_beam: bool
@@ -42,6 +44,8 @@ class Head(Protocol):
     def log_prob_all(self, h: torch.Tensor, cache=None) -> torch.Tensor: ...
 
     def rank_scores(self, h: torch.Tensor, cache=None) -> torch.Tensor: ...
+
+    def served_scores(self, h: torch.Tensor, cache=None) -> torch.Tensor: ...
 
     def eval_cache(self, device): ...
 
@@ -190,6 +194,9 @@ class FullSoftmaxHead(nn.Module):
 
     def log_prob(self, h, items):
         return -self.nll(h, items)
+
+    def served_scores(self, h: torch.Tensor, cache=None) -> torch.Tensor:
+        return self.log_prob_all(h, cache)
 
     def log_prob_all(self, h: torch.Tensor, cache=None) -> torch.Tensor:
         return torch.log_softmax(self.logits(h), dim=-1)
@@ -483,6 +490,9 @@ class AutoregressiveHead(nn.Module):
         out = dots.new_full((len(nodes) * v,), NEG_INF)
         return out.index_copy(0, rows * v + tok, dots).view(len(nodes), v)
 
+    def served_scores(self, h: torch.Tensor, cache=None) -> torch.Tensor:
+        return self.log_prob_all(h, cache)
+
     def log_prob_all(self, h: torch.Tensor, cache=None) -> torch.Tensor:
         """Exact log Q(i | h) for all N items [B, N], level by level over the trie (no per-item passes).
 
@@ -573,6 +583,9 @@ class JointHead(nn.Module):
     def rank_scores(self, h: torch.Tensor, cache=None) -> torch.Tensor:
         return (1 - self.mix) * self.ar.log_prob_all(h, cache) + self.mix * self.fv.logits(h)
 
+    def served_scores(self, h: torch.Tensor, cache=None) -> torch.Tensor:
+        return self.rank_scores(h, cache)
+
     def log_prob_all(self, h: torch.Tensor, cache=None) -> torch.Tensor:
         return torch.log_softmax(self.rank_scores(h, cache), -1)
 
@@ -627,6 +640,9 @@ class ParallelHead(nn.Module):
         n, k = self.codes.shape
         bags = torch.arange(0, n * k, k, device=h.device)
         return F.embedding_bag(self.flat_codes, table, bags, mode="sum").T.contiguous()
+
+    def served_scores(self, h: torch.Tensor, cache=None) -> torch.Tensor:
+        return self.log_prob_all(h, cache)
 
     def log_prob_all(self, h: torch.Tensor, cache=None) -> torch.Tensor:
         """[B, N]: rank_scores renormalised over the N valid IDs."""
