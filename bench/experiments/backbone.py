@@ -15,6 +15,10 @@ sidrec backbone):
   semantic-token inputs: independent draws per read)
 - layer: preln (sidrec: x + attn(LN x), x + ff(LN x), GELU, dropout on residual branches) | rectools
   (q = LN x, q + attn(q, x, x), then f = LN(.), f + drop(ff(f)), ReLU, dropout inside the ff)
+- positions: forward (sidrec: position 0 is the oldest item of the window) | inverse (RecTools:
+  position 0 is the most recent item, so the last input always carries the same position vector)
+- fv_bias: the FV head's per-item output bias (sidrec: true; RecTools has none: false freezes it at 0)
+- beta2: Adam's second-moment decay for the dense parameters (torch: 0.999; RecTools: 0.98)
 - batch_mean: weigh each target by 1 / (targets in its batch), the trainer's weighting before
   `train.weighting` existed (with length-bucketed batches it over-weighs short histories)
 """
@@ -36,7 +40,8 @@ from sidrec.model.heads import FullSoftmaxHead
 from sidrec.model.node_table import NodeTable
 
 DROPPED: dict = {}  # this step's dropped item table and the parameter it came from (emb_dropout)
-OPTIONS = {"scale": True, "init": "normal", "emb_dropout": 0.0, "layer": "preln", "batch_mean": False}
+OPTIONS = {"scale": True, "init": "normal", "emb_dropout": 0.0, "layer": "preln", "positions": "forward",
+           "fv_bias": True, "beta2": 0.999, "batch_mean": False}
 
 
 class RecToolsBlock(nn.Module):
@@ -99,7 +104,12 @@ def variant_backbone(opts: dict) -> type:
         def forward(self, items):
             t = items.shape[1]
             x = self.embed_items(items) * (self.cfg.d_model**0.5 if opts["scale"] else 1.0)
-            x = self.drop(x + self.pos_emb.weight[:t])
+            if opts["positions"] == "inverse":  # right padding: position = steps back from the last real item
+                n = (items != self.pad_id).sum(1, keepdim=True)
+                pos = (n - 1 - torch.arange(t, device=items.device)).clamp(min=0)
+                x = self.drop(x + self.pos_emb(pos))
+            else:
+                x = self.drop(x + self.pos_emb.weight[:t])
             for blk in self.blocks:
                 x = blk(x)
             return self.ln_f(x)
@@ -114,6 +124,17 @@ def install(opts: dict) -> None:
         raise SystemExit(f"unknown variant options {sorted(bad)} (known: {sorted(OPTIONS)})")
     full = {**OPTIONS, **opts}
     model_pkg.Backbone = variant_backbone(full)
+    if not full["fv_bias"]:
+        init = FullSoftmaxHead.__init__
+
+        def no_bias(self, *a, **k):
+            init(self, *a, **k)
+            self.bias.requires_grad_(False)
+
+        FullSoftmaxHead.__init__ = no_bias
+    if full["beta2"] != 0.999:
+        adamw = torch.optim.AdamW
+        torch.optim.AdamW = lambda params, **k: adamw(params, **{**k, "betas": (0.9, full["beta2"])})
     if full["batch_mean"]:
         TrainBatches.weights = lambda self, rows, weighting: torch.full(
             (int(self.length[rows].sum()),), 1.0 / float(self.length[rows].sum()))
