@@ -213,10 +213,11 @@ class Recommender:
         return idx
 
     def recommend_indices(self, histories: list[np.ndarray], k: int, *, decode: str = "exact", beam: int = 20,
-                          exclude_seen: bool = True, allow: list[np.ndarray | None] | None = None,
+                          exclude_seen: bool | list[bool] = True, allow: list[np.ndarray | None] | None = None,
                           deny: list[np.ndarray | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`recommend` on internal item ids (what the server batches): ([B, k] ids, -1 where fewer
-        than k items are allowed; [B, k] log Q, -inf there)."""
+        than k items are allowed; [B, k] log Q, -inf there). `exclude_seen` may be one flag per
+        history (a server batch mixes requests)."""
         from sidrec.data.batching import pad_windows
         from sidrec.decode import ItemFilter, beam_search
 
@@ -236,8 +237,9 @@ class Recommender:
         ends = np.cumsum(counts)
         lengths = np.minimum(counts, self.model.cfg.backbone.max_len)
         recent = pad_windows(flat, ends - lengths, lengths, n)  # the most recent max_len items
-        excl = [np.concatenate([h if exclude_seen else h[:0], d if d is not None else h[:0]])
-                for h, d in zip(histories, deny or [None] * len(histories))]
+        seen = exclude_seen if isinstance(exclude_seen, list) else [exclude_seen] * len(histories)
+        excl = [np.concatenate([h if s else h[:0], d if d is not None else h[:0]])
+                for h, d, s in zip(histories, deny or [None] * len(histories), seen)]
         filt = ItemFilter.build(n, len(histories), exclude=excl, allow=allow)
         dev = self.device
         with torch.no_grad():

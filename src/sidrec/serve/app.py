@@ -151,7 +151,8 @@ class Service:
                 chunk = jobs[s:s + self.max_batch]
                 k = max(rows[i].k for i, *_ in chunk)
                 idx, scores = rec.recommend_indices([j[1] for j in chunk], k, decode=decode, beam=max(beam, k),
-                                                    exclude_seen=False, allow=[j[3] for j in chunk],
+                                                    exclude_seen=[rows[i].exclude_seen for i, *_ in chunk],
+                                                    allow=[j[3] for j in chunk],
                                                     deny=[j[2] for j in chunk])
                 for (i, _, _, _, ignored), ids, sc in zip(chunk, idx, scores):
                     ids, sc = ids[: rows[i].k], sc[: rows[i].k]
@@ -161,7 +162,8 @@ class Service:
 
     @staticmethod
     def _job(rec, r: Row, mapped: list[np.ndarray]) -> tuple:
-        """(history, excluded, allowed, ignored ids) of one row in `rec`'s internal ids."""
+        """(history, denied, allowed, ignored ids) of one row in `rec`'s internal ids (seen items are
+        excluded by `recommend_indices`, as for any caller)."""
         n = rec.model.n_items
         if r.k > n:
             raise BadRequest(422, r.where + "k", f"k must be at most the catalogue size ({n}), not {r.k}")
@@ -179,8 +181,7 @@ class Service:
         if not len(history):
             raise BadRequest(422, r.where + "history", "no item of the history is in the catalogue",
                              unknown=ignored.get("history", []))
-        return history, np.concatenate([history, deny]) if r.exclude_seen else deny, \
-            allow if r.allow is not None else None, ignored
+        return history, deny, allow if r.allow is not None else None, ignored
 
 
 class Metrics:
