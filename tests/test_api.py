@@ -65,6 +65,12 @@ def test_recommend_excludes_history_and_pads(tmp_path, syn):
         ids, scores = rec.recommend(hist, k=80, decode=decode, beam=20)
         assert ids.shape == (2, 80) and not set(ids[0]) & set(hist[0])
         assert np.all(np.diff(scores[0][np.isfinite(scores[0])]) <= 1e-6)
+    # one flag per history (a server batch mixes requests) = each history decoded on its own
+    ih = [rec.item_index(h) for h in hist]
+    for decode in ("exact", "beam"):
+        mixed = rec.recommend_indices(ih, 10, decode=decode, exclude_seen=[False, True])[0]
+        alone = [rec.recommend_indices([h], 10, decode=decode, exclude_seen=f)[0][0] for h, f in zip(ih, (False, True))]
+        assert mixed.tolist() == [a.tolist() for a in alone]
     ids, scores = rec.recommend(hist, k=120, exclude_seen=True)
     assert (ids[0] == "").sum() == 60 and np.isneginf(scores[0][-60:]).all()  # only 60 items are left
     with pytest.raises(sidrec.errors.UserError, match="unknown item"):
