@@ -4,7 +4,8 @@
     python -m bench.experiments.backbone --variant '{"init": "xavier", "scale": false}' -- \
         --dataset beauty --seeds 1 --heads fv --tag x ... (bench.quality's arguments)
 
-The variant replaces `sidrec.model.Backbone` (and, for `emb_dropout`, wraps the FV head's
+Give every variant its own `--tag`: bench.quality reuses a run whose config matches, and the
+variant is not part of the config. The variant replaces `sidrec.model.Backbone` (and, for `emb_dropout`, wraps the FV head's
 candidate vectors) in this process, then runs `bench.quality` unchanged. Options (default: today's
 sidrec backbone):
 
@@ -17,6 +18,9 @@ sidrec backbone):
   (q = LN x, q + attn(q, x, x), then f = LN(.), f + drop(ff(f)), ReLU, dropout inside the ff)
 - positions: forward (sidrec: position 0 is the oldest item of the window) | inverse (RecTools:
   position 0 is the most recent item, so the last input always carries the same position vector)
+- padding_keys (layer rectools only): as RecTools, every real position also attends to the
+  (max_len - length) left-padding positions, zero vectors whose keys and values are the projections'
+  biases (no key padding mask): a "nothing" slot whose weight grows as the history shortens
 - fv_bias: the FV head's per-item output bias (sidrec: true; RecTools has none: false freezes it at 0)
 - beta2: Adam's second-moment decay for the dense parameters (torch: 0.999; RecTools: 0.98)
 - batch_mean: weigh each target by 1 / (targets in its batch), the trainer's weighting before
@@ -41,7 +45,7 @@ from sidrec.model.node_table import NodeTable
 
 DROPPED: dict = {}  # this step's dropped item table and the parameter it came from (emb_dropout)
 OPTIONS = {"scale": True, "init": "normal", "emb_dropout": 0.0, "layer": "preln", "positions": "forward",
-           "fv_bias": True, "beta2": 0.999, "batch_mean": False}
+           "fv_bias": True, "beta2": 0.999, "padding_keys": False, "batch_mean": False}
 
 
 class RecToolsBlock(nn.Module):
@@ -56,15 +60,33 @@ class RecToolsBlock(nn.Module):
         self.heads, self.p = heads, dropout
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, n_pad: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
         q = self.q_ln(x)
         k, v = self.kv(x).split(d, dim=2)
         qh, kh, vh = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (self.q(q), k, v))
-        a = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, dropout_p=self.p if self.training else 0.0)
+        if n_pad is None:
+            a = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, dropout_p=self.p if self.training else 0.0)
+        else:
+            a = self.attend_with_padding(qh, kh, vh, n_pad)
         x = q + self.proj(a.transpose(1, 2).reshape(b, t, d))
         f = self.ff_ln(x)
         return f + self.drop(self.ff2(self.drop(F.relu(self.ff1(f)))))
+
+
+    def attend_with_padding(self, q, k, v, n_pad: torch.Tensor) -> torch.Tensor:
+        """RecTools pads every history on the left to max_len and masks no key: padded positions are
+        zero vectors (its timeline mask), so each real position also attends to n_pad keys equal to
+        the key projection's bias, with values equal to the value projection's bias. Those n_pad
+        identical keys are one extra key whose logit carries + log(n_pad)."""
+        b, h, t, dh = q.shape
+        bk, bv = self.kv.bias.split(h * dh)
+        bk, bv = bk.view(h, dh), bv.view(h, dh)
+        s = q @ k.transpose(-1, -2) / dh**0.5
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        null = (q * bk[None, :, None]).sum(-1, keepdim=True) / dh**0.5 + torch.log(n_pad.float()).view(b, 1, 1, 1)
+        p = F.dropout(torch.softmax(torch.cat([s, null], -1), -1), self.p, self.training)
+        return p[..., :t] @ v + p[..., t:] * bv[None, :, None]
 
 
 def variant_backbone(opts: dict) -> type:
@@ -110,8 +132,11 @@ def variant_backbone(opts: dict) -> type:
                 x = self.drop(x + self.pos_emb(pos))
             else:
                 x = self.drop(x + self.pos_emb.weight[:t])
+            n_pad = None
+            if opts["padding_keys"]:
+                n_pad = self.cfg.max_len - (items != self.pad_id).sum(1)  # 0 keys: log 0 = -inf, no weight
             for blk in self.blocks:
-                x = blk(x)
+                x = blk(x, n_pad) if n_pad is not None else blk(x)
             return self.ln_f(x)
 
     return Variant
