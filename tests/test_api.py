@@ -71,6 +71,8 @@ def test_recommend_excludes_history_and_pads(tmp_path, syn):
         mixed = rec.recommend_indices(ih, 10, decode=decode, exclude_seen=[False, True])[0]
         alone = [rec.recommend_indices([h], 10, decode=decode, exclude_seen=f)[0][0] for h, f in zip(ih, (False, True))]
         assert mixed.tolist() == [a.tolist() for a in alone]
+    with pytest.raises(sidrec.errors.UserError, match="one per history"):
+        rec.recommend_indices(ih, 10, exclude_seen=[True, False, True])
     ids, scores = rec.recommend(hist, k=120, exclude_seen=True)
     assert (ids[0] == "").sum() == 60 and np.isneginf(scores[0][-60:]).all()  # only 60 items are left
     with pytest.raises(sidrec.errors.UserError, match="unknown item"):

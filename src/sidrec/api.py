@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -213,7 +214,7 @@ class Recommender:
         return idx
 
     def recommend_indices(self, histories: list[np.ndarray], k: int, *, decode: str = "exact", beam: int = 20,
-                          exclude_seen: bool | list[bool] = True, allow: list[np.ndarray | None] | None = None,
+                          exclude_seen: bool | Sequence[bool] = True, allow: list[np.ndarray | None] | None = None,
                           deny: list[np.ndarray | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`recommend` on internal item ids (what the server batches): ([B, k] ids, -1 where fewer
         than k items are allowed; [B, k] log Q, -inf there). `exclude_seen` may be one flag per
@@ -237,7 +238,11 @@ class Recommender:
         ends = np.cumsum(counts)
         lengths = np.minimum(counts, self.model.cfg.backbone.max_len)
         recent = pad_windows(flat, ends - lengths, lengths, n)  # the most recent max_len items
-        seen = exclude_seen if isinstance(exclude_seen, list) else [exclude_seen] * len(histories)
+        try:  # one flag, or one per history (any sequence type; a wrong length is an error, not a truncation)
+            seen = np.broadcast_to(np.asarray(exclude_seen, dtype=bool), (len(histories),))
+        except ValueError:
+            raise UserError(f"exclude_seen: one flag or one per history ({len(histories)}), "
+                            f"not {np.size(exclude_seen)}") from None
         excl = [np.concatenate([h if s else h[:0], d if d is not None else h[:0]])
                 for h, d, s in zip(histories, deny or [None] * len(histories), seen)]
         filt = ItemFilter.build(n, len(histories), exclude=excl, allow=allow)
