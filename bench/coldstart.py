@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,8 @@ from bench import common
 from bench.common import RESULTS, ROOT, write_result
 from bench.quality import prepared, trained
 from bench.tables import coldstart_table
-from sidrec import catalog, io
+from sidrec import io
+from sidrec.run import catalog
 from sidrec import run as rundir
 from sidrec.api import Recommender
 from sidrec.config import load_config
@@ -208,7 +208,7 @@ def main() -> None:
         wall = trained(cfg, data, cb, run_dir)
         report = None
         if add:  # each variant from the catalogue as trained (the run directory is the benchmark's own)
-            shutil.rmtree(run_dir / catalog.DIR, ignore_errors=True)
+            catalog.clear(run_dir)
             rec = Recommender.load(run_dir, device="cpu")
             info = rec.add_items(cold_table, id_col="item", vectors=add)
             report = {k: info[k] for k in ("version", "added", "ids", "seconds", "item_vectors")}

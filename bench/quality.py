@@ -29,13 +29,13 @@ from sidrec import io
 from sidrec.config import load_config, resolve_path
 from sidrec.data import SequenceData, prepare, read
 from sidrec.errors import UserError
-from sidrec.model import upgrade_model_dict
 from sidrec import run as rundir
 from sidrec.pipeline import (ensure_codebook, ensure_data, evaluate_run, head_config, model_inputs, train_one,
                              MIX_GRID, tune_joint_mix)
 from sidrec.evaluate import mix_curve
 from sidrec.train.config import pick_device
 from sidrec.run import RunDir
+from sidrec.run.layout import BENCH
 
 DATASETS = ("beauty", "sports", "yelp", "ml-100k")  # configs/<name>.yaml says where the data is
 KEYS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr")
@@ -88,12 +88,12 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
                 run_dir = runs_root / f"seed{seed}" / name.replace("/", "-")
                 wall = trained(head_config(cfg, head), data, cb, run_dir)
                 seed_wall += wall
-                made = io.read_json(run_dir / "bench.json")
+                rd = RunDir(run_dir)
+                made = rd.read_json(BENCH)
                 rec = {"seed": seed, "wall_s": wall, "env": made.get("env"), "provenance": made.get("provenance"),
-                       **records(io.read_json(run_dir / "eval.json"), ""),
-                       **records(io.read_json(run_dir / "eval-seen-excluded.json"), "_seen_excluded")}
-                if (run_dir / TEST_CURVE).exists():
-                    rec["test_mix_curve_seen_excluded"] = io.read_json(run_dir / TEST_CURVE)
+                       **records(current_eval(rd, False), ""), **records(current_eval(rd, True), "_seen_excluded")}
+                if rd.read_json(TEST_CURVE) is not None:
+                    rec["test_mix_curve_seen_excluded"] = rd.read_json(TEST_CURVE)
                 rows.setdefault(name, []).append(rec)
         walls.append(round(seed_wall, 1))
         result = _result(dataset, data, len(walls), tokenizers, heads, overrides, max_users, walls, base, rows)
@@ -105,52 +105,45 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
     return result
 
 
-def identity(config: dict) -> dict:
-    """The part of a head config its results depend on: FV-MLE on item-ID inputs never reads the
-    codebook, so its run is the same whichever tokenizer the call names; a config recorded by an
-    earlier sidrec is read in today's keys (`upgrade_model_dict`), so the same model is the same run."""
-    try:
-        model = upgrade_model_dict(config["model"])
-    except ValueError:  # a removed ablation: never the same as a current run
-        model = {**config["model"], "_removed_ablation": True}
-    config = {**config, "model": model}
-    if model["head"] == "fv" and model["backbone"]["item_input"] == "id":
-        return {k: v for k, v in config.items() if k != "tokenizer"}
-    return config
-
-
 def trained(hc: dict, data: SequenceData, cb, run_dir: Path) -> float:
     """Train and evaluate (both protocols) one run; a finished run is reused only if it was made
-    from these very inputs (its fingerprint, `sidrec.run`; runs recorded before fingerprints: the
-    config in bench.json), otherwise it is trained again from scratch. Returns the run's wall time
+    from these very inputs (its fingerprint, `sidrec.run`), otherwise it is trained again from scratch. Returns the run's wall time
     (training + both evaluations), as measured when it was made (for a resumed run: since the resume);
     bench.json also keeps the environment (machine, commit) the run was trained in."""
     want = {k: v for k, v in hc.items() if not k.startswith("_")}
-    bench_file = run_dir / "bench.json"
-    made = io.read_json(bench_file) if bench_file.exists() else {}
+    rd = RunDir(run_dir)
+    made = rd.read_json(BENCH) or {}
     status, _ = rundir.stage_status(run_dir, "run", model_inputs(hc, data, cb))
-    legacy_same = status == "stale" and not RunDir(run_dir).fingerprint and bool(made.get("config")) and \
-        identity(made["config"]) == identity(want)
-    if (status == "same" or legacy_same) and made.get("wall_s") is not None:
-        if joint_done(hc, run_dir):
+    if status == "same" and made.get("wall_s") is not None:
+        if evaluated(hc, rd):
             return made["wall_s"]
-        t = time.perf_counter()  # a joint run trained before its mix was chosen, or evaluated before the wide beams
-        if RunDir(run_dir).joint_mix() is None:
+        t = time.perf_counter()  # evaluations gone stale; a joint run trained before its mix was chosen, or
+        # evaluated before the wide beams
+        if hc["model"]["head"] == "joint" and rd.joint_mix() is None:
             tune_joint_mix(run_dir, data=data, exclude_seen=hc["train"]["exclude_seen"])
         evaluate_both(hc, data, run_dir)
         wall = round(made["wall_s"] + time.perf_counter() - t, 1)
-        io.write_json(bench_file, {**made, "wall_s": wall, "re_evaluated": common.provenance()})
+        rd.write_json(BENCH, {**made, "wall_s": wall, "re_evaluated": common.provenance()})
         return wall
     t = time.perf_counter()
     start = common.code_state()  # a resumed run: the code of its resumed part (the stamp says "resumed")
     with io.writer_session():  # the run is released once trained: a long benchmark holds only the current one
         train_one(hc, data, cb, run_dir, resume=status == "same", overwrite=status == "stale")
-    io.write_json(bench_file, {"config": want, "wall_s": None})  # a killed run resumes from its checkpoint
+    rd.write_json(BENCH, {"config": want, "wall_s": None})  # a killed run resumes from its checkpoint
     evaluate_both(hc, data, run_dir)
     wall = round(time.perf_counter() - t, 1)
-    io.write_json(bench_file, {"config": want, "wall_s": wall, "env": environment(), "resumed": status == "same",
+    rd.write_json(BENCH, {"config": want, "wall_s": wall, "env": environment(), "resumed": status == "same",
                                "provenance": common.span(start, common.code_state())})
     return wall
+
+
+def current_eval(rd: RunDir, exclude_seen: bool) -> dict:
+    """A run's stored evaluation of a protocol on the catalogue it was trained on, refused unless it
+    scored the run's current weights."""
+    ev = rd.read_eval(exclude_seen, version=None)
+    if ev is None:
+        raise RuntimeError(f"{rd.path}: no current evaluation (exclude_seen={exclude_seen}) after evaluating it")
+    return ev
 
 
 def evaluate_both(hc: dict, data: SequenceData, run_dir: Path) -> None:
@@ -166,13 +159,14 @@ def evaluate_both(hc: dict, data: SequenceData, run_dir: Path) -> None:
         RunDir(run_dir).write_json(TEST_CURVE, [{"mix": m, **{k: v[k] for k in KEYS}} for m, v in curve.items()])
 
 
-def joint_done(hc: dict, run_dir: Path) -> bool:
-    """Not a joint run, or one with its mix chosen on validation and evaluated at every width."""
+def evaluated(hc: dict, rd: RunDir) -> bool:
+    """The run's weights are evaluated under both protocols; a joint run's also with its mix chosen on
+    validation, at every beam width, and along the mix grid."""
     if hc["model"]["head"] != "joint":
-        return True
-    rd = RunDir(run_dir)
-    ev = [rd.read_eval(excl, 20, ("exact", "beam", *(f"beam{b}" for b in WIDE_BEAMS))) for excl in (False, True)]
-    return rd.joint_mix() is not None and all(e is not None for e in ev) and (run_dir / TEST_CURVE).exists()
+        return all(rd.read_eval(excl, version=None) is not None for excl in (False, True))
+    ev = [rd.read_eval(excl, 20, ("exact", "beam", *(f"beam{b}" for b in WIDE_BEAMS)), version=None)
+          for excl in (False, True)]
+    return rd.joint_mix() is not None and all(e is not None for e in ev) and rd.read_json(TEST_CURVE) is not None
 
 
 def _result(dataset, data, seeds, tokenizers, heads, overrides, max_users, walls, base, rows) -> dict:

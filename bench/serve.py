@@ -32,6 +32,7 @@ from bench import common
 from bench.common import RESULTS, ROOT, write_result
 from bench.tables import serve_table
 from sidrec import io
+from sidrec.run import RunDir
 from sidrec.serve.process import ServerProcess
 
 BEAUTY_RUNS = ROOT / "bench" / "out" / "quality-beauty" / "defaults" / "seed0"
@@ -40,7 +41,7 @@ BEAUTY_RUNS = ROOT / "bench" / "out" / "quality-beauty" / "defaults" / "seed0"
 def beauty_runs() -> list[Path]:
     """AR-NTP (RQ-KMeans 3x256) and FV-MLE on Beauty with the library defaults, seed 0."""
     want = [BEAUTY_RUNS / "ar-rq-kmeans", BEAUTY_RUNS / "fv"]
-    if not all((p / "model.safetensors").exists() for p in want):
+    if not all(RunDir(p).has_weights() for p in want):
         print("training the Beauty runs (python -m bench.quality --dataset beauty --tokenizers rq-kmeans "
               "--heads ar,fv --tag defaults --only-seed 0)", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "bench.quality", "--dataset", "beauty", "--tokenizers", "rq-kmeans",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from bench import common
 from bench.common import RESULTS, ROOT, write_result

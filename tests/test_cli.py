@@ -195,7 +195,6 @@ def test_text_embeddings_offline(tmp_path):
     assert e.shape == (60, 384)
     assert (tmp_path / "s" / "embeddings").exists()  # cached
     # same-subcategory titles are closer than random pairs
-    import numpy as np
 
     same = w.subcategory[:, None] == w.subcategory[None, :]
     sims = e @ e.T

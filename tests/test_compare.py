@@ -1,13 +1,11 @@
 """Level-by-level comparison of two runs: the NLL split is exact, hybrids are distributions."""
 
-import json
 
 import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidrec.cli import main
 from sidrec.evaluate.compare import hybrid, level_nll, node_log_marginals
 from sidrec.tokenize import Codebook
 

@@ -1,7 +1,6 @@
 """New items: IDs from the fitted tokenizer (no refit), catalogue versions of a trained run, and the
 model, CLI, API and server serving them at once."""
 
-import json
 import time
 
 import numpy as np
@@ -12,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sidrec
-from sidrec.catalog import prefix_mean
+from sidrec.model.extend import prefix_mean
 from sidrec.cli import main
 from sidrec.errors import UserError
 from sidrec.serve.process import ServerProcess

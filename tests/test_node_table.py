@@ -238,7 +238,7 @@ def test_new_items_extend_the_node_table_with_prefix_means_or_given_vectors():
     """`items add` on a node-table model: trained items keep their vectors, biases and log Q order; a new
     item's vector is the mean of the trained items under its deepest trained prefix, or exactly the
     content vector it was given; the identities hold on the extended catalogue."""
-    from sidrec import catalog
+    from sidrec.model.extend import extend_model
     from sidrec.tokenize import Codebook
 
     codes = np.array([[a, b, c] for a in range(3) for b in range(3) for c in range(3)])[:-3]  # 24 items
@@ -253,7 +253,7 @@ def test_new_items_extend_the_node_table_with_prefix_means_or_given_vectors():
     ext = base.extend(new_codes)
     vectors = np.full((3, 16), np.nan)
     vectors[2] = np.arange(16) / 10
-    big = catalog.extend_model(m, base, ext, vectors)
+    big = extend_model(m, base, ext, vectors)
     e_old, e_new = m.backbone.item_emb.weight.detach(), big.backbone.item_emb.weight.detach()
     torch.testing.assert_close(e_new[:24], e_old, rtol=0, atol=1e-5)
     torch.testing.assert_close(e_new[24], e_old[:3].mean(0), rtol=0, atol=1e-5)  # items 0 0 *

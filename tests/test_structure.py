@@ -52,3 +52,39 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert "sidrec.run" in graph and "sidrec.train.config" in graph  # the walk saw the package
+
+
+def _string_constants(f: Path) -> set[str]:
+    """String constants of a module's code (docstrings and f-string text aside)."""
+    tree = ast.parse(f.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs}
+
+
+def test_only_the_run_package_names_run_files():
+    """No module outside sidrec.run joins a run's file names to paths: they ask RunDir / PipelineDir /
+    catalog. (The synthetic verification suite writes its own kind of directory, "verify", which
+    happens to hold a verify.json and a report.md; io keeps the files that identify pre-marker
+    directories.)"""
+    from sidrec.run import layout
+
+    names = {layout.CONFIG, layout.WEIGHTS, layout.STATE, layout.METRICS, layout.TIMINGS, *layout.EVALS,
+             layout.JOINT_MIX, layout.VERIFY, layout.REPORT, layout.BENCH, layout.SUMMARY, layout.CURRENT,
+             layout.CATALOG_INFO, layout.VECTORS}
+    own_kinds = {"sidrec.verify.synthetic": {layout.VERIFY, layout.REPORT}, "sidrec.verify.report": {layout.REPORT},
+                 "sidrec.io": {layout.CONFIG, layout.METRICS, layout.STATE, layout.REPORT, layout.SUMMARY}}
+    offenders = {}
+    roots = {SRC: "", SRC.parent / "bench": "bench."}
+    for root, prefix in roots.items():
+        for f in root.rglob("*.py"):
+            parts = f.relative_to(root).with_suffix("").parts
+            mod = prefix + ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            if mod.startswith("sidrec.run"):
+                continue
+            found = (_string_constants(f) & names) - own_kinds.get(mod, set())
+            if found:
+                offenders[mod] = sorted(found)
+    assert not offenders, f"run file names outside sidrec.run: {offenders}"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sidrec.model import BackboneConfig, ModelConfig, SeqRecModel
-from sidrec.tokenize import Codebook, fit_codebook
+from sidrec.tokenize import fit_codebook
 from sidrec.verify import check_beam_recall, check_bijection, check_loss_identity, check_normalization
 from sidrec.verify.synthetic import SuiteConfig, collide, run_suite
 

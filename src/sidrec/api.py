@@ -16,7 +16,6 @@ One device rule (`auto`: the GPU when there is one) covers training, evaluation 
 from __future__ import annotations
 
 import copy
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,11 +118,12 @@ class Recommender:
         with io.writer_session():  # the run is this process's until the fit ends
             rundir.check_claim(run, resume=resume, overwrite=overwrite, option="out")
             if data.path is None:  # in-memory data travels inside the run
-                data = _persist(data, run, replace=not resume)
+                data = RunDir(run).keep_data(data, replace=not resume)
             cfg = head_config(self.config, self.head)
             cfg["data"] = {**cfg["data"], "dir": str(Path(data.path).resolve()), "synthetic": None, "format": None}
             claim_run_dir(cfg, run, resume=resume, overwrite=overwrite)  # takes the run's writer lock
-            codebook = ensure_codebook(cfg, data, run) if needs_semantic_ids(cfg, [self.head]) else None
+            codebook = (ensure_codebook(cfg, data, RunDir(run).codebook_path)
+                        if needs_semantic_ids(cfg, [self.head]) else None)
             train_one(cfg, data, codebook, run, resume=resume, overwrite=overwrite)
         return self._open(RunDir(run), data)
 
@@ -156,11 +156,7 @@ class Recommender:
         path = Path(path)
         if path.resolve() == self.run.path.resolve():
             return path
-        io.check_output_dir(path, "run", overwrite=overwrite)
-        marker = {k: v for k, v in self.run.marker().items() if k not in ("kind", "sidrec", "legacy")}
-        with io.atomic_dir(path, "run", **marker) as tmp:
-            shutil.copytree(self.run.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(io.MARKER, io.LOCK))
-        return path
+        return self.run.copy_to(path, overwrite=overwrite)
 
     # -- using it ----------------------------------------------------------------------------
     def recommend(self, histories: list[list[str]], k: int = 10, *, decode: str = "exact", beam: int = 20,
@@ -287,14 +283,14 @@ class Recommender:
                   id_col: str = "item_id", vectors: str = "content") -> dict:
         """Add new items to the fitted run, recommendable at once (no retraining): each gets a
         semantic ID from its content with the fitted tokenizer, in a new catalogue version of the run
-        (`sidrec.catalog`; the previous version is kept). items: a table (or a JSONL / CSV / Parquet
+        (`sidrec.run.catalog`; the previous version is kept). items: a table (or a JSONL / CSV / Parquet
         file) with `id_col` and text fields; embeddings: [m, d] (or a .npy file) in the tokenizer's
         space, needed unless the IDs were fitted on text. vectors: "content" (a new item's vector is
         that of its nearest trained item by content) or "prefix-mean". Returns what was
         added and how the IDs were found (direct / resolved / fallback); this object then serves the
         new catalogue."""
-        from sidrec import catalog
         from sidrec.data.readers import normalise_item_table, read_item_table
+        from sidrec.run import catalog
         from sidrec.embed import check_embeddings, load_npy
 
         self._fitted()
@@ -321,10 +317,10 @@ class Recommender:
     def _content_map(self):
         """x -> item vectors from the trained items' embeddings (the tokenizer's own source) and their
         trained item vectors; None when either is unavailable (prefix means are used then)."""
-        from sidrec import catalog
         from sidrec.embed import get_embeddings
+        from sidrec.model.extend import content_map, item_table
 
-        vectors = catalog.item_table(self.model)
+        vectors = item_table(self.model)
         tok = (self.codebook.meta.get("tokenizer") if self.codebook is not None else None) or {}
         source = str(tok.get("embeddings", ""))
         if vectors is None or not source:
@@ -335,13 +331,13 @@ class Recommender:
                                dim=tok.get("collab_dim", 64), seed=tok.get("seed", 0))
         except UserError:  # e.g. a .npy file that is no longer there: prefix means instead
             return None
-        return catalog.content_map(x, vectors[: len(x)].numpy())  # fitted on the trained items only
+        return content_map(x, vectors[: len(x)].numpy())  # fitted on the trained items only
 
     @property
     def codebook(self):
         """The semantic-ID codebook of the catalogue this object serves (None for FV-MLE on item ids)."""
         self._fitted()
-        from sidrec import catalog
+        from sidrec.run import catalog
 
         return catalog.load_version(self.run.path, self._version)[0] if self._version else self.run.codebook()
 
@@ -358,21 +354,6 @@ class Recommender:
     def __repr__(self) -> str:
         where = f", run={str(self.run.path)!r}" if self.run else ""
         return f"Recommender(head={self.head!r}{where})"
-
-
-def _persist(data: SequenceData, run: Path, replace: bool) -> SequenceData:
-    """Write in-memory data into the run's data/ (kept when the same content is already there; other
-    content is replaced only when `replace`: a resume must not swap the data under its model)."""
-    content = rundir.array_digest(data.offsets, data.items, data.user_ids.astype(str), data.raw_item_ids())
-    inputs = {"sidrec": rundir.__version__, "data.content#sha256": content}
-    io.own_dir(run, "run")
-    out = run / "data"
-    status = rundir.stage_status(out, "data", inputs)[0]
-    if status == "stale" and not replace:
-        raise UserError("cannot resume: the run was trained on other data", str(out))
-    if status != "same":
-        data.save(out, marker=rundir.marker_fields(inputs))
-    return SequenceData.load(out)
 
 
 __all__ = ["Recommender", "load_data", "from_frame", "synthetic"]

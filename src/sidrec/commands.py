@@ -95,6 +95,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from sidrec.pipeline import claim_run_dir, ensure_inputs, head_config, train_one
+    from sidrec.run import RunDir
     from sidrec.train.trainer import ddp_setup
     from sidrec.errors import UserError
 
@@ -108,7 +109,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     if rank == 0:  # rank 0 checks the directory, prepares and tokenizes; the others then load what it wrote
         try:
             claim_run_dir(cfg, out, resume=a.resume, overwrite=a.overwrite)
-            data, codebook = ensure_inputs(cfg, out, [head])
+            data, codebook = ensure_inputs(cfg, RunDir(out), [head])
         except Exception as e:  # noqa: BLE001 - tell the other ranks before failing, or they wait forever
             failed = e
     if distributed:
@@ -120,7 +121,7 @@ def cmd_train(a: argparse.Namespace) -> None:
                 raise failed
             raise UserError("rank 0 could not prepare the run (see its message)")
         if rank != 0:
-            data, codebook = ensure_inputs(cfg, out, [head])
+            data, codebook = ensure_inputs(cfg, RunDir(out), [head])
     elif failed is not None:
         raise failed
     state = train_one(cfg, data, codebook, out, resume=a.resume, overwrite=a.overwrite)
@@ -197,7 +198,7 @@ def cmd_tune_mix(a: argparse.Namespace) -> None:
     for row in rec["curve"]:
         mark = "  <- chosen" if row["mix"] == rec["mix"] else ""
         print(f"mix {row['mix']:.2f}  valid ndcg@10 {row['ndcg@10']:.4f}  recall@10 {row['recall@10']:.4f}{mark}")
-    print(f"wrote {Path(a.run) / 'joint-mix.json'}: the run now ranks with mix {rec['mix']}")
+    print(f"wrote {rec['file']}: the run now ranks with mix {rec['mix']}")
 
 
 def add_tune_mix(sub) -> None:
@@ -218,12 +219,13 @@ def add_tune_mix(sub) -> None:
 def cmd_run(a: argparse.Namespace) -> None:
     from sidrec.evaluate.report import results_table
     from sidrec.pipeline import run_pipeline
+    from sidrec.run import PipelineDir
 
     cfg = _config(a)
     out = Path(a.out)
     summary = run_pipeline(cfg, out, resume=not a.fresh)
     print(results_table(summary, "test"))
-    print(f"report: {out / 'report.md'}")
+    print(f"report: {PipelineDir(out).report_path}")
 
 
 def add_run(sub) -> None:
@@ -365,7 +367,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
         for c in res["claims"]:
             print(f"{'PASS' if c['pass'] else 'FAIL'}  {c['id']:<26} {c['value']:.3g} (tol {c['tolerance']:.3g})  "
                   f"{c['claim']}")
-        print(f"report: {Path(a.out) / 'report.md'}  ({res['seconds']['total']} s)")
+        print(f"report: {res['report']}  ({res['seconds']['total']} s)")
         return 0 if res["all_pass"] else 1
     if not a.run:
         raise UserError("give a trained RUN directory, or --synthetic --out DIR")
@@ -379,7 +381,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
               f"  {c['claim']}{'' if c['pass'] else ' [below target]' if c.get('informational') else ''}")
         if not c["pass"]:
             print(f"      {failure_detail(c)}")
-    print(f"wrote {Path(a.run) / 'verify.json'}")
+    print(f"wrote {res['file']}")
     failed = [c["check"] + (f" ({c['dtype']})" if "dtype" in c else "") for c in res["checks"]
               if not c["pass"] and not c.get("informational")]
     if failed:
@@ -461,7 +463,7 @@ REGISTER.append(add_serve)
 
 # ----------------------------------------------------------------------------------------- items
 def cmd_items(a: argparse.Namespace) -> None:
-    from sidrec import catalog
+    from sidrec.run import catalog
     from sidrec.run import RunDir
 
     if a.items_cmd == "list":

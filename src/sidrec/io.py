@@ -290,10 +290,9 @@ def writer_session() -> Iterator[None]:
 
 
 #: What sidrec writes into directories it replaces wholesale (anything else there is the user's).
-#: The module that owns a kind's layout registers it (run.py: "run").
+#: The module that owns a kind's layout registers it (sidrec.run.layout: "run", "catalog").
 _OWN_ENTRIES = {"data": {"sequences.npz", "items.parquet", "stats.json", "prepare.json", "world.npz", "embeddings"},
-                "codebook": {"codebook.npz", "codebook.json"},
-                "catalog": {"items.parquet", "codebook", "catalog.json"}}
+                "codebook": {"codebook.npz", "codebook.json"}}
 
 
 def register_entries(kind: str, names: set[str]) -> None:

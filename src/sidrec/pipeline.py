@@ -22,7 +22,7 @@ from sidrec import run as rundir
 from sidrec.config import dump, model_config, resolve_path, train_config
 from sidrec.data import SequenceData, prepare, read
 from sidrec.errors import UserError
-from sidrec.run import RunDir
+from sidrec.run import PipelineDir, RunDir
 from sidrec.tokenize import Codebook, fit_codebook
 
 
@@ -43,14 +43,14 @@ def data_fingerprint(cfg: dict) -> str:
     return rundir.digest(rundir.data_inputs(d, _resolver(cfg)))
 
 
-def ensure_data(cfg: dict, work: Path) -> SequenceData:
-    """The config's data: its data.dir, or prepared into work/data (reused when made from the same inputs)."""
+def ensure_data(cfg: dict, out: Path) -> SequenceData:
+    """The config's data: its data.dir, or prepared into the data directory `out` (reused when made
+    from the same inputs)."""
     d = cfg["data"]
     if d.get("dir"):
         return SequenceData.load(resolve_path(cfg, d["dir"]))
     if not d.get("synthetic") and not d.get("format"):
         raise UserError("the config's data section needs one of: dir, synthetic, format + path")
-    out = work / "data"
     inputs = rundir.data_inputs(d, _resolver(cfg))
     status, changed = rundir.stage_status(out, "data", inputs)
     if status == "same":
@@ -86,11 +86,10 @@ def codebook_inputs(cfg: dict, data_fp: str) -> dict:
     return rundir.codebook_inputs(cfg["tokenizer"], data_fp, _resolver(cfg))
 
 
-def ensure_codebook(cfg: dict, data: SequenceData, work: Path) -> Codebook:
-    """A codebook fitted with the config's tokenizer settings on `data`, in work/codebook (reused when
-    made from the same inputs)."""
+def ensure_codebook(cfg: dict, data: SequenceData, out: Path) -> Codebook:
+    """A codebook fitted with the config's tokenizer settings on `data`, in the codebook directory
+    `out` (reused when made from the same inputs)."""
     t = cfg["tokenizer"]
-    out = work / "codebook"
     inputs = codebook_inputs(cfg, rundir.dir_fingerprint(data.path, "data"))
     status, changed = rundir.stage_status(out, "codebook", inputs)
     if status == "same":
@@ -123,10 +122,10 @@ def needs_semantic_ids(cfg: dict, heads: list[str]) -> bool:
     return any(h != "fv" for h in heads) or cfg["model"]["backbone"]["item_input"] != "id"
 
 
-def ensure_inputs(cfg: dict, work: Path, heads: list[str]) -> tuple[SequenceData, Codebook | None]:
-    """The data, and the codebook when a head or the item input needs semantic IDs."""
-    data = ensure_data(cfg, work)
-    return data, ensure_codebook(cfg, data, work) if needs_semantic_ids(cfg, heads) else None
+def ensure_inputs(cfg: dict, work: RunDir | PipelineDir, heads: list[str]) -> tuple[SequenceData, Codebook | None]:
+    """The data, and the codebook when a head or the item input needs semantic IDs, kept in `work`."""
+    data = ensure_data(cfg, work.data_path)
+    return data, ensure_codebook(cfg, data, work.codebook_path) if needs_semantic_ids(cfg, heads) else None
 
 
 def head_config(cfg: dict, head: str) -> dict:
@@ -156,21 +155,21 @@ def model_inputs(cfg: dict, data: SequenceData | str, codebook: Codebook | str |
 def check_resume(cfg: dict, run: Path) -> None:
     """Refuse `train --resume` with changed settings before anything is written, naming the keys of
     whichever stage (data, tokenizer, model/train) changed."""
-    if not (run / rundir.CONFIG).exists() and not (run / rundir.STATE).exists():
+    rd = RunDir(run)
+    if not (rd.has_config() or rd.has_products()):
         return
     stages = []
     if not cfg["data"].get("dir"):
-        stages.append(("data", run / "data", rundir.data_inputs(cfg["data"], _resolver(cfg))))
+        stages.append(("data", rd.data_path, rundir.data_inputs(cfg["data"], _resolver(cfg))))
     data_fp = data_fingerprint(cfg)
     if needs_semantic_ids(cfg, cfg["heads"]):
-        stages.append(("codebook", run / "codebook", codebook_inputs(cfg, data_fp)))
+        stages.append(("codebook", rd.codebook_path, codebook_inputs(cfg, data_fp)))
     for kind, path, inputs in stages:
         status, changed = rundir.stage_status(path, kind, inputs)
         if status == "stale":
             raise UserError(f"cannot --resume: the run's {kind} was made with other settings for "
                             f"{', '.join(changed)}; resume with the same values, or --overwrite to retrain", str(run))
-    codebook = Codebook.load(run / "codebook") if (run / "codebook" / "codebook.npz").exists() else None
-    inputs = model_inputs(cfg, data_fp, codebook)
+    inputs = model_inputs(cfg, data_fp, rd.codebook())
     RunDir.create(run, inputs, resume=True)  # raises naming the model/train keys that changed
 
 
@@ -257,8 +256,7 @@ def tune_joint_mix(run: Path, *, data: SequenceData | None = None, grid: tuple[f
     best = max(grid, key=lambda m: (ndcg[m], -m))
     rec = {"mix": best, "metric": "valid ndcg@10, exact ranking", "exclude_seen": exclude_seen,
            "curve": [{"mix": m, "ndcg@10": ndcg[m], "recall@10": curve[m]["recall@10"]} for m in grid]}
-    rd.write_joint_mix(rec)
-    return rec
+    return {**rec, "file": str(rd.write_joint_mix(rec))}
 
 
 def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int = 20,
@@ -329,20 +327,20 @@ def run_pipeline(cfg: dict, out: Path, resume: bool = True) -> dict:
     emb = str(cfg["tokenizer"]["embeddings"])
     inputs = [resolve_path(cfg, d.get("path")), resolve_path(cfg, d.get("meta")),
               resolve_path(cfg, emb) if emb.endswith(".npy") else None]
-    io.check_output_dir(out, "pipeline", exist_ok=True, inputs=inputs)
-    io.own_dir(out, "pipeline")
-    io.write_text(out / "config.yaml", dump(cfg))
+    pdir = PipelineDir(out)
+    pdir.claim(inputs)
+    pdir.write_config(dump(cfg))
     timings = {}
     t = time.perf_counter()
-    data = ensure_data(cfg, out)
+    data = ensure_data(cfg, pdir.data_path)
     timings["data"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    codebook = ensure_codebook(cfg, data, out) if needs_semantic_ids(cfg, cfg["heads"]) else None
+    codebook = ensure_codebook(cfg, data, pdir.codebook_path) if needs_semantic_ids(cfg, cfg["heads"]) else None
     timings["tokenize"] = round(time.perf_counter() - t, 1)
     results = {}
     for head in cfg["heads"]:
         t = time.perf_counter()
-        results[head] = _head_stage(cfg, head, data, codebook, out / head, resume)
+        results[head] = _head_stage(cfg, head, data, codebook, pdir.head(head).path, resume)
         timings[head] = round(time.perf_counter() - t, 1)
     summary = {"results": results, "timings_s": timings, "data": data.stats()}
     if codebook is not None:
@@ -355,8 +353,8 @@ def run_pipeline(cfg: dict, out: Path, resume: bool = True) -> dict:
             raise UserError(f"the synthetic world has {len(world.latent)} items, the data {data.n_items}",
                             str(Path(data.path) / "world.npz"))
         summary["bayes_optimal"] = {s: bayes_optimal(world, data, s) for s in ("valid", "test")}
-    io.write_json(out / "summary.json", summary)
-    write_report(out, summary, cfg)
+    pdir.write_summary(summary)
+    write_report(pdir, summary, cfg)
     return summary
 
 

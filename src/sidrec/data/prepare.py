@@ -109,6 +109,11 @@ class SequenceData:
                 extra(tmp)
         self.path = Path(out)
 
+    def cache_file(self, name: str) -> Path | None:
+        """Where derived arrays of this data (its items' embeddings) are cached, inside its directory;
+        None for in-memory data."""
+        return None if self.path is None else Path(self.path) / "embeddings" / name
+
     @classmethod
     def load(cls, path: str | Path) -> "SequenceData":
         p = Path(path)

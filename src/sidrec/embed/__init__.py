@@ -176,7 +176,7 @@ def get_embeddings(
         key = _cache_key("collab", dim=dim, seed=seed)
     else:
         raise UserError(f"unknown embedding source {source!r}: text, collab, latent or a .npy path")
-    cache_path = data.path / "embeddings" / f"{key}.npy" if (cache and data.path) else None
+    cache_path = data.cache_file(f"{key}.npy") if cache else None
     if cache_path is not None and cache_path.exists():
         try:
             return np.load(cache_path, allow_pickle=False)

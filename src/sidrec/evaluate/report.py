@@ -1,8 +1,6 @@
-"""report.md + PNG plots for a `sidrec run` directory."""
+"""report.md + PNG plots for a `sidrec run` directory (written through its `PipelineDir`)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from sidrec import io
 
@@ -10,13 +8,8 @@ METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr")
 LABELS = {"ar": "AR-NTP", "fv": "FV-MLE", "parallel": "Parallel (non-AR)", "ar-unconstrained": "AR-NTP (unconstr.)"}
 
 
-def _read_metrics(run: Path) -> list[dict]:
-    from sidrec.run import RunDir
-
-    return RunDir(run).read_log()
-
-
-def plot_training(out: Path, heads: list[str]) -> list[str]:
+def plot_training(out, heads: list[str]) -> list[str]:
+    """Training loss and validation NDCG@10 of every head (`out`: the PipelineDir); the figure's link."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,7 +17,7 @@ def plot_training(out: Path, heads: list[str]) -> list[str]:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for h in heads:
-        recs = _read_metrics(out / h)
+        recs = out.head(h).read_log()
         steps = [r for r in recs if "loss" in r]
         evals = [r for r in recs if "valid" in r]
         if steps:
@@ -39,15 +32,14 @@ def plot_training(out: Path, heads: list[str]) -> list[str]:
         if a.get_legend_handles_labels()[0]:
             a.legend()
     fig.tight_layout()
-    (out / "plots").mkdir(exist_ok=True)
-    path = out / "plots" / "training.png"
+    path, link = out.figure("training.png")
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    return ["plots/training.png"]
+    return [link]
 
 
-def plot_metrics(out: Path, summary: dict) -> list[str]:
+def plot_metrics(out, summary: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,12 +62,11 @@ def plot_metrics(out: Path, summary: dict) -> list[str]:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = out / "plots" / "metrics.png"
-    path.parent.mkdir(exist_ok=True)
+    path, link = out.figure("metrics.png")
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    return ["plots/metrics.png"]
+    return [link]
 
 
 def results_table(summary: dict, split: str = "test") -> str:
@@ -94,7 +85,8 @@ def results_table(summary: dict, split: str = "test") -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def write_report(out: Path, summary: dict, cfg: dict) -> None:
+def write_report(out, summary: dict, cfg: dict) -> None:
+    """report.md of a `sidrec run` directory (`out`: its PipelineDir) with tables and figures."""
     heads = list(summary["results"])
     plots = plot_training(out, heads) + plot_metrics(out, summary)
     d = summary["data"]
@@ -123,4 +115,4 @@ def write_report(out: Path, summary: dict, cfg: dict) -> None:
                   f"NDCG@10 = {b['ndcg@10']:.4f}."]
     lines += ["", "## Timings (seconds)", "", " · ".join(f"{k}: {v}" for k, v in summary["timings_s"].items()), ""]
     lines += [f"![{p}]({p})" for p in plots]
-    io.write_text(out / "report.md", "\n".join(lines) + "\n")
+    out.write_report("\n".join(lines) + "\n")

@@ -224,6 +224,11 @@ class Codebook:
             **self.diagnostics(),
         }
 
+    @staticmethod
+    def saved_in(path: str | Path) -> bool:
+        """Whether `path` holds a saved codebook (a run without semantic IDs has none)."""
+        return (Path(path) / "codebook.npz").is_file()
+
     @classmethod
     def load(cls, path: str | Path, allow_collisions: bool = True) -> "Codebook":
         p = Path(path)

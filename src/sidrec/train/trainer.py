@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from sidrec.data.batching import TrainBatches
 from sidrec.data.prepare import SequenceData
-from sidrec.errors import UserError
 from sidrec.model import SeqRecModel
 from sidrec.run import RunDir
 from sidrec.train.config import TrainConfig, pick_device
@@ -103,7 +102,7 @@ class Trainer:
             return False
         from sidrec.io import reading
 
-        with reading(self.run.path / "trainer_state.pt", "trainer checkpoint (does it match this model?)"):
+        with reading(self.run.state_path, "trainer checkpoint (does it match this model?)"):
             self.model.load_state_dict(blob["model"])
             self.optim.load_state_dict(blob)
             torch.set_rng_state(blob["rng"].cpu())

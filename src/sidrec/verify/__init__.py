@@ -20,6 +20,7 @@ def verify_run(run: str | Path, n_contexts: int = 512, beams=(1, 5, 10, 20), see
 
     from sidrec.data.batching import eval_batches
     from sidrec.run import NonBijectiveWarning, RunDir
+    from sidrec.run.layout import VERIFY
     from sidrec.verify.report import write_run_section
 
     rd = RunDir.open(run)
@@ -51,8 +52,8 @@ def verify_run(run: str | Path, n_contexts: int = 512, beams=(1, 5, 10, 20), see
         checks.append(check_beam_recall(head, h, beams=beams))
     result = {"run": str(run), "head": model.cfg.head, "constrained": model.cfg.constrained,
               "n_contexts": int(len(users)), "checks": checks, "all_pass": all(c["pass"] for c in checks if not c.get("informational"))}
-    rd.write_json("verify.json", result)
-    write_run_section(rd.path, result)
+    result["file"] = str(rd.write_json(VERIFY, result))
+    write_run_section(rd, result)
     return result
 
 

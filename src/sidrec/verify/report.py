@@ -107,13 +107,13 @@ def write_synthetic_report(out: Path, result: dict) -> None:
     io.write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
-def write_run_section(run: Path, result: dict) -> None:
-    """Add (or replace) the verification section of a run's report.md."""
-    text = (run / "report.md").read_text() if (run / "report.md").exists() else f"# sidrec run {run.name}\n"
+def write_run_section(run, result: dict) -> None:
+    """Add (or replace) the verification section of a run's report.md (`run`: its RunDir)."""
+    text = run.report() or f"# sidrec run {run.path.name}\n"
     marker = "\n## Verification (sidrec verify)\n"
     text = text.split(marker)[0].rstrip("\n") + "\n" + marker + "\n" + _claims_table(result["checks"])
     beam = next((c for c in result["checks"] if c["check"] == "beam_recall"), None)
     if beam:
         text += "\nOverlap of beam-search top-10 with the exact top-10, by beam width: " + ", ".join(
             f"{b}: {v:.4f}" for b, v in beam["overlap_by_beam"].items()) + "\n"
-    io.write_text(run / "report.md", text)
+    run.write_report(text)

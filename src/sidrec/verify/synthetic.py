@@ -233,4 +233,4 @@ def run_suite(out: str | Path, cfg: SuiteConfig | None = None) -> dict:
               "config": {k: v for k, v in cfg.__dict__.items()}}
     io.write_json(out / "verify.json", result)
     write_synthetic_report(out, result)
-    return result
+    return {**result, "report": str(out / "report.md")}

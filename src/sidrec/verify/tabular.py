@@ -9,7 +9,6 @@ All in float64.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from sidrec.model.heads import segment_logsumexp

@@ -1,30 +1,15 @@
-"""The run directory: one module owns its layout, reads and writes every file in it, and records
-what each stage was made from.
+"""`RunDir`: the only reader and writer of a trained run's files (their names: `layout`).
 
-Layout of a run (one trained model):
-
-    .sidrec.json          marker: kind "run", the stage's inputs and their fingerprint
-    config.yaml           the resolved config (n_items, absolute data.dir)
-    codebook/             the semantic IDs the model was built on (absent for FV-MLE on item ids)
-    model.safetensors     the best weights on validation
-    trainer_state.pt      the latest checkpoint (model, optimizer, schedule, RNG, counters)
-    metrics.jsonl         one JSON line per log step and per epoch: deterministic values only
-    timings.jsonl         the same steps' wall-clock figures (seconds, throughput)
-    eval.json, eval-seen-excluded.json, verify.json, report.md
-
-Fingerprints. Every stage records its *inputs* as a flat dict of setting -> value (plus the
-fingerprints of the stages it was built on and, for files, a content hash), and the digest of
-that dict. A stage is reused only when the inputs it would be made from now have the same digest;
-otherwise `sidrec run` makes it again and says which settings changed, and `train --resume`
-refuses, naming them. The package version is an input of every stage, so results from another
-version of sidrec are never passed off as current; the git commit is recorded, not compared.
+It takes a directory for training (refusing what is not sidrec's, a trained run without --resume or
+--overwrite, a resume with changed settings), and reads and writes the config, codebook, weights,
+checkpoint, logs, evaluations, reports and the joint head's mix, each atomically; a stored
+evaluation or mix is used only for the very weights it was made with.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,61 +19,13 @@ import torch
 import yaml
 
 from sidrec import io
-from sidrec.version import __version__
 from sidrec.errors import NonBijectiveWarning, UserError
-from sidrec.provenance import code_state, environment, label  # noqa: F401 (environment: re-exported)
 from sidrec.config import flat_keys
-
-CONFIG, WEIGHTS, STATE = "config.yaml", "model.safetensors", "trainer_state.pt"
-METRICS, TIMINGS, CODEBOOK = "metrics.jsonl", "timings.jsonl", "codebook"
-EVALS = ("eval.json", "eval-seen-excluded.json")
-JOINT_MIX = "joint-mix.json"  # a joint head's ranking weight, chosen on validation after training
-PRODUCTS = (WEIGHTS, STATE, METRICS, TIMINGS, JOINT_MIX, *EVALS, "verify.json", "report.md")
-io.register_entries("run", {CONFIG, CODEBOOK, "data", "catalog", "bench.json", *PRODUCTS})
-
-#: Settings that may change on `train --resume`: they do not change the weights a run reaches.
-RESUME_FREE = frozenset({"train.device", "train.eval_batch_size", "train.log_every", "train.ckpt_every_steps"})
-
-
-# ------------------------------------------------------------------------------------ fingerprints
-def _canon(v: Any) -> Any:
-    """1 and 1.0 are one setting (YAML and --set spell numbers either way)."""
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, dict):
-        return {k: _canon(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_canon(x) for x in v]
-    return v
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(_canon(obj), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def array_digest(*arrays) -> str:
-    """sha256 of arrays' bytes (content fingerprints of in-memory data and of codes)."""
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
-
-
-_FILE_DIGESTS: dict[tuple, str] = {}
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (cached per process by path, size and mtime)."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_DIGESTS:
-        h = hashlib.sha256()
-        with io.reading(p), open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _FILE_DIGESTS[key] = h.hexdigest()[:16]
-    return _FILE_DIGESTS[key]
+from sidrec.version import __version__
+from sidrec.run import catalog
+from sidrec.run.fingerprint import ADDED_KEYS, RESUME_FREE, array_digest, changed_keys, marker_fields, stage_status
+from sidrec.run.layout import (CODEBOOK, CONFIG, DATA, FIGURES, JOINT_MIX, METRICS, PRODUCTS, REPORT, STATE,
+                               SUMMARY, TIMINGS, WEIGHTS, eval_file)
 
 
 def check_claim(path: str | Path, *, resume: bool, overwrite: bool, inputs: tuple = (), option: str = "--out") -> bool:
@@ -103,105 +40,38 @@ def check_claim(path: str | Path, *, resume: bool, overwrite: bool, inputs: tupl
     return exists
 
 
-def data_inputs(data: dict, resolve=lambda p: p) -> dict:
-    """What a prepared data directory is made from: the data settings and the input files' hashes.
-    `data` is a config's data section; `resolve` maps its relative paths to files."""
-    if data.get("dir"):
-        return {"data.dir": dir_fingerprint(resolve(data["dir"]), "data")}
-    if data.get("synthetic") is not None:
-        return {"sidrec": __version__, **flat_keys({"synthetic": data["synthetic"]}, "data.")}
-    out = {"sidrec": __version__}
-    for k in ("format", "kcore", "dedup", "max_seq_len", "item_id_col", "user_col", "item_col", "time_col", "sep"):
-        if k in data:
-            out[f"data.{k}"] = data[k]
-    for k in ("path", "meta"):
-        if data.get(k):
-            f = Path(resolve(data[k]))
-            if not f.is_file():
-                raise UserError(f"data.{k}: {'not a file' if f.exists() else 'file not found'}", str(f))
-            out[f"data.{k}#sha256"] = file_digest(f)
-    return out
-
-
-def codebook_inputs(tokenizer: dict, data_fp: str, resolve=lambda p: p) -> dict:
-    out = {"sidrec": __version__, "data": data_fp, **flat_keys(tokenizer, "tokenizer.")}
-    emb = str(tokenizer.get("embeddings", ""))
-    if emb.endswith(".npy"):
-        out["tokenizer.embeddings"] = "file"  # the file's content, not how its path was spelled
-        f = Path(resolve(emb))
-        if not f.is_file():
-            raise UserError("tokenizer.embeddings: file not found", str(f))
-        out["tokenizer.embeddings#sha256"] = file_digest(f)
-    return out
-
-
-def model_inputs(cfg: dict, data_fp: str, codebook_fp: str | None) -> dict:
-    """What a trained model is made from: model and train settings, its data and codebook."""
-    train = {k: v for k, v in flat_keys(cfg["train"], "train.").items() if k not in RESUME_FREE}
-    return {"sidrec": __version__, "data": data_fp, "codebook": codebook_fp, **flat_keys(cfg["model"], "model."), **train}
-
-
-#: Settings added after runs were recorded, at the value that does what those runs did: a stage whose
-#: recorded inputs lack one of them was made with this value (so it is not stale for it).
-ADDED_KEYS = {"model.fv_loss": "full", "model.fv_sampler": "uniform", "model.fv_negatives": 256,
-              "model.fv_shared_negatives": True, "model.fv_logq": True,
-              "train.max_seconds": 0, "model.joint_fv_weight": 1.0, "model.joint_mix": 0.5,
-              "model.node_table": False, "train.sparse": False, "train.sparse_optimizer": "adam", "train.sparse_lr": 0}
-
-
-def changed_keys(old: dict, new: dict, ignore=frozenset()) -> list[str]:
-    old = {**{k: v for k, v in ADDED_KEYS.items() if k in new and k not in old}, **old}
-    keys = sorted((set(old) | set(new)) - set(ignore))
-    return [k for k in keys if _canon(old.get(k, "<absent>")) != _canon(new.get(k, "<absent>"))]
-
-
-def dir_fingerprint(path: str | Path, kind: str) -> str:
-    """The fingerprint a sidrec directory was made with (legacy directories: a hash of their main file)."""
-    p = Path(path)
-    m = io.read_marker(p) if p.is_dir() else None
-    if m is None or m["kind"] != kind:
-        what = {"data": "a prepared data directory (run `sidrec data prepare`)",
-                "codebook": "a codebook directory (run `sidrec tokenize`)"}.get(kind, f"a sidrec {kind} directory")
-        raise UserError(f"not {what}", str(p))
-    if m.get("fingerprint"):
-        return m["fingerprint"]
-    return file_digest(p / {"data": "sequences.npz", "codebook": "codebook.npz"}[kind])
-
-
-def stage_status(path: str | Path, kind: str, inputs: dict) -> tuple[str, list[str]]:
-    """("new" | "same" | "stale", changed keys) of the stage directory `path` against `inputs`."""
-    p = Path(path)
-    m = io.read_marker(p) if p.is_dir() else None
-    if m is None:
-        return "new", []
-    if m["kind"] != kind:
-        io.check_output_dir(p, kind, exist_ok=True)  # raises: a directory of another kind
-    old = m.get("inputs")
-    if old is None:
-        return "stale", ["its fingerprint: it was made by an older sidrec"]
-    if m.get("fingerprint") == digest(inputs):
-        return "same", []
-    changed = changed_keys(old, inputs)
-    return ("stale", changed) if changed else ("same", [])  # e.g. a key added later, at its old value
-
-
-def marker_fields(inputs: dict) -> dict:
-    return {"inputs": inputs, "fingerprint": digest(inputs), "commit": _commit()}
-
-
-def _commit() -> str | None:
-    return label(code_state())
-
 
 # --------------------------------------------------------------------------------------- the run
-class RunDir:
-    """A trained model's directory. Open an existing one with `RunDir.open`, make one with `create`."""
+class _Workdir:
+    """What a run and a `sidrec run` directory have alike: the data and codebook stages they keep
+    (prepared or fitted there, each with its own marker) and a report."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    @property
+    def data_path(self) -> Path:
+        return self.path / DATA
+
+    @property
+    def codebook_path(self) -> Path:
+        return self.path / CODEBOOK
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / REPORT
+
+
+class RunDir(_Workdir):
+    """A trained model's directory. Open an existing one with `RunDir.open`, make one with `create`."""
+
+    @property
+    def state_path(self) -> Path:
+        """The checkpoint file, for messages that must name it (it is read by `load_state`)."""
+        return self.path / STATE
 
     # -- making --------------------------------------------------------------------------
     @classmethod
@@ -234,24 +104,44 @@ class RunDir:
             raise UserError("not a trained run directory (needs config.yaml and model.safetensors)", str(path))
         return rd
 
+    def has_config(self) -> bool:
+        return (self.path / CONFIG).is_file()
+
     def has_products(self) -> bool:
         return any((self.path / f).exists() for f in PRODUCTS)
 
     def clear(self) -> None:
         """Delete what training and evaluation wrote (not data/ or codebook/, which have their own
         fingerprints), and the catalogue versions made on top of the old weights."""
-        import shutil
-
         for f in PRODUCTS:
             (self.path / f).unlink(missing_ok=True)
-        cat = self.path / "catalog"
-        if cat.is_dir():  # the versions and the pointer sidrec wrote; anything else there is left alone
-            for p in cat.iterdir():
-                if re.fullmatch(r"v\d{4}", p.name) and p.is_dir():
-                    shutil.rmtree(p)
-                elif p.name in ("CURRENT", ".lock"):
-                    p.unlink()
+        catalog.clear(self.path)
         io.clean_stale(self.path)
+
+    def copy_to(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Copy the whole run to `path` (a new directory, or with `overwrite` a run directory), atomically."""
+        path = Path(path)
+        io.check_output_dir(path, "run", overwrite=overwrite)
+        marker = {k: v for k, v in self.marker().items() if k not in ("kind", "sidrec", "legacy")}
+        with io.atomic_dir(path, "run", **marker) as tmp:
+            shutil.copytree(self.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(io.MARKER, io.LOCK))
+        return path
+
+    def keep_data(self, data, replace: bool):
+        """Write in-memory data into the run's data/ (kept when the same content is already there; other
+        content is replaced only when `replace`: a resume must not swap the data under its model).
+        Returns the data as loaded from there."""
+        from sidrec.data import SequenceData
+
+        content = array_digest(data.offsets, data.items, data.user_ids.astype(str), data.raw_item_ids())
+        inputs = {"sidrec": __version__, "data.content#sha256": content}
+        io.own_dir(self.path, "run")
+        status = stage_status(self.data_path, "data", inputs)[0]
+        if status == "stale" and not replace:
+            raise UserError("cannot resume: the run was trained on other data", str(self.data_path))
+        if status != "same":
+            data.save(self.data_path, marker=marker_fields(inputs))
+        return SequenceData.load(self.data_path)
 
     def marker(self) -> dict:
         return io.read_marker(self.path) or {}
@@ -305,12 +195,10 @@ class RunDir:
         from sidrec.tokenize import Codebook
 
         p = self.path / CODEBOOK
-        return Codebook.load(p) if (p / "codebook.npz").exists() else None
+        return Codebook.load(p) if Codebook.saved_in(p) else None
 
     def catalog_version(self) -> str | None:
         """The active catalogue version ("v0002"), None for the catalogue the run was trained on."""
-        from sidrec import catalog
-
         return catalog.current(self.path)
 
     def data_dir(self, cfg: dict | None = None) -> Path:
@@ -325,7 +213,6 @@ class RunDir:
     def data(self, cfg: dict | None = None, version: str | None = "current"):
         """The run's data; with a catalogue version (default: the active one), its item table is the
         catalogue's (the trained items first, then the added ones), so ids and rankings cover every item."""
-        from sidrec import catalog
         from sidrec.data import SequenceData
 
         data = SequenceData.load(self.data_dir(cfg))
@@ -335,7 +222,7 @@ class RunDir:
             n0 = data.n_items
             if len(table) < n0 or table["item"].astype(str).iloc[:n0].tolist() != data.raw_item_ids().tolist():
                 raise UserError(f"catalogue {version} does not start with the run's {n0} trained items",
-                                str(self.path / catalog.DIR / version))
+                                str(catalog.version_dir(self.path, version)))
             data.item_table = table
         return data
 
@@ -359,10 +246,10 @@ class RunDir:
             st_load_model(model, str(self.path / WEIGHTS), device=str(device))
         version = self.catalog_version() if version == "current" else version
         if version:
-            from sidrec import catalog as cat
+            from sidrec.model.extend import extend_model
 
-            vectors = cat.load_vectors(self.path, version, self.weights_stamp())
-            model = cat.extend_model(model, codebook, cat.load_version(self.path, version)[0], vectors)
+            vectors = catalog.load_vectors(self.path, version, self.weights_stamp())
+            model = extend_model(model, codebook, catalog.load_version(self.path, version)[0], vectors)
         mix = self.joint_mix()
         if mix is not None:  # a joint run's ranking weight, chosen on validation after training
             model.head.mix = mix  # joint-mix.json is written for joint runs only
@@ -491,9 +378,10 @@ class RunDir:
         st = p.stat()
         return f"{st.st_size}-{st.st_mtime_ns}"
 
-    def read_eval(self, exclude_seen: bool, beam: int | None = None, decodes: tuple[str, ...] = ("exact",)) -> dict | None:
+    def read_eval(self, exclude_seen: bool, beam: int | None = None, decodes: tuple[str, ...] = ("exact",),
+                  version: str | None = "current") -> dict | None:
         """The stored evaluation for a protocol, if it scored these very weights with `decodes` (and
-        the beam width)."""
+        the beam width) on catalogue `version` (default: the active one; None: as trained)."""
         p = self.path / eval_file(exclude_seen)
         if not p.exists():
             return None
@@ -503,7 +391,8 @@ class RunDir:
             return None  # a damaged stored evaluation is made again
         if not _eval_ok(ev) or ev.get("model_fingerprint") != self.fingerprint or self.fingerprint is None:
             return None
-        if ev.get("weights_stamp") != self.weights_stamp() or ev.get("catalog_version") != self.catalog_version():
+        version = self.catalog_version() if version == "current" else version
+        if ev.get("weights_stamp") != self.weights_stamp() or ev.get("catalog_version") != version:
             return None
         if not all(d in ev[s] for s in ("valid", "test") for d in decodes):
             return None
@@ -514,9 +403,62 @@ class RunDir:
         return ev
 
     def write_json(self, name: str, obj: Any) -> Path:
+        """A record of a tool that registered `name` for runs (`io.register_entries`), e.g. verify.json."""
         self.check_owned(name)
         io.write_json(self.path / name, obj)
         return self.path / name
+
+    def read_json(self, name: str) -> dict | None:
+        """Such a record, or None when there is none."""
+        p = self.path / name
+        return io.read_json(p) if p.is_file() else None
+
+    def report(self) -> str | None:
+        """report.md, or None when there is none yet."""
+        p = self.path / REPORT
+        if not p.is_file():
+            return None
+        with io.reading(p, "report"):
+            return p.read_text(encoding="utf-8")
+
+    def write_report(self, text: str) -> Path:
+        self.check_owned(REPORT)
+        io.write_text(self.path / REPORT, text)
+        return self.path / REPORT
+
+
+
+class PipelineDir(_Workdir):
+    """A `sidrec run` directory: the stages its heads share (data/, codebook/), one run per head
+    (`head`), the resolved config, summary.json, report.md and its figures."""
+
+    def claim(self, inputs: list) -> None:
+        """Take the directory (new, empty, or a `sidrec run` directory), refusing one holding `inputs`."""
+        io.check_output_dir(self.path, "pipeline", exist_ok=True, inputs=inputs)
+        io.own_dir(self.path, "pipeline")
+
+    def head(self, name: str) -> RunDir:
+        """The run of one head (its directory is named after it: ar/, fv/, joint/, ...)."""
+        return RunDir(self.path / name)
+
+    def write_config(self, text: str) -> None:
+        io.write_text(self.path / CONFIG, text)
+
+    def write_summary(self, summary: dict) -> None:
+        io.write_json(self.path / SUMMARY, summary)
+
+    def summary(self) -> dict | None:
+        p = self.path / SUMMARY
+        return io.read_json(p) if p.is_file() else None
+
+    def write_report(self, text: str) -> Path:
+        io.write_text(self.report_path, text)
+        return self.report_path
+
+    def figure(self, name: str) -> tuple[Path, str]:
+        """(where to write figure `name`, its link relative to the report)."""
+        (self.path / FIGURES).mkdir(exist_ok=True)
+        return self.path / FIGURES / name, f"{FIGURES}/{name}"
 
 
 def _check_run_config(cfg: Any) -> None:
@@ -553,12 +495,3 @@ def _eval_ok(ev: Any) -> bool:
             if not isinstance(m, dict) or not all(isinstance(m.get(k), (int, float)) for k in _METRIC_KEYS):
                 return False
     return True
-
-
-def eval_file(exclude_seen: bool) -> str:
-    return EVALS[1] if exclude_seen else EVALS[0]
-
-
-__all__ = ["RunDir", "NonBijectiveWarning", "digest", "file_digest", "data_inputs", "codebook_inputs",
-           "model_inputs", "changed_keys", "stage_status", "dir_fingerprint", "marker_fields", "eval_file",
-           "RESUME_FREE", "check_claim"]
