@@ -88,3 +88,34 @@ def test_only_the_run_package_names_run_files():
             if found:
                 offenders[mod] = sorted(found)
     assert not offenders, f"run file names outside sidrec.run: {offenders}"
+
+
+def _is_head(node: ast.AST) -> bool:
+    """`x.head`, `head`, `x.cfg.head` or `cfg["model"]["head"]`: an expression naming a model's head."""
+    if isinstance(node, ast.Attribute):
+        return node.attr == "head"
+    if isinstance(node, ast.Name):
+        return node.id == "head"
+    if isinstance(node, ast.Subscript):
+        return isinstance(node.slice, ast.Constant) and node.slice.value == "head"
+    return False
+
+
+def test_no_switch_on_the_head_kind_outside_the_builders():
+    """Beam search, ranking, serving, verify, training and `items add` ask the `Head` interface (and
+    `model.head_kind` for a head name); only sidrec.model, which builds heads, looks at their kind."""
+    offenders = []
+    for mod, f in _modules().items():
+        if mod == "sidrec.model" or mod.startswith("sidrec.model."):
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                consts = [s for s in sides if isinstance(s, (ast.Tuple, ast.List, ast.Set))
+                          or isinstance(s, ast.Constant) and s.value is not None]
+                if any(_is_head(s) for s in sides) and consts:
+                    offenders.append(f"{mod}:{node.lineno}")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                    node.func.id in ("hasattr", "getattr", "isinstance") and node.args and _is_head(node.args[0]):
+                offenders.append(f"{mod}:{node.lineno}")
+    assert not offenders, f"switches on the head's kind: {offenders}"

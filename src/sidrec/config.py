@@ -12,7 +12,7 @@ import yaml
 
 from sidrec import io
 from sidrec.errors import UserError
-from sidrec.model import HEADS, BackboneConfig, ModelConfig, upgrade_model_dict
+from sidrec.model import HEAD_VARIANTS, HEADS, BackboneConfig, ModelConfig, upgrade_model_dict
 from sidrec.tokenize import METHODS
 from sidrec.train.config import TrainConfig
 
@@ -170,7 +170,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
 # range. `validate` checks a whole config against it once, where the config enters (load_config),
 # so later code can trust every value. Messages name the dotted key and the bad value.
 FORMATS = ("csv", "recbole", "ml-100k", "ml-1m", "amazon", "seq")
-HEAD_NAMES = (*HEADS, "ar-unconstrained")  # heads a config may list: the counter-example too
+HEAD_NAMES = (*HEADS, *HEAD_VARIANTS)  # heads a config may list: the counter-example too
 DEVICES = ("auto", "cpu", "cuda")
 
 

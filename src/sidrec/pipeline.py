@@ -22,6 +22,7 @@ from sidrec import run as rundir
 from sidrec.config import dump, model_config, resolve_path, train_config
 from sidrec.data import SequenceData, prepare, read
 from sidrec.errors import UserError
+from sidrec.model import head_kind, head_settings, needs_codebook
 from sidrec.run import PipelineDir, RunDir
 from sidrec.tokenize import Codebook, fit_codebook
 
@@ -119,7 +120,7 @@ def fit_tokenizer(data: SequenceData, t: dict, source: str | Path) -> Codebook:
 
 
 def needs_semantic_ids(cfg: dict, heads: list[str]) -> bool:
-    return any(h != "fv" for h in heads) or cfg["model"]["backbone"]["item_input"] != "id"
+    return any(needs_codebook({**cfg["model"], **head_settings(h)}) for h in heads)
 
 
 def ensure_inputs(cfg: dict, work: RunDir | PipelineDir, heads: list[str]) -> tuple[SequenceData, Codebook | None]:
@@ -131,9 +132,7 @@ def ensure_inputs(cfg: dict, work: RunDir | PipelineDir, heads: list[str]) -> tu
 def head_config(cfg: dict, head: str) -> dict:
     """The single-model config of one head of a multi-head run."""
     c = copy.deepcopy(cfg)
-    c["model"]["head"] = "ar" if head.startswith("ar") else head
-    if head == "ar-unconstrained":  # token-level softmax over the whole vocabulary: no item vectors
-        c["model"].update(constrained=False, item_vectors=False)
+    c["model"].update(head_settings(head))
     c["train"]["exclude_seen"] = c["eval"]["exclude_seen"]  # select on the protocol we report
     c["heads"] = [head]
     return c
@@ -147,7 +146,7 @@ def codes_fingerprint(codebook: Codebook | None) -> str | None:
 def model_inputs(cfg: dict, data: SequenceData | str, codebook: Codebook | str | None) -> dict:
     """A head config's model-stage inputs; FV-MLE on item-ID inputs does not read the codebook."""
     data_fp = data if isinstance(data, str) else rundir.dir_fingerprint(data.path, "data")
-    uses_ids = cfg["model"]["head"] != "fv" or cfg["model"]["backbone"]["item_input"] != "id"
+    uses_ids = needs_codebook(cfg["model"])
     cb_fp = codebook if isinstance(codebook, str) or codebook is None else codes_fingerprint(codebook)
     return rundir.model_inputs(cfg, data_fp, cb_fp if uses_ids else None)
 
@@ -211,15 +210,13 @@ def train_one(cfg: dict, data: SequenceData, codebook: Codebook | None, run: Pat
         rd = RunDir(run)
     torch.manual_seed(tc.seed)
     model = SeqRecModel(mc, data.n_items, codebook)
-    sampler = getattr(getattr(model.head, "fv", model.head), "sampler", None)  # FV-MLE, alone or in a joint head
-    if sampler is not None:  # popularity / in-batch logQ: the training targets' counts
-        sampler.set_counts(torch.from_numpy(data.train_target_counts()))
+    model.head.set_target_counts(torch.from_numpy(data.train_target_counts()))  # for a logQ sampler
     validate = validator(data, exclude_seen=tc.exclude_seen, batch_size=tc.eval_batch_size,
                          n_users=tc.eval_users, seed=tc.seed)
     t0 = time.perf_counter()
     state = Trainer(model, data, tc, rd, validate).fit(resume=resume)
     state["train_seconds"] = round(time.perf_counter() - t0, 1)
-    if mc.head == "joint" and rank == 0:  # the ranking weight is chosen on validation, like the checkpoint
+    if model.head.mix is not None and rank == 0:  # a ranking weight: chosen on validation, like the checkpoint
         del model  # the tuning loads the best-validation weights
         state["joint_mix"] = tune_joint_mix(run, data=data, exclude_seen=tc.exclude_seen, device=tc.device,
                                             batch_size=tc.eval_batch_size)["mix"]
@@ -243,7 +240,7 @@ def tune_joint_mix(run: Path, *, data: SequenceData | None = None, grid: tuple[f
     device = pick_device(device)
     rd = RunDir.open(run)
     model, cfg = rd.load_model(device, version=None)
-    if model.cfg.head != "joint":
+    if model.head.mix is None:
         raise UserError(f"only a joint head has a mixture weight; this run's head is {model.cfg.head}", str(run))
     if exclude_seen is None:
         exclude_seen = bool(cfg["train"].get("exclude_seen", False))
@@ -291,7 +288,7 @@ def evaluate_run(run: Path, *, decodes: tuple[str, ...] | None = None, beam: int
     out: dict = {"head": model.cfg.head, "constrained": model.cfg.constrained, "n_users": data.n_users,
                  "n_items": data.n_items, "catalog_version": version, "exclude_seen": exclude_seen, "protocol":
                  "leave-one-out, full ranking over all items (no sampled negatives)", "joint_mix": rd.joint_mix()}
-    if model.cfg.head == "joint":
+    if model.head.mix is not None:
         out["mix"] = model.head.mix  # the weight ranked with: tuned, else the config's
     widths = {dec: beam for dec in decodes} | {f"beam{b}": b for b in extra_beams}
     for split in splits:
@@ -369,9 +366,9 @@ def _head_stage(cfg: dict, head: str, data: SequenceData, codebook: Codebook | N
     if not (status == "same" and RunDir(run).training_done()):
         go_on = resume and status == "same"  # an interrupted training of the same settings
         train_one(hc, data, codebook, run, resume=go_on, overwrite=status != "new" and not go_on)
-    elif head == "joint" and RunDir(run).joint_mix() is None:  # trained, but killed before its mix was chosen
+    elif head_kind(hc["model"]).mix and RunDir(run).joint_mix() is None:  # killed before its mix was chosen
         tune_joint_mix(run, data=data, exclude_seen=hc["train"]["exclude_seen"], device=hc["train"]["device"])
-    decodes = ("exact",) if head in ("fv", "parallel") else ("exact", "beam")
+    decodes = ("exact", "beam") if head_kind(hc["model"]).beam else ("exact",)
     ev = RunDir(run).read_eval(ev_cfg["exclude_seen"], ev_cfg["beam"], decodes)
     if ev is None:
         ev = evaluate_run(run, beam=ev_cfg["beam"], exclude_seen=ev_cfg["exclude_seen"],

@@ -34,7 +34,9 @@ def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained:
     """
     if k > beam:
         raise ValueError(f"k={k} needs a beam of at least k (got {beam})")
-    joint, head = head, getattr(head, "ar", head)  # a joint AR + FV head: the AR part proposes
+    outer, head = head, head.proposer()  # e.g. a joint AR + FV head: its AR part proposes, it rescores
+    if head is None:
+        raise ValueError("beam search needs a head that decodes level by level (an AR-NTP head)")
     if item_filter is not None and not item_filter.empty and not (head.constrained if constrained is None else constrained):
         raise ValueError("item filters need constrained decoding")
     trie = head.trie
@@ -75,8 +77,8 @@ def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained:
     valid = (nodes >= 0) & torch.isfinite(logp)
     items = torch.where(valid, leaf_item[nodes.clamp(min=0)], torch.full_like(nodes, -1))
     n_invalid = int(((nodes[:, :k] < 0) & torch.isfinite(logp[:, :k])).sum())
-    if joint is not head:  # rescore every beam candidate with the joint model, then keep the top k
-        logp = torch.where(valid, joint.rescore(h, items, logp), logp)
+    if outer is not head:  # rescore every beam candidate with the outer head, then keep the top k
+        logp = torch.where(valid, outer.rescore(h, items, logp), logp)
         logp, order = torch.sort(logp, dim=1, descending=True, stable=True)
         items = torch.gather(items, 1, order)
     kk = min(k, items.shape[1])

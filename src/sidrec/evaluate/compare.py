@@ -55,7 +55,7 @@ def hybrid(logq_top: torch.Tensor, logq_rest: torch.Tensor, trie: Trie, depth: i
 def _trie_of(models: list, runs: list[str]) -> Trie:
     from sidrec.errors import UserError
 
-    cbs = [(getattr(m.head, "cb", None), r) for m, r in zip(models, runs)]
+    cbs = [(m.head.codebook, r) for m, r in zip(models, runs)]
     cbs = [(c, r) for c, r in cbs if c is not None]
     if not cbs:
         raise UserError("compare needs at least one run with semantic IDs (an AR-NTP run) for the trie", runs[0])

@@ -17,6 +17,39 @@ from sidrec.tokenize.codebook import Codebook
 HEADS = ("fv", "ar", "parallel", "joint")
 
 
+@dataclass(frozen=True)
+class HeadKind:
+    """What a head name tells the pipeline before any model is built (a built head says the same
+    through the `Head` interface)."""
+
+    semantic_ids: bool  # it scores through a codebook (FV-MLE scores item ids)
+    beam: bool  # it decodes by beam search
+    mix: bool  # it has a ranking weight chosen on validation after training
+
+
+HEAD_KINDS = {"fv": HeadKind(False, False, False), "ar": HeadKind(True, True, False),
+              "parallel": HeadKind(True, False, False), "joint": HeadKind(True, True, True)}
+#: Head names a `sidrec run` config may list besides HEADS: named settings of one of them.
+HEAD_VARIANTS = {"ar-unconstrained": {"head": "ar", "constrained": False, "item_vectors": False}}  # verify's
+# counter-example: a token-level softmax over the whole vocabulary, no item vectors
+
+
+def head_settings(name: str) -> dict:
+    """The model settings a head name stands for."""
+    return dict(HEAD_VARIANTS.get(name, {"head": name}))
+
+
+def head_kind(model: dict) -> HeadKind:
+    """The kind of head a model config section asks for."""
+    return HEAD_KINDS[model["head"]]
+
+
+def needs_codebook(model: dict) -> bool:
+    """Whether a model config section needs semantic IDs: its head scores through them, or its
+    backbone reads them."""
+    return head_kind(model).semantic_ids or model["backbone"]["item_input"] != "id"
+
+
 @dataclass
 class ModelConfig:
     """The model; its defaults are the tuned recipe the dataset configs use."""
@@ -130,6 +163,20 @@ class SeqRecModel(nn.Module):
                 out.append(own)
         return out
 
+    def item_vector_table(self) -> nn.Module | None:
+        """The table holding the item vectors new items' content vectors are fitted to: the backbone's
+        item-ID or node table (tied: also the AR head's item vectors), else an AR head's own."""
+        if self.backbone.item_emb is not None:
+            return self.backbone.item_emb
+        own = getattr(self.head, "own_nodes", None) or getattr(self.head, "item_emb", None)
+        return own if isinstance(own, nn.Module) else None
+
+    def item_vector_key(self) -> str | None:
+        """The state-dict key of that table when it is a plain embedding (None: a node table or none)."""
+        if self.backbone.item_emb is not None:
+            return "backbone.item_emb.weight"
+        return "head.item_emb.weight" if isinstance(getattr(self.head, "item_emb", None), nn.Embedding) else None
+
     def sparse_parameters(self) -> list[nn.Parameter]:
         """The parameters with one row per item or trie node (FV's own output vectors included): what
         a row-sparse optimizer updates."""
@@ -191,6 +238,7 @@ def _joint(backbone: Backbone, cfg: ModelConfig, d: int, n_items: int, codebook)
 
 _BUILDERS = {"fv": _fv, "ar": _ar, "parallel": _parallel, "joint": _joint}
 
-__all__ = ["Head", "upgrade_model_dict", "ModelConfig", "BackboneConfig", "SeqRecModel", "FullSoftmaxHead", "AutoregressiveHead",
+__all__ = ["Head", "HeadKind", "HEAD_KINDS", "HEAD_VARIANTS", "head_settings", "head_kind", "needs_codebook",
+           "upgrade_model_dict", "ModelConfig", "BackboneConfig", "SeqRecModel", "FullSoftmaxHead", "AutoregressiveHead",
            "JointHead",
            "ParallelHead", "segment_logsumexp", "HEADS"]

@@ -89,7 +89,7 @@ def extend_model(model, base: Codebook, ext: Codebook, vectors: np.ndarray | Non
         elif key in ("backbone.item_emb.weight", "head.item_emb.weight"):
             rows = value[:n0]
             added = prefix_mean(base.codes, rows, ext.codes[n0:], ext.sizes)
-            if vectors is not None and key == item_table_key(model):
+            if vectors is not None and key == model.item_vector_key():
                 given = torch.as_tensor(vectors, dtype=added.dtype)
                 added = torch.where(torch.isnan(given), added, given)
             pad = value[n0:]  # the padding row of the input table (empty for the head's own table)
@@ -104,7 +104,7 @@ def extend_model(model, base: Codebook, ext: Codebook, vectors: np.ndarray | Non
         else:
             raise RuntimeError(f"cannot extend parameter {key} from {tuple(value.shape)} to {tuple(target.shape)}")
     new.load_state_dict(state)
-    table = _table_module(new)
+    table = new.item_vector_table()
     if vectors is not None and table is not None and not isinstance(table, torch.nn.Embedding):
         given = ~np.isnan(vectors).any(1)  # a node table: the content vectors through the new leaves
         table.set_items_(torch.as_tensor(np.flatnonzero(given) + n0), torch.as_tensor(vectors[given]))
@@ -122,26 +122,10 @@ def _table_biases(table, target: torch.Tensor, base: Codebook, ext: Codebook) ->
     return out
 
 
-def _table_module(model):
-    """The module holding the item table content vectors are fitted to (see `item_table_key`)."""
-    if model.backbone.item_emb is not None:
-        return model.backbone.item_emb
-    own = getattr(model.head, "own_nodes", None) or getattr(model.head, "item_emb", None)
-    return own if isinstance(own, torch.nn.Module) else None
-
-
-def item_table_key(model) -> str | None:
-    """The item table content vectors are fitted to: the backbone's item-ID table (tied: also the AR
-    head's item vectors), else the AR head's own."""
-    if model.backbone.item_emb is not None:
-        return "backbone.item_emb.weight"
-    return "head.item_emb.weight" if isinstance(getattr(model.head, "item_emb", None), torch.nn.Embedding) else None
-
-
 def item_table(model) -> torch.Tensor | None:
-    """The trained item vectors [N, d] of that table (None: the model has no item table); a node
-    table's are its path sums."""
-    table = _table_module(model)
+    """The trained item vectors [N, d] content vectors are fitted to (`SeqRecModel.item_vector_table`;
+    None: the model has none); a node table's are its path sums."""
+    table = model.item_vector_table()
     if table is None:
         return None
     with torch.no_grad():

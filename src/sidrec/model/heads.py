@@ -27,10 +27,39 @@ NEG_INF = float("-inf")
 
 
 @runtime_checkable
-class Head(Protocol):
-    """What evaluation, decoding and the verifier need from an output head.
+class TrieDecoder(Protocol):
+    """What beam search walks: an AR-NTP head scoring the children of trie nodes level by level.
 
-    supports_beam: AR heads, which decode level by level (they also offer contexts/level_scores).
+    contexts(h): one query per level; child_scores(j, q, nodes, tables): the scores of every child
+    of each node at level j (-inf off the trie), from eval_cache's node tables; level_scores: all
+    V_j tokens (the unconstrained counter-example, which may leave the trie)."""
+
+    trie: object
+    sizes: list[int]
+    constrained: bool
+
+    def contexts(self, h: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def child_scores(self, j: int, q: torch.Tensor, nodes: torch.Tensor, tables) -> torch.Tensor: ...
+
+    def level_scores(self, j: int, q: torch.Tensor, prefix_codes: torch.Tensor, nodes=None) -> torch.Tensor: ...
+
+    def eval_cache(self, device): ...
+
+
+@runtime_checkable
+class Head(Protocol):
+    """What training, evaluation, decoding, serving, the verifier and `items add` need from an output
+    head: no code outside the head builders (`sidrec.model`) asks which kind of head it has.
+
+    supports_beam: it has a `proposer` (AR heads, which decode level by level).
+    codebook: the semantic IDs its scores run through (None: FV-MLE, which scores item ids).
+    mix: a ranking weight chosen on validation after training (the joint head's), else None.
+    adds_items: items added after training can be scored (they need no trained output vector).
+    proposer(): the TrieDecoder beam search walks (the head itself, a joint head's AR part), or None.
+    rescore(h, items, ar_log_q): the scores of the proposer's candidates that the head returns.
+    token_model(): the head whose Q(i|x) the theorem is about (a joint head's AR part; else itself).
+    set_target_counts(counts): the training targets' counts, for a popularity / logQ sampler.
     eval_cache(device): what scoring can reuse across batches of one pass (AR: node tables), or None.
     rank_scores(h, cache): [B, N] scores ranking items like log_prob_all (may omit a per-row constant).
     served_scores(h, cache): [B, N] the scores exact decoding returns to a user: log Q(i | h), or a
@@ -38,6 +67,9 @@ class Head(Protocol):
     """
 
     supports_beam: bool
+    codebook: Codebook | None
+    mix: float | None
+    adds_items: bool
 
     def nll(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor: ...
 
@@ -48,6 +80,32 @@ class Head(Protocol):
     def served_scores(self, h: torch.Tensor, cache=None) -> torch.Tensor: ...
 
     def eval_cache(self, device): ...
+
+    def proposer(self) -> TrieDecoder | None: ...
+
+    def rescore(self, h: torch.Tensor, items: torch.Tensor, ar_log_q: torch.Tensor) -> torch.Tensor: ...
+
+    def token_model(self) -> "Head": ...
+
+    def set_target_counts(self, counts: torch.Tensor) -> None: ...
+
+
+class _OwnScores:
+    """The defaults of a head that is its own token model and returns its proposer's scores."""
+
+    mix = None
+
+    def proposer(self):
+        return None
+
+    def rescore(self, h: torch.Tensor, items: torch.Tensor, ar_log_q: torch.Tensor) -> torch.Tensor:
+        return ar_log_q
+
+    def token_model(self):
+        return self
+
+    def set_target_counts(self, counts: torch.Tensor) -> None:
+        pass
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -147,7 +205,7 @@ class ItemVectors:
         return self.table.weight[: self.n_items]
 
 
-class FullSoftmaxHead(nn.Module):
+class FullSoftmaxHead(_OwnScores, nn.Module):
     """FV-MLE: P(i | h) = softmax_i(<h, w_i> + b_i) over all N items.
 
     Trained with the exact loss (streamed over item chunks), or, with a `sampler`, with sampled
@@ -156,7 +214,7 @@ class FullSoftmaxHead(nn.Module):
     own, the backbone's item-ID table (`tied_weight`) or a node table's path sums (`table`, the joint
     head's); sampled softmax reads only the rows it scores (row-sparse gradients when `sparse`)."""
 
-    supports_beam = False
+    supports_beam, codebook, adds_items = False, None, False  # a new item has no trained output vector
 
     def __init__(self, d: int, n_items: int, tied_weight: nn.Parameter | None = None,
                  chunk_size: int | None = None, sampler: NegativeSampler | None = None, table: nn.Module | None = None):
@@ -169,6 +227,10 @@ class FullSoftmaxHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_items))
         self.sampler = sampler
         self.sparse = False
+
+    def set_target_counts(self, counts: torch.Tensor) -> None:
+        if self.sampler is not None:  # popularity / in-batch logQ
+            self.sampler.set_counts(counts)
 
     def item_weight(self) -> torch.Tensor:
         """All item vectors [N, d]."""
@@ -208,7 +270,7 @@ class FullSoftmaxHead(nn.Module):
         return None
 
 
-class AutoregressiveHead(nn.Module):
+class AutoregressiveHead(_OwnScores, nn.Module):
     """AR-NTP over semantic IDs: Q(i | h) = prod_j P(c_j(i) | c_<j(i), h).
 
     Level j scores the child n = (p, v) of prefix p, for the context h, as
@@ -236,7 +298,7 @@ class AutoregressiveHead(nn.Module):
     tokens, so mass leaks to IDs of no item.
     """
 
-    supports_beam = True
+    supports_beam, adds_items = True, True
 
     def __init__(self, d: int, codebook: Codebook, *, constrained: bool = True, item_vectors: bool = True,
                  hidden: int | None = None, shared_tokens: nn.Embedding | None = None,
@@ -244,7 +306,7 @@ class AutoregressiveHead(nn.Module):
         super().__init__()
         if item_vectors and not constrained:
             raise ValueError("item vectors and node biases need the constrained head (they exist only for valid IDs)")
-        self.cb, self.trie, self.sizes = codebook, codebook.trie, codebook.sizes
+        self.codebook, self.trie, self.sizes = codebook, codebook.trie, codebook.sizes
         self.constrained = constrained
         hidden = hidden or 2 * d
         k = len(self.sizes)
@@ -273,6 +335,9 @@ class AutoregressiveHead(nn.Module):
                 nn.init.normal_(self.item_emb.weight, std=0.02)
             self.node_bias = nn.ParameterList([nn.Parameter(torch.log(torch.as_tensor(
                 self.trie.n_items_below(j + 1), dtype=torch.float32))) for j in range(k)])
+
+    def proposer(self) -> "AutoregressiveHead":
+        return self
 
     @property
     def nodes(self) -> NodeTable | None:
@@ -571,11 +636,24 @@ class JointHead(nn.Module):
     `log_prob_all` is the normalised mixture (a product of experts).
     """
 
-    supports_beam = True
+    supports_beam, adds_items = True, False  # its FV part has no vector for a new item
 
     def __init__(self, ar: AutoregressiveHead, fv: FullSoftmaxHead, *, fv_weight: float = 1.0, mix: float = 0.5):
         super().__init__()
         self.ar, self.fv, self.fv_weight, self.mix = ar, fv, fv_weight, mix
+
+    @property
+    def codebook(self) -> Codebook:
+        return self.ar.codebook
+
+    def proposer(self) -> AutoregressiveHead:
+        return self.ar  # the AR part proposes, `rescore` ranks its candidates with the mixture
+
+    def token_model(self) -> AutoregressiveHead:
+        return self.ar
+
+    def set_target_counts(self, counts: torch.Tensor) -> None:
+        self.fv.set_target_counts(counts)
 
     def nll(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.ar.nll(h, items) + self.fv_weight * self.fv.nll(h, items)
@@ -602,14 +680,15 @@ class JointHead(nn.Module):
         return torch.where(items >= 0, (1 - self.mix) * ar_log_q + self.mix * logits, ar_log_q)
 
 
-class ParallelHead(nn.Module):
+class ParallelHead(_OwnScores, nn.Module):
     """Non-AR: P(ID | h) = prod_j P(c_j | h), k independent softmaxes (cannot couple positions)."""
 
-    supports_beam = False
+    supports_beam, adds_items = False, True  # a new item needs only its codes
 
     def __init__(self, d: int, codebook: Codebook, *, hidden: int | None = None,
                  shared_tokens: nn.Embedding | None = None):
         super().__init__()
+        self.codebook = codebook
         self.sizes = codebook.sizes
         self.register_buffer("codes", torch.as_tensor(codebook.codes), persistent=False)
         offsets = torch.cumsum(torch.tensor([0, *self.sizes[:-1]]), 0)  # token j of an item -> row of the

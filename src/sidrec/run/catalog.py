@@ -109,7 +109,7 @@ def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataF
     from sidrec.tokenize.encode import FittedQuantizer, encode_new
 
     t0 = time.perf_counter()
-    if model.cfg.head in ("fv", "joint"):
+    if not model.head.adds_items:
         raise UserError("FV-MLE has no content path: a new item has no trained output vector, so it could never be "
                         f"ranked ({model.cfg.head} head); new items need AR-NTP or the parallel head, or a retrain")
     ids = new["item"].astype(str)

@@ -93,7 +93,7 @@ class Service:
         from sidrec.api import Recommender
 
         before = self.rec.catalog_version
-        mix = getattr(self.rec.model.head, "mix", None)
+        mix = self.rec.model.head.mix
         if self.rec.run.catalog_version() == before and self.rec.run.joint_mix() in (None, mix):
             return {"reloaded": False, "version": before or "v0000", "n_items": int(self.rec.model.n_items)}
         rec = Recommender.load(self.run, device=self.device)
@@ -113,7 +113,7 @@ class Service:
         return {"run": str(self.run), "head": rec.head, "n_items": int(rec.model.n_items),
                 "catalog_version": rec.catalog_version or "v0000", "max_len": rec.model.cfg.backbone.max_len,
                 "device": str(rec.device), "decode": self.decode, "beam": self.beam if self.decode == "beam" else None,
-                "mix": getattr(rec.model.head, "mix", None),  # a joint head's ranking weight
+                "mix": rec.model.head.mix,  # a joint head's ranking weight (None: no mixture)
                 "codebook": None if cb is None else {"levels": cb.levels, "sizes": cb.sizes, "method": cb.meta.get("method"),
                                                      "fingerprint": array_digest(cb.codes, np.array(cb.sizes))}}
 

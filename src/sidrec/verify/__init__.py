@@ -33,8 +33,8 @@ def verify_run(run: str | Path, n_contexts: int = 512, beams=(1, 5, 10, 20), see
     users, items, lens = next(iter(eval_batches(data, "test", model.cfg.backbone.max_len, len(users), users)))
     targets = torch.from_numpy(data.targets("test")[users].astype(np.int64))
     checks = []
-    head = getattr(model.head, "ar", model.head)  # a joint head: the theorem is about its AR-NTP part
-    codebook = getattr(head, "cb", None)
+    head = model.head.token_model()  # a joint head: the theorem is about its AR-NTP part
+    codebook = head.codebook
     if codebook is not None:
         c = check_bijection(codebook)
         raw = data.raw_item_ids()
