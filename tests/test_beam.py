@@ -128,3 +128,37 @@ def test_filtered_full_beam_equals_masked_exact_ranking(seed, n, sizes):
     np.testing.assert_allclose(r.log_probs.numpy(), ex_v.numpy(), atol=1e-9)
     same = torch.isfinite(ex_v)
     assert np.array_equal(np.sort(np.where(same, r.items, -1), 1), np.sort(np.where(same, ex_i, -1), 1))
+
+
+def _dense_beam(head, h, beam):
+    """The reference: each level's dense [B * W, V_j] child scores, log-softmax, one top-k."""
+    trie, tables, b = head.trie, head.eval_cache(h.device), len(h)
+    nodes, logp = torch.zeros(b, 1, dtype=torch.long), torch.zeros(b, 1)
+    for j, q in enumerate(head.contexts(h)):
+        w, v = nodes.shape[1], head.sizes[j]
+        lp = torch.log_softmax(head.child_scores(j, q, nodes.reshape(-1), tables), -1).nan_to_num(nan=float("-inf"))
+        logp, top = torch.topk((logp.reshape(-1, 1) + lp).reshape(b, w * v), min(beam, w * v), dim=1)
+        parent = torch.gather(nodes, 1, top // v)
+        nodes = torch.full_like(parent, -1)
+        ok = parent >= 0
+        nodes[ok] = trie.child(j, parent[ok], (top % v)[ok])
+    return trie.torch("first_item", trie.depth, h.device)[nodes.clamp(min=0)], logp
+
+
+def test_flat_constrained_step_matches_dense_scoring():
+    """Beam search's flat level step (the live beams' real children, normalised over their siblings)
+    returns the items and log Q of the dense per-level scoring it replaced."""
+    from sidrec.model import AutoregressiveHead
+    from sidrec.tokenize import fit_codebook
+
+    torch.manual_seed(0)
+    cb = fit_codebook(np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32), "rq-kmeans", 3, 8, seed=0)
+    head = AutoregressiveHead(16, cb).eval()
+    for p in head.parameters():  # away from the uniform start, so that beams differ
+        torch.nn.init.normal_(p, std=0.5)
+    h = torch.randn(7, 16)
+    r = beam_search(head, h, beam=12, k=12)
+    items, logp = _dense_beam(head, h, 12)
+    assert torch.equal(r.items, items)
+    torch.testing.assert_close(r.log_probs, logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(r.log_probs, head.log_prob_all(h).gather(1, r.items), rtol=0, atol=1e-5)

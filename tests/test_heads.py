@@ -432,3 +432,25 @@ def test_training_loss_on_a_skewed_trie_is_minus_log_q():
         np.testing.assert_allclose(m.head.nll(h, items).detach().numpy(),
                                    -full.gather(1, items[:, None]).squeeze(1).numpy(), atol=1e-9)
         assert m.head.nll(h[:0], items[:0]).shape == (0,)  # a batch whose targets were all padding
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=20), layers=st.integers(1, 3),
+       item_input=st.sampled_from(["id", "both"]), seed=st.integers(0, 10**6))
+def test_last_states_equal_the_full_forward_at_the_last_position(lengths, layers, item_input, seed):
+    """`encode` runs histories in length groups and the last block for the last position only: the
+    same function as the whole forward pass read at each history's last real item."""
+    from sidrec.model.backbone import Backbone
+
+    g = torch.Generator().manual_seed(seed)
+    n, t = 30, 12
+    codes = torch.randint(0, 4, (n, 2), generator=g)
+    bb = Backbone(BackboneConfig(d_model=16, n_layers=layers, n_heads=2, d_ff=32, max_len=t, item_input=item_input),
+                  n, codes, [4, 4]).double().eval()
+    lens = torch.tensor(lengths)
+    items = torch.full((len(lengths), int(lens.max())), n)
+    for r, length in enumerate(lengths):
+        items[r, :length] = torch.randint(0, n, (length,), generator=g)
+    with torch.no_grad():
+        full = bb(items)[torch.arange(len(lengths)), lens - 1]
+        torch.testing.assert_close(bb.last_states(items, lens), full, rtol=0, atol=1e-12)

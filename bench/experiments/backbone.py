@@ -139,6 +139,9 @@ def variant_backbone(opts: dict) -> type:
                 x = blk(x, n_pad) if n_pad is not None else blk(x)
             return self.ln_f(x)
 
+        def last_states(self, items, lengths):  # the whole forward pass: the variants' own inputs and blocks
+            return self(items)[torch.arange(len(items), device=items.device), lengths - 1]
+
     return Variant
 
 

@@ -1,8 +1,8 @@
 """Batched trie-constrained beam search for the AR-NTP head.
 
-All users and beams advance together: at level j the [B * W] live prefixes are scored in one
-call, invalid continuations are masked with the trie's vectorized mask (constrained mode), and
-one `topk` over [B, W * V_j] picks the next beams. Beams are ranked by summed log-probabilities
+All users and beams advance together: at level j the real children of the [B * W] live prefixes
+are scored as one flat list (constrained mode; the unconstrained counter-example scores every
+token), and one `topk` over [B, W * V_j] picks the next beams. Beams are ranked by summed log-probabilities
 (never multiplied probabilities, which underflow) and chosen deterministically (top-k, no sampling).
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from sidrec.decode.filters import ItemFilter
+from sidrec.model.heads import segment_logsumexp
 
 
 @dataclass
@@ -43,36 +44,29 @@ def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained:
     cons = head.constrained if constrained is None else constrained
     b, dev = h.shape[0], h.device
     qs = head.contexts(h)
-    # constrained: every valid child's score from the head's node tables (cached between weight
-    # updates); the unconstrained counter-example scores all V_j tokens
+    # constrained: the live beams' real children, scored from the head's node tables (cached between
+    # weight updates) as one flat list; the unconstrained counter-example scores all V_j tokens
     tables = head.eval_cache(dev) if cons else None
     nodes = torch.zeros(b, 1, dtype=torch.long, device=dev)
     logp = torch.zeros(b, 1, dtype=h.dtype, device=dev)
     codes = torch.zeros(b, 1, 0, dtype=torch.long, device=dev)
     for j, q in enumerate(qs):
-        w = nodes.shape[1]
-        v = head.sizes[j]
-        flat_nodes = nodes.reshape(-1)
-        live = flat_nodes >= 0
-        if cons:  # -inf off the trie (and for dead beams)
-            s = head.child_scores(j, q, flat_nodes, tables)
+        w, v = nodes.shape[1], head.sizes[j]
+        if cons:
+            total, child_at = _constrained_step(head, trie, j, q, nodes, logp, tables, item_filter)
         else:
-            s = head.level_scores(j, q.repeat_interleave(w, 0), codes.reshape(b * w, j), flat_nodes)
-        lp = torch.log_softmax(s, -1).nan_to_num(nan=float("-inf"))  # dead beams: all -inf
-        if item_filter is not None and not item_filter.empty:  # after normalising: scores stay log Q
-            keep = torch.zeros_like(lp, dtype=torch.bool)
-            rows = torch.arange(b, device=dev).repeat_interleave(w)
-            keep[live] = item_filter.valid_mask(trie, j, flat_nodes[live], rows[live])
-            lp = lp.masked_fill(~keep, float("-inf"))
-        total = (logp.reshape(-1, 1) + lp).reshape(b, w * v)
+            total, child_at = _free_step(head, trie, j, q, nodes, logp, codes), None
         top_lp, top_i = torch.topk(total, min(beam, w * v), dim=1)
         parent_beam, tok = top_i // v, top_i % v
-        parent_nodes = torch.gather(nodes, 1, parent_beam)
-        child = torch.full_like(parent_nodes, -1)
-        ok = parent_nodes >= 0
-        child[ok] = trie.child(j, parent_nodes[ok], tok[ok])
+        if child_at is not None:  # the node each candidate reaches, recorded while scoring
+            child = torch.gather(child_at, 1, top_i)
+        else:
+            parent_nodes = torch.gather(nodes, 1, parent_beam)
+            child = torch.full_like(parent_nodes, -1)
+            ok = parent_nodes >= 0
+            child[ok] = trie.child(j, parent_nodes[ok], tok[ok])
+            codes = torch.cat([torch.gather(codes, 1, parent_beam[..., None].expand(-1, -1, j)), tok[..., None]], 2)
         nodes, logp = child, top_lp
-        codes = torch.cat([torch.gather(codes, 1, parent_beam[..., None].expand(-1, -1, j)), tok[..., None]], 2)
     leaf_item = trie.torch("first_item", trie.depth, dev)
     valid = (nodes >= 0) & torch.isfinite(logp)
     items = torch.where(valid, leaf_item[nodes.clamp(min=0)], torch.full_like(nodes, -1))
@@ -83,3 +77,33 @@ def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained:
         items = torch.gather(items, 1, order)
     kk = min(k, items.shape[1])
     return BeamResult(items[:, :kk], logp[:, :kk], n_invalid)
+
+
+def _constrained_step(head, trie, j: int, q: torch.Tensor, nodes: torch.Tensor, logp: torch.Tensor, tables,
+                      item_filter: ItemFilter | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Level j of constrained search on the flat list of the live beams' real children (no dense
+    [B * W, V_j] scores, masks or softmax): each child's log P(token | prefix) normalised over its
+    siblings, filtered after normalising (scores stay log Q), added to its beam's log Q and scattered
+    into [B, W * V_j] for the top-k. Also returns the node each slot reaches (-1: none)."""
+    b, w = nodes.shape
+    v = head.sizes[j]
+    flat_nodes = nodes.reshape(-1)
+    rows, child = trie.children(j, flat_nodes)  # dead beams (-1) have none
+    s = head.child_logits(j, q, rows, child, w, tables)
+    lp = s - segment_logsumexp(s[None], rows, b * w)[0][rows]
+    if item_filter is not None and not item_filter.empty:
+        keep = item_filter.alive(trie, j + 1, torch.div(rows, w, rounding_mode="floor"), child)
+        lp = lp.masked_fill(~keep, float("-inf"))
+    slot = rows * v + trie.torch("node_tok", j + 1, q.device)[child]
+    total = logp.new_full((b * w * v,), float("-inf")).index_copy_(0, slot, logp.reshape(-1)[rows] + lp)
+    child_at = torch.full((b * w * v,), -1, dtype=torch.long, device=q.device).index_copy_(0, slot, child)
+    return total.view(b, w * v), child_at.view(b, w * v)
+
+
+def _free_step(head, trie, j: int, q: torch.Tensor, nodes: torch.Tensor, logp: torch.Tensor,
+               codes: torch.Tensor) -> torch.Tensor:
+    """Level j of the unconstrained counter-example: every V_j token after every beam, off the trie too."""
+    b, w = nodes.shape
+    s = head.level_scores(j, q.repeat_interleave(w, 0), codes.reshape(b * w, j), nodes.reshape(-1))
+    lp = torch.log_softmax(s, -1).nan_to_num(nan=float("-inf"))  # dead beams: all -inf
+    return (logp.reshape(-1, 1) + lp).reshape(b, w * s.shape[1])

@@ -149,12 +149,3 @@ class ItemFilter:
         if key not in self._cache:
             self._cache[key] = torch.from_numpy(trie.n_items_below(depth)).to(device)
         return self._cache[key]
-
-    def valid_mask(self, trie, j: int, nodes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Boolean [M, V_j]: tokens that extend each depth-j node (of row `rows`) to a valid prefix
-        with at least one allowed item below (the trie's own mask, narrowed by the filter)."""
-        which, child = trie.children(j, nodes)
-        ok = self.alive(trie, j + 1, rows[which], child)
-        mask = torch.zeros(len(nodes), trie.sizes[j], dtype=torch.bool, device=nodes.device)
-        mask[which[ok], trie.torch("node_tok", j + 1, nodes.device)[child[ok]]] = True
-        return mask

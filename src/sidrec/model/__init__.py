@@ -148,8 +148,8 @@ class SeqRecModel(nn.Module):
         return self.head.nll(h[mask], targets[mask])
 
     def encode(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        h = self.backbone(items)
-        return h[torch.arange(len(items), device=h.device), lengths - 1]
+        """The state at each history's last real position [B, d] (what every head scores)."""
+        return self.backbone.last_states(items, lengths)
 
     def _heads(self) -> list[nn.Module]:
         return [self.head.ar, self.head.fv] if isinstance(self.head, JointHead) else [self.head]

@@ -49,6 +49,22 @@ class Block(nn.Module):
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d)))
         return x + self.drop(self.ff(self.ln2(x)))
 
+    def forward_last(self, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The block's output [B, d] at one position per row (`last` [B]) of x [B, T, d]: keys and
+        values from every position up to it, the query, projection and feed-forward for it alone."""
+        b, t, d = x.shape
+        rows = torch.arange(b, device=x.device)
+        y = self.ln1(x)
+        w_q, w_kv = self.qkv.weight.split([d, 2 * d])
+        b_q, b_kv = self.qkv.bias.split([d, 2 * d])
+        q = F.linear(y[rows, last], w_q, b_q).view(b, self.heads, 1, d // self.heads)
+        k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                for z in F.linear(y, w_kv, b_kv).split(d, dim=2))
+        causal = (torch.arange(t, device=x.device) <= last[:, None])[:, None, None, :]  # [B, 1, 1, T]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, dropout_p=self.p if self.training else 0.0)
+        x = x[rows, last] + self.drop(self.proj(a.reshape(b, d)))
+        return x + self.drop(self.ff(self.ln2(x)))
+
 
 class Backbone(nn.Module):
     """Causal Transformer over item histories; `forward(items)` -> hidden states [B, T, d].
@@ -102,6 +118,25 @@ class Backbone(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.ln_f(x)
+
+    def last_states(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """forward(items)[b, lengths[b] - 1] [B, d], the state scoring reads, computed for that position
+        alone: histories go through in groups of similar length (a short one is not run over the
+        longest one's padding), and the last block runs its query and feed-forward for the last position
+        only. The same function: right padding and causal attention mean a position never sees what
+        follows it. A handful of groups (lengths rounded up to powers of two), not a loop over users."""
+        bucket = torch.clamp(2 ** torch.ceil(torch.log2(lengths.clamp(min=1).double())), max=items.shape[1]).long()
+        out = None
+        for t in torch.unique(bucket).tolist():
+            rows = torch.nonzero(bucket == t).squeeze(1)
+            x = self.embed_items(items[rows, :t]) * (self.cfg.d_model**0.5) + self.pos_emb.weight[:t]
+            x = self.drop(x)
+            for blk in self.blocks[:-1]:
+                x = blk(x)
+            h = self.ln_f(self.blocks[-1].forward_last(x, lengths[rows] - 1))
+            out = h.new_empty((len(items), h.shape[1])) if out is None else out
+            out[rows] = h
+        return out
 
 
 def _init(m: nn.Module) -> None:

@@ -30,15 +30,19 @@ NEG_INF = float("-inf")
 class TrieDecoder(Protocol):
     """What beam search walks: an AR-NTP head scoring the children of trie nodes level by level.
 
-    contexts(h): one query per level; child_scores(j, q, nodes, tables): the scores of every child
-    of each node at level j (-inf off the trie), from eval_cache's node tables; level_scores: all
-    V_j tokens (the unconstrained counter-example, which may leave the trie)."""
+    contexts(h): one query per level; child_logits(j, q, rows, child, beams, tables): the scores of
+    given children of the beams' level-j nodes, from eval_cache's node tables (child_scores: all
+    children of each node as a dense row, -inf off the trie); level_scores: all V_j tokens (the
+    unconstrained counter-example, which may leave the trie)."""
 
     trie: object
     sizes: list[int]
     constrained: bool
 
     def contexts(self, h: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def child_logits(self, j: int, q: torch.Tensor, rows: torch.Tensor, child: torch.Tensor, beams: int,
+                     tables) -> torch.Tensor: ...
 
     def child_scores(self, j: int, q: torch.Tensor, nodes: torch.Tensor, tables) -> torch.Tensor: ...
 
@@ -534,24 +538,26 @@ class AutoregressiveHead(_OwnScores, nn.Module):
                   *(self.tok_out if isinstance(self.tok_out, SharedTokenVectors) else [])]
         return (str(device), *((p.data_ptr(), p._version) for p in params))
 
-    def child_scores(self, j: int, q: torch.Tensor, nodes: torch.Tensor, tables) -> torch.Tensor:
-        """Scores [B * W, V_j] of the valid children of each beam's depth-j node (`nodes` [B * W],
-        beams of user u at rows u*W .. u*W+W-1; `q` [B, d] the users' level-j contexts) from the node
-        tables; -inf for tokens that lead nowhere and for dead beams. What constrained beam search
-        needs, with no per-beam MLP. Two ways to the same numbers, whichever reads less: one GEMM of
-        each user's context with every depth-(j+1) node (small levels), or the beams' real children
-        gathered as a flat list (large levels: independent of the catalogue size)."""
+    def child_logits(self, j: int, q: torch.Tensor, rows: torch.Tensor, child: torch.Tensor, beams: int,
+                     tables) -> torch.Tensor:
+        """Scores [C] of depth-(j+1) nodes `child` [C], each a child of beam `rows` [C] (beams of user u
+        at rows u*W .. u*W+W-1; `q` [B, d] the users' level-j contexts), from the node tables: what
+        constrained beam search needs, with no per-beam MLP. Two ways to the same numbers, whichever
+        reads less: one GEMM of each user's context with every depth-(j+1) node (small levels), or the
+        beams' real children gathered as a flat list (large levels: independent of the catalogue size)."""
         w, c = tables[j]
-        v = self.sizes[j]
-        beams = len(nodes) // len(q)
-        rows, child = self.trie.children(j, nodes)
-        tok = self.trie.torch("node_tok", j + 1, q.device)[child]
+        users = torch.div(rows, beams, rounding_mode="floor")
         if len(q) * len(w) <= 16 * len(child):  # per-user GEMM over all nodes of the level, then a gather
-            s = torch.addmm(c, q, w.T)  # [B, P_{j+1}]
-            dots = s[torch.div(rows, beams, rounding_mode="floor"), child]
-        else:
-            qs = torch.index_select(q, 0, torch.div(rows, beams, rounding_mode="floor"))
-            dots = (qs * torch.index_select(w, 0, child)).sum(-1) + c[child]
+            return torch.addmm(c, q, w.T)[users, child]
+        return (torch.index_select(q, 0, users) * torch.index_select(w, 0, child)).sum(-1) + c[child]
+
+    def child_scores(self, j: int, q: torch.Tensor, nodes: torch.Tensor, tables) -> torch.Tensor:
+        """`child_logits` of every child of each beam's depth-j node (`nodes` [B * W]) as [B * W, V_j],
+        -inf for tokens that lead nowhere and for dead beams."""
+        v = self.sizes[j]
+        rows, child = self.trie.children(j, nodes)
+        dots = self.child_logits(j, q, rows, child, len(nodes) // len(q), tables)
+        tok = self.trie.torch("node_tok", j + 1, q.device)[child]
         out = dots.new_full((len(nodes) * v,), NEG_INF)
         return out.index_copy(0, rows * v + tok, dots).view(len(nodes), v)
 
