@@ -282,7 +282,8 @@ def headline(names: tuple[str, ...] = HEADLINE) -> str:
     datasets = [r["dataset"] for _, r in files]
     lines = ["| model | " + " | ".join(d.capitalize() for d in datasets) + " |", "|---|" + "---|" * len(files)]
     node = {r["dataset"]: r for r in (_optional(f"quality-{d}-nt") for d in datasets) if r}
-    rows = (("fv", "FV-MLE (full softmax, same backbone)", files),
+    fv = {r["dataset"]: r for r in (_optional(f"quality-{d}-fv") for d in datasets) if r}  # re-run at today's defaults
+    rows = (("fv", "FV-MLE (full softmax, same backbone)", [(None, fv.get(d) or r) for (_, r), d in zip(files, datasets)]),
             ("ar/rq-kmeans", "**AR-NTP, RQ-KMeans 3×256** (node table, row-sparse: the default)",
              [(None, node.get(d)) for d in datasets]),
             ("ar/rq-kmeans", "AR-NTP, free item vectors, dense AdamW (the earlier head)", files))
@@ -316,6 +317,7 @@ def headline(names: tuple[str, ...] = HEADLINE) -> str:
     protocol = {"seen items excluded" if r["config"]["eval"]["exclude_seen"] else "seen items kept" for _, r in files}
     seeds = {str(r["seeds"]) for _, r in files}
     files += [load(f"quality-{d}-nt") for d in datasets if d in node]
+    files += [load(f"quality-{d}-fv") for d in datasets if d in fv]
     files += [load(f"quality-{d}-joint") for d in datasets if d in joint]
     src = "; ".join(f"`{p.relative_to(ROOT)}` ({code(r).removeprefix('commit ')})" for p, r in files)
     how = ("exact (the joint row: beam search + rescoring, the beam width in brackets, the narrowest within 1% "

@@ -51,16 +51,19 @@ def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained:
     logp = torch.zeros(b, 1, dtype=h.dtype, device=dev)
     codes = torch.zeros(b, 1, 0, dtype=torch.long, device=dev)
     for j, q in enumerate(qs):
-        w, v = nodes.shape[1], head.sizes[j]
-        if cons:
+        if cons:  # the node each candidate slot reaches is recorded while scoring
             total, child_at = _constrained_step(head, trie, j, q, nodes, logp, tables, item_filter)
-        else:
-            total, child_at = _free_step(head, trie, j, q, nodes, logp, codes), None
-        top_lp, top_i = torch.topk(total, min(beam, w * v), dim=1)
-        parent_beam, tok = top_i // v, top_i % v
-        if child_at is not None:  # the node each candidate reaches, recorded while scoring
+            width = min(beam, nodes.shape[1] * head.sizes[j])  # as wide as over every token: dead beams pad it
+            if total.shape[1] < width:
+                total = torch.nn.functional.pad(total, (0, width - total.shape[1]), value=float("-inf"))
+                child_at = torch.nn.functional.pad(child_at, (0, width - child_at.shape[1]), value=-1)
+            top_lp, top_i = torch.topk(total, width, dim=1)
             child = torch.gather(child_at, 1, top_i)
         else:
+            v = head.sizes[j]
+            total = _free_step(head, trie, j, q, nodes, logp, codes)
+            top_lp, top_i = torch.topk(total, min(beam, total.shape[1]), dim=1)
+            parent_beam, tok = top_i // v, top_i % v
             parent_nodes = torch.gather(nodes, 1, parent_beam)
             child = torch.full_like(parent_nodes, -1)
             ok = parent_nodes >= 0
@@ -84,9 +87,10 @@ def _constrained_step(head, trie, j: int, q: torch.Tensor, nodes: torch.Tensor, 
     """Level j of constrained search on the flat list of the live beams' real children (no dense
     [B * W, V_j] scores, masks or softmax): each child's log P(token | prefix) normalised over its
     siblings, filtered after normalising (scores stay log Q), added to its beam's log Q and scattered
-    into [B, W * V_j] for the top-k. Also returns the node each slot reaches (-1: none)."""
+    into [B, W * F_j] for the top-k, F_j the widest sibling group of the level (slot: the child's place
+    among its siblings, which are in token order). Also returns the node each slot reaches (-1: none)."""
     b, w = nodes.shape
-    v = head.sizes[j]
+    v = trie.max_children(j)
     flat_nodes = nodes.reshape(-1)
     rows, child = trie.children(j, flat_nodes)  # dead beams (-1) have none
     s = head.child_logits(j, q, rows, child, w, tables)
@@ -94,7 +98,7 @@ def _constrained_step(head, trie, j: int, q: torch.Tensor, nodes: torch.Tensor, 
     if item_filter is not None and not item_filter.empty:
         keep = item_filter.alive(trie, j + 1, torch.div(rows, w, rounding_mode="floor"), child)
         lp = lp.masked_fill(~keep, float("-inf"))
-    slot = rows * v + trie.torch("node_tok", j + 1, q.device)[child]
+    slot = rows * v + child - trie.torch("child_ptr", j, q.device)[flat_nodes[rows]]
     total = logp.new_full((b * w * v,), float("-inf")).index_copy_(0, slot, logp.reshape(-1)[rows] + lp)
     child_at = torch.full((b * w * v,), -1, dtype=torch.long, device=q.device).index_copy_(0, slot, child)
     return total.view(b, w * v), child_at.view(b, w * v)

@@ -81,6 +81,10 @@ class Trie:
         """[P_j] how many items lie below each depth-j node (1 at the leaves of a bijection)."""
         return np.bincount(self.item_node[j], minlength=self.n_nodes(j))
 
+    def max_children(self, j: int) -> int:
+        """The largest number of children of a depth-j node (the widest sibling group below depth j)."""
+        return int(np.diff(self.child_ptr[j]).max(initial=0))
+
     @property
     def items_below(self) -> list[np.ndarray]:
         """n_items_below for every depth (what `torch("items_below", j)` caches)."""
