@@ -204,7 +204,7 @@ def main() -> None:
     for label, data, head, over, name, add in plan:
         cfg = cfg_with(over, head)
         run_dir = work / f"seed{a.seed}" / name
-        cb = ensure_codebook(cfg, data, run_dir.parent / f"{name}-codebook") if head != "fv" else None
+        cb = ensure_codebook(cfg, data, run_dir.parent / f"{name}-codebook" / "codebook") if head != "fv" else None
         wall = trained(cfg, data, cb, run_dir)
         report = None
         if add:  # each variant from the catalogue as trained (the run directory is the benchmark's own)

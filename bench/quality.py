@@ -46,9 +46,9 @@ io.register_entries("run", {TEST_CURVE})  # the benchmark's own records in a run
 
 def prepared(dataset: str, cfg: dict, work: Path, max_users: int | None) -> SequenceData:
     """The dataset as its config describes it; or, for plumbing tests, the first users of its file."""
-    if not max_users:
-        return ensure_data(cfg, work)
     out = work / "data"
+    if not max_users:
+        return ensure_data(cfg, out)
     if (out / "sequences.npz").exists():
         return SequenceData.load(out)
     d = cfg["data"]
@@ -80,7 +80,7 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
             cfg["tokenizer"]["levels"] = parallel_levels if tok in ("pq", "opq") else cfg["tokenizer"]["levels"]
             cfg["tokenizer"]["seed"] = seed
             cfg["train"]["seed"] = seed
-            cb = ensure_codebook(cfg, data, runs_root / f"seed{seed}" / tok)  # refitted per seed
+            cb = ensure_codebook(cfg, data, runs_root / f"seed{seed}" / tok / "codebook")  # refitted per seed
             for head in heads:
                 if head == "fv" and tok != tokenizers[0]:
                     continue  # FV-MLE does not use the codebook: once per seed

@@ -208,3 +208,21 @@ def test_coldstart_bench_tiny_slice(tmp_path):
                ["valid"]["overall"]["ndcg@10"])
     assert r["vectors_rule"]["chosen"] == best or rows[f"AR-NTP, text IDs, cold items added ({best} vectors)"][
         "valid"]["overall"]["ndcg@10"] == added["valid"]["overall"]["ndcg@10"]
+
+
+def test_bench_stages_keep_their_layout(tmp_path):
+    """The benchmarks' work directory: prepared data in work/data, a codebook in <its folder>/codebook,
+    each reused on the next call (so earlier bench trees stay valid)."""
+    from bench.quality import prepared
+    from sidrec.config import load_config
+    from sidrec.pipeline import ensure_codebook
+
+    cfg = load_config(None, ["data.synthetic.n_items=60", "data.synthetic.n_users=300", "tokenizer.embeddings=latent",
+                             "tokenizer.codebook_size=8", "tokenizer.levels=2"])
+    data = prepared("synthetic", cfg, tmp_path, None)
+    assert Path(data.path) == tmp_path / "data" and (tmp_path / "data" / ".sidrec.json").exists()
+    cb = ensure_codebook(cfg, data, tmp_path / "seed0" / "rq-kmeans" / "codebook")
+    assert (tmp_path / "seed0" / "rq-kmeans" / "codebook" / "codebook.npz").exists()
+    again = prepared("synthetic", cfg, tmp_path, None)
+    assert again.n_items == data.n_items
+    assert np.array_equal(ensure_codebook(cfg, again, tmp_path / "seed0" / "rq-kmeans" / "codebook").codes, cb.codes)

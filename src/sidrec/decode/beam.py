@@ -2,7 +2,8 @@
 
 All users and beams advance together: at level j the real children of the [B * W] live prefixes
 are scored as one flat list (constrained mode; the unconstrained counter-example scores every
-token), and one `topk` over [B, W * V_j] picks the next beams. Beams are ranked by summed log-probabilities
+token), and one `topk` over [B, W * F_j] slots (F_j: the level's widest sibling group; at least
+min(beam, W * V_j) wide) picks the next beams. Beams are ranked by summed log-probabilities
 (never multiplied probabilities, which underflow) and chosen deterministically (top-k, no sampling).
 """
 

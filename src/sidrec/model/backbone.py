@@ -125,17 +125,21 @@ class Backbone(nn.Module):
         longest one's padding), and the last block runs its query and feed-forward for the last position
         only. The same function: right padding and causal attention mean a position never sees what
         follows it. A handful of groups (lengths rounded up to powers of two), not a loop over users."""
-        bucket = torch.clamp(2 ** torch.ceil(torch.log2(lengths.clamp(min=1).double())), max=items.shape[1]).long()
-        out = None
+        if items.shape[1] > self.cfg.max_len:
+            raise ValueError(f"history of length {items.shape[1]} exceeds max_len {self.cfg.max_len}")
+        if len(lengths) and int(lengths.min()) < 1:
+            raise ValueError("every history needs at least one item")
+        bucket = torch.clamp(2 ** torch.ceil(torch.log2(lengths.double())), max=items.shape[1]).long()
+        out = self.pos_emb.weight.new_empty((len(items), self.cfg.d_model))
         for t in torch.unique(bucket).tolist():
             rows = torch.nonzero(bucket == t).squeeze(1)
             x = self.embed_items(items[rows, :t]) * (self.cfg.d_model**0.5) + self.pos_emb.weight[:t]
             x = self.drop(x)
             for blk in self.blocks[:-1]:
                 x = blk(x)
-            h = self.ln_f(self.blocks[-1].forward_last(x, lengths[rows] - 1))
-            out = h.new_empty((len(items), h.shape[1])) if out is None else out
-            out[rows] = h
+            last = lengths[rows] - 1
+            x = self.blocks[-1].forward_last(x, last) if len(self.blocks) else x[torch.arange(len(rows)), last]
+            out[rows] = self.ln_f(x).to(out.dtype)
         return out
 
 
