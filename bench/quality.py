@@ -92,8 +92,9 @@ def run(dataset: str, seeds: int, tokenizers: list[str], heads: list[str], overr
                 made = rd.read_json(BENCH)
                 rec = {"seed": seed, "wall_s": wall, "env": made.get("env"), "provenance": made.get("provenance"),
                        **records(current_eval(rd, False), ""), **records(current_eval(rd, True), "_seen_excluded")}
-                if rd.read_json(TEST_CURVE) is not None:
-                    rec["test_mix_curve_seen_excluded"] = rd.read_json(TEST_CURVE)
+                curve = rd.read_json(TEST_CURVE)
+                if curve is not None:
+                    rec["test_mix_curve_seen_excluded"] = curve
                 rows.setdefault(name, []).append(rec)
         walls.append(round(seed_wall, 1))
         result = _result(dataset, data, len(walls), tokenizers, heads, overrides, max_users, walls, base, rows)

@@ -447,10 +447,6 @@ class PipelineDir(_Workdir):
     def write_summary(self, summary: dict) -> None:
         io.write_json(self.path / SUMMARY, summary)
 
-    def summary(self) -> dict | None:
-        p = self.path / SUMMARY
-        return io.read_json(p) if p.is_file() else None
-
     def write_report(self, text: str) -> Path:
         io.write_text(self.report_path, text)
         return self.report_path
