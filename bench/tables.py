@@ -477,19 +477,23 @@ def train_speed_table(path: Path, r: dict) -> str:
 
 
 def serve_table(r: dict) -> str:
-    """bench.serve: throughput and client-side latency per run, batching mode and concurrency."""
+    """bench.serve: throughput, client-side latency and CPU per request per run, batching mode and
+    concurrency; then the offline ceiling and whether served answers equal the library's."""
     lines = ["| run | decode | micro-batching | concurrency | req/s | p50 ms | p95 ms | p99 ms | non-200 | "
-             "invalid | rows per call |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "rows per call | server CPU ms/req | client CPU ms/req |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["load"]:
         dec = f"beam {x['beam']}" if x["decode"] == "beam" else "exact"
+        cpu = [x.get(f"{w}_cpu_ms_per_request", "—") for w in ("server", "client")]
         lines.append(f"| {x['run']} | {dec} | {x['batching']} | {x['concurrency']} | {x['requests_per_s']:,.0f} | "
-                     f"{x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {x['non_200']} | {x['invalid_answers']} | "
-                     f"{x['rows_per_call']} |")
+                     f"{x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {x['non_200']} | {x['rows_per_call']} | "
+                     f"{cpu[0]} | {cpu[1]} |")
     lines += ["", "| run | offline ceiling (in-process, batches of 256), users/s | micro-batching speed-up at the "
-              "highest concurrency |", "|---|---|---|"]
+              "highest concurrency | served answers equal to the library's |", "|---|---|---|---|"]
     for name, o in r["offline"].items():
-        lines.append(f"| {name} ({o['decode']}) | {o['users_per_s']:,.0f} | "
-                     f"{r.get('speedup_batching', {}).get(name, '—')}× |")
+        dec = f"beam {o['beam']}" if o.get("beam") else o["decode"]
+        equal = r.get("answers_equal_library", {}).get(name)
+        lines.append(f"| {name} ({dec}) | {o['users_per_s']:,.0f} | {r.get('speedup_batching', {}).get(name, '—')}× | "
+                     f"{'—' if equal is None else f'{100 * equal:.1f}%'} |")
     return "\n".join(lines) + f"\n\n`{r['command']}`, k = {r['k']}; client: {r['settings']['client']}.\n"
 
 

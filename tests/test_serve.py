@@ -6,10 +6,12 @@ and never hurt the server; concurrent requests are batched; SIGTERM finishes wha
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -250,3 +252,30 @@ def test_batch_calls_beyond_max_batch_and_catalogue_rollback(runs, tmp_path):
         assert not re.search(r'status="5\d\d"', s.client.get("/metrics").text)
     finally:
         assert s.stop() == 0
+
+
+def _children(pid: int) -> list[int]:
+    tasks = f"/proc/{pid}/task"
+    return [int(c) for t in os.listdir(tasks) for c in open(f"{tasks}/{t}/children").read().split()]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from /proc")
+def test_decode_worker_is_a_child_that_stops_with_the_server_and_whose_death_is_reported(runs):
+    """The model decodes in a child process: SIGTERM stops it with the server (nothing left behind);
+    if it dies, /health says so and requests get 503 with the reason instead of hanging."""
+    s = Live(runs["ar"].run.path)
+    kids = _children(s.proc.pid)
+    assert kids and s.post("/recommend", {"history": _histories(runs, 1)[0], "k": 3}).status_code == 200
+    assert s.stop() == 0
+    assert not any(os.path.exists(f"/proc/{k}") and "sidrec" in open(f"/proc/{k}/cmdline").read() for k in kids)
+    s = Live(runs["ar"].run.path)
+    try:
+        for k in _children(s.proc.pid):
+            if "spawn_main" in open(f"/proc/{k}/cmdline").read():
+                os.kill(k, signal.SIGKILL)
+        time.sleep(1)
+        assert s.client.get("/health").status_code == 503
+        r = s.post("/recommend", {"history": _histories(runs, 1)[0], "k": 3})
+        assert r.status_code == 503 and "decode worker exited" in r.json()["error"]["message"]
+    finally:
+        s.stop()

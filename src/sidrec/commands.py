@@ -445,8 +445,9 @@ def add_serve(sub) -> None:
     p.add_argument("--beam", type=int_range(1, 512), default=20, help="default beam width (default 20)")
     p.add_argument("--max-batch", type=int_range(1, 4096), default=64,
                    help="users decoded in one batched call (default 64; 1: one request per call)")
-    p.add_argument("--max-wait-ms", type=float_range(0, 1000), default=2.0,
-                   help="under concurrent load, how long a batch may wait to fill (default 2 ms)")
+    p.add_argument("--max-wait-ms", type=float_range(0, 1000), default=0.0,
+                   help="under concurrent load, how long a batch may wait to fill (default 0: the batch in "
+                   "flight is the window in which the next one fills)")
     p.add_argument("--max-queue", type=int_range(1), default=1024,
                    help="users waiting for the decoder before new requests get 503 (default 1024)")
     p.add_argument("--max-history", type=int_range(1), default=2000, help="items per history (default 2000)")

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from sidrec.decode.filters import ItemFilter
-from sidrec.model.heads import segment_logsumexp
 
 
 @dataclass
@@ -86,21 +85,25 @@ def beam_search(head, h: torch.Tensor, beam: int = 20, k: int = 10, constrained:
 def _constrained_step(head, trie, j: int, q: torch.Tensor, nodes: torch.Tensor, logp: torch.Tensor, tables,
                       item_filter: ItemFilter | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Level j of constrained search on the flat list of the live beams' real children (no dense
-    [B * W, V_j] scores, masks or softmax): each child's log P(token | prefix) normalised over its
-    siblings, filtered after normalising (scores stay log Q), added to its beam's log Q and scattered
-    into [B, W * F_j] for the top-k, F_j the widest sibling group of the level (slot: the child's place
-    among its siblings, which are in token order). Also returns the node each slot reaches (-1: none)."""
+    [B * W, V_j] scores over every token): each child's log P(token | prefix), placed in a [B * W, F_j]
+    grid (F_j the widest sibling group of the level; slot: the child's place among its siblings, which
+    are in token order), normalised over its siblings by one logsumexp per row, filtered after
+    normalising (scores stay log Q) and added to its beam's log Q: [B, W * F_j] for the top-k. Also
+    returns the node each slot reaches (-1: none). Few ops per level: a request of one user pays
+    for each op, not for its size."""
     b, w = nodes.shape
     v = trie.max_children(j)
     flat_nodes = nodes.reshape(-1)
     rows, child = trie.children(j, flat_nodes)  # dead beams (-1) have none
     s = head.child_logits(j, q, rows, child, w, tables)
-    lp = s - segment_logsumexp(s[None], rows, b * w)[0][rows]
+    slot = rows * v + child - trie.torch("child_ptr", j, q.device)[flat_nodes[rows]]
+    grid = s.new_full((b * w * v,), float("-inf")).index_copy_(0, slot, s).view(b * w, v)
+    lse = torch.logsumexp(grid, 1)  # -inf for a beam with no children (dead)
     if item_filter is not None and not item_filter.empty:
         keep = item_filter.alive(trie, j + 1, torch.div(rows, w, rounding_mode="floor"), child)
-        lp = lp.masked_fill(~keep, float("-inf"))
-    slot = rows * v + child - trie.torch("child_ptr", j, q.device)[flat_nodes[rows]]
-    total = logp.new_full((b * w * v,), float("-inf")).index_copy_(0, slot, logp.reshape(-1)[rows] + lp)
+        grid = grid.view(-1).index_copy_(0, slot, s.masked_fill(~keep, float("-inf"))).view(b * w, v)
+    base = (logp.reshape(-1) - lse).nan_to_num_(nan=float("-inf"))  # dead beam: -inf - -inf
+    total = grid.add_(base[:, None])
     child_at = torch.full((b * w * v,), -1, dtype=torch.long, device=q.device).index_copy_(0, slot, child)
     return total.view(b, w * v), child_at.view(b, w * v)
 

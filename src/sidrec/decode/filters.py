@@ -123,10 +123,15 @@ class ItemFilter:
 
     def alive(self, trie, depth: int, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         """Boolean, same shape as `nodes` (depth-`depth` nodes, >= 0) and `rows`: does the row
-        have an allowed item below the node? Only nodes that could be dead are looked up: an allow
-        list's row, or a node with no more items below it than the row excludes."""
+        have an allowed item below the node? Without allow lists (the common case: seen items and
+        deny lists only) one lookup over every node, no masked indexing: a handful of ops per level,
+        which is what a request of one user pays. With allow lists only the nodes that could be
+        dead are looked up: an allow list's row, or a node with no more items below it than the row
+        excludes."""
         dev = nodes.device
-        below = self._n_below(trie, depth, dev)[nodes]
+        below = trie.torch("items_below", depth, dev)[nodes]
+        if not self.has_allow.any():
+            return below > self._lookup(trie, depth, "excl", rows, nodes)
         has_allow = self._row_tensor("has_allow", dev)[rows]
         check = has_allow | (below <= self._row_tensor("n_excl", dev)[rows])
         out = torch.ones_like(nodes, dtype=torch.bool)
@@ -142,10 +147,4 @@ class ItemFilter:
         if key not in self._cache:
             value = self.has_allow if name == "has_allow" else np.bincount(self.excl_rows, minlength=self.n_rows)
             self._cache[key] = torch.from_numpy(value).to(device)
-        return self._cache[key]
-
-    def _n_below(self, trie, depth: int, device) -> torch.Tensor:
-        key = ("below", depth, str(device))
-        if key not in self._cache:
-            self._cache[key] = torch.from_numpy(trie.n_items_below(depth)).to(device)
         return self._cache[key]

@@ -130,17 +130,24 @@ class Backbone(nn.Module):
         if len(lengths) and int(lengths.min()) < 1:
             raise ValueError("every history needs at least one item")
         bucket = torch.clamp(2 ** torch.ceil(torch.log2(lengths.double())), max=items.shape[1]).long()
+        groups = torch.unique(bucket).tolist()
+        if len(groups) == 1:  # one group (always for one user): no row selection
+            return self._last(items[:, :groups[0]], lengths)
         out = self.pos_emb.weight.new_empty((len(items), self.cfg.d_model))
-        for t in torch.unique(bucket).tolist():
+        for t in groups:
             rows = torch.nonzero(bucket == t).squeeze(1)
-            x = self.embed_items(items[rows, :t]) * (self.cfg.d_model**0.5) + self.pos_emb.weight[:t]
-            x = self.drop(x)
-            for blk in self.blocks[:-1]:
-                x = blk(x)
-            last = lengths[rows] - 1
-            x = self.blocks[-1].forward_last(x, last) if len(self.blocks) else x[torch.arange(len(rows)), last]
-            out[rows] = self.ln_f(x).to(out.dtype)
+            out[rows] = self._last(items[rows, :t], lengths[rows]).to(out.dtype)
         return out
+
+    def _last(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The final state at position lengths - 1 of each row of items [B, t]."""
+        t = items.shape[1]
+        x = self.drop(self.embed_items(items) * (self.cfg.d_model**0.5) + self.pos_emb.weight[:t])
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        last = lengths - 1
+        x = self.blocks[-1].forward_last(x, last) if len(self.blocks) else x[torch.arange(len(items)), last]
+        return self.ln_f(x)
 
 
 def _init(m: nn.Module) -> None:

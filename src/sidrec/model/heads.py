@@ -325,7 +325,7 @@ class AutoregressiveHead(_OwnScores, nn.Module):
         self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
         self.item_emb, self.node_bias, self.own_nodes = None, None, None
         object.__setattr__(self, "_nodes", None)
-        self._means_cache = self._tables_cache = None
+        self._means_cache = self._tables_cache = self._key_params = None
         if item_vectors and (node_table or isinstance(item_table, NodeTable)):
             if isinstance(item_table, NodeTable):
                 object.__setattr__(self, "_nodes", item_table)  # registered and saved once, in the backbone
@@ -532,11 +532,16 @@ class AutoregressiveHead(_OwnScores, nn.Module):
         return out
 
     def _param_key(self, device) -> tuple:
-        """Changes whenever any parameter is replaced or updated in place (tensor version counters)."""
-        params = [*self.parameters(), *([self.item_emb.weight] if self.item_emb is not None else []),
-                  *(self.nodes.parameters() if self.nodes is not None else []),
-                  *(self.tok_out if isinstance(self.tok_out, SharedTokenVectors) else [])]
-        return (str(device), *((p.data_ptr(), p._version) for p in params))
+        """Changes whenever any parameter is replaced or updated in place (tensor version counters).
+        The parameters are listed once (walking the module tree on every call cost a third of a
+        millisecond, which a one-user request pays): sidrec updates them in place (optimizer steps,
+        `load_state_dict`, `.to()`: seen by data_ptr and version); code that assigns a new Parameter
+        to a head must build a new head."""
+        if self._key_params is None:  # with the unregistered tables it reads (the backbone's)
+            shared = [self.item_emb, self.nodes, self.tok_out]
+            shared = [m.table if isinstance(m, (ItemVectors, SharedTokenVectors)) else m for m in shared]
+            self._key_params = [*self.parameters(), *(p for m in shared if isinstance(m, nn.Module) for p in m.parameters())]
+        return (str(device), *((p.data_ptr(), p._version) for p in self._key_params))
 
     def child_logits(self, j: int, q: torch.Tensor, rows: torch.Tensor, child: torch.Tensor, beams: int,
                      tables) -> torch.Tensor:

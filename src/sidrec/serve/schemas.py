@@ -8,6 +8,7 @@ naming the field (`history[3]`), never a traceback.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError, create_model
@@ -35,6 +36,9 @@ class BadRequest(Exception):
 
     def body(self) -> dict:
         return {"error": {"status": self.status, "field": self.field, "message": self.message, **self.extra}}
+
+    def __reduce__(self):  # picklable with every field: the decode process sends it to the server
+        return (partial(BadRequest, **self.extra), (self.status, self.field, self.message))
 
 
 def request_models(limits: Limits) -> tuple[TypeAdapter, TypeAdapter]:

@@ -82,8 +82,12 @@ class Trie:
         return np.bincount(self.item_node[j], minlength=self.n_nodes(j))
 
     def max_children(self, j: int) -> int:
-        """The largest number of children of a depth-j node (the widest sibling group below depth j)."""
-        return int(np.diff(self.child_ptr[j]).max(initial=0))
+        """The largest number of children of a depth-j node (the widest sibling group below depth j;
+        cached: beam search asks at every level of every call)."""
+        key = ("max_children", j)
+        if key not in self._t:
+            self._t[key] = int(np.diff(self.child_ptr[j]).max(initial=0))
+        return self._t[key]
 
     @property
     def items_below(self) -> list[np.ndarray]:
