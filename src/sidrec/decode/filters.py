@@ -74,6 +74,8 @@ class ItemFilter:
         keys = np.unique(er * n_items + ei)
         er, ei = keys // n_items, keys % n_items
         has_allow = np.array([a is not None for a in (allow or [None] * n_rows)], dtype=bool)
+        if not len(ai):  # no allow list (the common case): skip the set difference
+            return cls(n_rows, n_items, has_allow, ar, ai, er, ei)
         akeys = np.unique(ar * n_items + ai)
         akeys = akeys[~np.isin(akeys, keys, assume_unique=True)]
         return cls(n_rows, n_items, has_allow, akeys // n_items, akeys % n_items, er, ei)
@@ -108,9 +110,8 @@ class ItemFilter:
         key = (which, depth, str(device))
         if key not in self._cache:
             rows, items = (self.allow_rows, self.allow_items) if which == "allow" else (self.excl_rows, self.excl_items)
-            p = trie.n_nodes(depth)
-            k, c = np.unique(rows * p + trie.item_node[depth][items], return_counts=True)
-            self._cache[key] = (torch.from_numpy(k).to(device), torch.from_numpy(c).to(device))
+            keys = torch.from_numpy(rows * trie.n_nodes(depth) + trie.item_node[depth][items]).to(device)
+            self._cache[key] = torch.unique(keys, return_counts=True)  # sorted; one op (np.unique: ~8x slower here)
         return self._cache[key]
 
     def _lookup(self, trie, depth: int, which: str, rows: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:

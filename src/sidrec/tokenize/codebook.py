@@ -123,13 +123,17 @@ class Trie:
         its depth-(j+1) node id), in row order. Rows with node -1 (dead beams) have none. Only real
         children are listed (no padding to the largest fan-out), so work is proportional to them."""
         dev = nodes.device
-        ptr = self.torch("child_ptr", j, dev)
-        live = nodes >= 0
-        start = ptr[nodes.clamp(min=0)]
-        counts = torch.where(live, ptr[nodes.clamp(min=0) + 1] - start, torch.zeros_like(start))
-        rows = torch.repeat_interleave(torch.arange(len(nodes), device=dev), counts)
-        first = torch.repeat_interleave(start - torch.cumsum(counts, 0) + counts, counts)
+        start = self.torch("child_ptr", j, dev)[nodes]  # node -1 reads the last entry: any start will do
+        counts = self.torch("n_children", j, dev)[nodes]  # ... and its last entry is 0: no children
+        rows = torch.repeat_interleave(counts)
+        first = (start - torch.cumsum(counts, 0) + counts)[rows]
         return rows, first + torch.arange(len(rows), device=dev)
+
+    @property
+    def n_children(self) -> list[np.ndarray]:
+        """Per depth j < depth: the number of children of each depth-j node, then a 0, which is what
+        node -1 (a dead beam) reads."""
+        return [np.append(np.diff(ptr), 0) for ptr in self.child_ptr]
 
     def valid_mask(self, j: int, nodes: torch.Tensor) -> torch.Tensor:
         """Boolean [B, V_j]: which tokens extend each depth-j prefix node to a valid prefix."""
