@@ -73,15 +73,32 @@ def test_histories(rec, n: int, seed: int = 0) -> list[list[str]]:
     return [raw[data.items[data.offsets[u]:ends[u]]].tolist() for u in users]
 
 
-def offline_ceiling(rec, histories: list[list[str]], k: int, decode: str, beam: int, batch: int = 256) -> dict:
-    """Users per second of batched decoding in-process (no HTTP): the ceiling a server approaches."""
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks of the machine so far, from /proc/stat: on a virtual machine the
+    hypervisor can take cores away (steal); a row measured under steal is slower than the code."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return fields[7], sum(fields[:8])
+
+
+def offline_ceiling(rec, histories: list[list[str]], k: int, decode: str, beam: int, batch: int = 256,
+                    repeats: int = 3) -> dict:
+    """Users per second of batched decoding in-process (no HTTP), the median of `repeats` passes:
+    the ceiling a server approaches."""
+    import torch
+
     idx = [rec.item_index(h) for h in histories]
     rec.recommend_indices(idx[:batch], k, decode=decode, beam=beam)  # warm-up
-    t = time.perf_counter()
-    for i in range(0, len(idx), batch):
-        rec.recommend_indices(idx[i:i + batch], k, decode=decode, beam=beam)
-    secs = time.perf_counter() - t
-    return {"users": len(idx), "batch": batch, "seconds": round(secs, 3), "users_per_s": round(len(idx) / secs, 1)}
+    secs, ticks0 = [], cpu_ticks()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(0, len(idx), batch):
+            rec.recommend_indices(idx[i:i + batch], k, decode=decode, beam=beam)
+        secs.append(time.perf_counter() - t)
+    ticks1 = cpu_ticks()
+    med = float(np.median(secs))
+    return {"users": len(idx), "batch": batch, "torch_threads": torch.get_num_threads(), "seconds": round(med, 3),
+            "users_per_s": round(len(idx) / med, 1),
+            "cpu_steal_share": round((ticks1[0] - ticks0[0]) / max(ticks1[1] - ticks0[1], 1), 3)}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -181,9 +198,9 @@ def measure(run: Path, bodies: Path, *, decode: str, beam: int, batching: str, m
         for c in concurrencies:
             load(server.url, bodies, c, min(3.0, seconds))  # warm-up
             rows0, calls0 = batch_rows(server.url)
-            cpu0 = cpu_seconds(server.proc.pid)
+            cpu0, ticks0 = cpu_seconds(server.proc.pid), cpu_ticks()
             r = load(server.url, bodies, c, seconds)
-            cpu1 = cpu_seconds(server.proc.pid)
+            cpu1, ticks1 = cpu_seconds(server.proc.pid), cpu_ticks()
             rows1, calls1 = batch_rows(server.url)
             n = r["requests"]
             rows.append({"run": run.name, "decode": decode, "beam": beam if decode == "beam" else None,
@@ -193,7 +210,8 @@ def measure(run: Path, bodies: Path, *, decode: str, beam: int, batching: str, m
                          **{q: r[q] for q in ("p50_ms", "p95_ms", "p99_ms")},
                          "rows_per_call": round((rows1 - rows0) / max(calls1 - calls0, 1), 2),
                          "server_cpu_ms_per_request": round(1000 * (cpu1 - cpu0) / max(n, 1), 3),
-                         "client_cpu_ms_per_request": round(1000 * r["client_cpu"] / max(n, 1), 3)})
+                         "client_cpu_ms_per_request": round(1000 * r["client_cpu"] / max(n, 1), 3),
+                         "cpu_steal_share": round((ticks1[0] - ticks0[0]) / max(ticks1[1] - ticks0[1], 1), 3)})
             print(json.dumps(rows[-1]), file=sys.stderr)
     finally:
         code = server.stop()

@@ -476,24 +476,29 @@ def train_speed_table(path: Path, r: dict) -> str:
     return "\n".join([*lines, "", note, "", source(path, r)])
 
 
+def _share(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
 def serve_table(r: dict) -> str:
     """bench.serve: throughput, client-side latency and CPU per request per run, batching mode and
     concurrency; then the offline ceiling and whether served answers equal the library's."""
     lines = ["| run | decode | micro-batching | concurrency | req/s | p50 ms | p95 ms | p99 ms | non-200 | "
-             "rows per call | server CPU ms/req | client CPU ms/req |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "rows per call | server CPU ms/req | client CPU ms/req | CPU steal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["load"]:
         dec = f"beam {x['beam']}" if x["decode"] == "beam" else "exact"
         cpu = [x.get(f"{w}_cpu_ms_per_request", "—") for w in ("server", "client")]
         lines.append(f"| {x['run']} | {dec} | {x['batching']} | {x['concurrency']} | {x['requests_per_s']:,.0f} | "
                      f"{x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {x['non_200']} | {x['rows_per_call']} | "
-                     f"{cpu[0]} | {cpu[1]} |")
-    lines += ["", "| run | offline ceiling (in-process, batches of 256), users/s | micro-batching speed-up at the "
-              "highest concurrency | served answers equal to the library's |", "|---|---|---|---|"]
+                     f"{cpu[0]} | {cpu[1]} | {_share(x.get('cpu_steal_share'))} |")
+    lines += ["", "| run | offline ceiling (in-process, batches of 256), users/s | CPU steal | micro-batching speed-up "
+              "at the highest concurrency | served answers equal to the library's |", "|---|---|---|---|---|"]
     for name, o in r["offline"].items():
         dec = f"beam {o['beam']}" if o.get("beam") else o["decode"]
         equal = r.get("answers_equal_library", {}).get(name)
-        lines.append(f"| {name} ({dec}) | {o['users_per_s']:,.0f} | {r.get('speedup_batching', {}).get(name, '—')}× | "
-                     f"{'—' if equal is None else f'{100 * equal:.1f}%'} |")
+        lines.append(f"| {name} ({dec}) | {o['users_per_s']:,.0f} | {_share(o.get('cpu_steal_share'))} | "
+                     f"{r.get('speedup_batching', {}).get(name, '—')}× | {'—' if equal is None else f'{100 * equal:.1f}%'} |")
     return "\n".join(lines) + f"\n\n`{r['command']}`, k = {r['k']}; client: {r['settings']['client']}.\n"
 
 
@@ -596,12 +601,15 @@ def serve_headline() -> str:
     parts = []
     for run, o in r["offline"].items():
         on, one = rows.get((run, "on", top)), rows.get((run, "on", 1))
-        label = "AR-NTP beam 20" if o["decode"] == "beam" else "FV-MLE exact"
+        beam = o.get("beam") or 20
+        label = ("FV-MLE exact" if o["decode"] != "beam" else
+                 f"joint beam {beam} + FV rescoring" if run.startswith("joint") else f"AR-NTP beam {beam}")
         if on and one:
             parts.append(f"{label}: {on['requests_per_s']:,.0f} req/s at concurrency {top} (p99 {on['p99_ms']:.0f} ms), "
-                         f"{one['p50_ms']:.1f} ms median alone, {r['speedup_batching'].get(run, '—')}× one request per call")
+                         f"{one['p50_ms']:.1f} ms median alone")
     env = r.get("env", {})
-    return "; ".join(parts) + f" (Beauty, k = 10; {code(r)}, {env.get('cpu_count')} CPU cores).\n"
+    client = r.get("settings", {}).get("client", "").split(",")[0]
+    return "; ".join(parts) + f" (Beauty, k = 10, {client} client; {code(r)}, {env.get('cpu_count')} CPU cores).\n"
 
 
 def render(name: str) -> str:
