@@ -598,18 +598,19 @@ def serve_headline() -> str:
     path, r = load("serve")
     rows = {(x["run"], x["batching"], x["concurrency"]): x for x in r["load"]}
     top = max(x["concurrency"] for x in r["load"])
-    parts = []
+    loaded, alone = [], []
     for run, o in r["offline"].items():
         on, one = rows.get((run, "on", top)), rows.get((run, "on", 1))
         beam = o.get("beam") or 20
         label = ("FV-MLE exact" if o["decode"] != "beam" else
                  f"joint beam {beam} + FV rescoring" if run.startswith("joint") else f"AR-NTP beam {beam}")
         if on and one:
-            parts.append(f"{label}: {on['requests_per_s']:,.0f} req/s at concurrency {top} (p99 {on['p99_ms']:.0f} ms), "
-                         f"{one['p50_ms']:.1f} ms median alone")
+            loaded.append(f"{label} {on['requests_per_s']:,.0f} req/s (p99 {on['p99_ms']:.0f} ms)")
+            alone.append(f"{one['p50_ms']:.1f}")
     env = r.get("env", {})
-    client = r.get("settings", {}).get("client", "").split(",")[0]
-    return "; ".join(parts) + f" (Beauty, k = 10, {client} client; {code(r)}, {env.get('cpu_count')} CPU cores).\n"
+    client = r.get("settings", {}).get("client", "").split(" ")[0]
+    return (f"At concurrency {top}: " + ", ".join(loaded) + f"; alone, medians {' / '.join(alone)} ms "
+            f"(Beauty, k = 10, {client} client; {code(r)}, {env.get('cpu_count')} CPU cores).\n")
 
 
 def render(name: str) -> str:
