@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,8 +39,10 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("args", nargs="*", help="arguments of sidrec serve (after --)")
-    a = ap.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a = ap.parse_args(argv[:cut])
+    a.args = argv[cut + 1:]  # for sidrec serve
     hist = test_histories(Recommender.load(a.run, device="cpu"), 2000)
     with tempfile.TemporaryDirectory() as tmp:
         bodies = Path(tmp) / "bodies.jsonl"
