@@ -279,3 +279,30 @@ def test_decode_worker_is_a_child_that_stops_with_the_server_and_whose_death_is_
         assert r.status_code == 503 and "decode worker exited" in r.json()["error"]["message"]
     finally:
         s.stop()
+
+
+def test_two_decode_processes_answer_like_the_library_and_reload_together(runs, tmp_path):
+    """--workers 2: two decode processes take batches at once; answers equal `recommend`'s, and a
+    reload reaches both (every later request, whichever process decodes it, knows the new items)."""
+    run = tmp_path / "ar"
+    runs["ar"].save(run)
+    s = Live(run, "--workers", "2", "--max-batch", "4")
+    try:
+        spawned = [k for k in _children(s.proc.pid) if "spawn_main" in open(f"/proc/{k}/cmdline").read()]
+        assert len(spawned) == 2
+        hist = _histories(runs, 48, seed=9)
+        want, _ = runs["ar"].recommend(hist, k=5, decode="beam")
+
+        async def fire(bodies):
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+                return await asyncio.gather(*(c.post("/recommend", json=b) for b in bodies))
+
+        got = asyncio.run(fire([{"history": h, "k": 5} for h in hist]))
+        assert [g.json()["items"] for g in got] == [w.tolist() for w in want]
+        sidrec.Recommender.load(run).add_items(pd.DataFrame({"item_id": ["new-a"], "title": ["a"]}),
+                                               embeddings=np.eye(1, 16, dtype=np.float32))
+        assert s.client.post("/admin/reload").json()["n_items"] == 301
+        got = asyncio.run(fire([{"history": ["new-a", *h], "k": 5} for h in hist]))
+        assert all(g.status_code == 200 for g in got)
+    finally:
+        assert s.stop() == 0

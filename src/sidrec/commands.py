@@ -427,7 +427,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from sidrec.serve import Batching, Limits, serve
 
     serve(a.run, host=a.host, port=a.port, device=a.device, decode=a.decode, beam=a.beam, threads=a.threads,
-          batching=Batching(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue),
+          batching=Batching(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
+                            workers=a.workers),
           limits=Limits(max_history=a.max_history, max_k=a.max_k, max_body_bytes=a.max_body_kb * 1024))
 
 
@@ -453,8 +454,11 @@ def add_serve(sub) -> None:
     p.add_argument("--max-history", type=int_range(1), default=2000, help="items per history (default 2000)")
     p.add_argument("--max-k", type=int_range(1), default=1000, help="largest k a request may ask for (default 1000)")
     p.add_argument("--max-body-kb", type=int_range(1), default=4096, help="largest request body (default 4096 KiB)")
+    p.add_argument("--workers", type=int_range(1, 64), default=1,
+                   help="decode processes, each a copy of the model decoding one batch at a time (default 1; "
+                   "more where cores are to spare)")
     p.add_argument("--threads", type=int_range(1), default=None,
-                   help="torch intra-op threads for decoding (default: half the CPU cores)")
+                   help="torch intra-op threads of each decode process (default: half the CPU cores)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to decode")
     p.set_defaults(func=cmd_serve)
 

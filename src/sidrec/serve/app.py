@@ -54,6 +54,7 @@ class Batching:
     max_batch: int = 64  # rows decoded in one call (1: one request per call)
     max_wait_ms: float = 0.0  # under concurrent load, how long a batch may wait to fill (see MicroBatcher)
     max_queue: int = 1024  # users (rows) waiting; beyond it: 503
+    workers: int = 1  # decode processes, each decoding one batch at a time
 
 
 @dataclass
@@ -93,8 +94,8 @@ class RowChecks:
 
 
 class Service:
-    """The loaded run and the decode function the micro-batcher runs (in this process; `sidrec
-    serve` runs it in a child process, `sidrec.serve.worker.DecodeProcess`)."""
+    """The loaded run and the decode function: what each of the server's decode processes
+    (`sidrec.serve.worker`) holds and runs, one batch or reload at a time."""
 
     def __init__(self, run: str | Path, *, device: str = "auto", decode: str | None = None, beam: int = 20,
                  max_batch: int = 64):
@@ -110,9 +111,8 @@ class Service:
         self._info = self._describe(self.rec)
 
     def reload(self) -> dict:
-        """Load the run's active catalogue version and swap it in if it changed. Runs off the event
-        loop; batches keep decoding with the old one until the swap (one attribute assignment), and
-        each batch maps its raw ids with the catalogue it decodes with."""
+        """Load the run's active catalogue version and swap it in if it changed (between batches:
+        each batch maps its raw ids, decodes and maps back with one catalogue)."""
         from sidrec.api import Recommender
 
         before = self.rec.catalog_version
@@ -143,11 +143,6 @@ class Service:
     # -- on the event loop: checks that need no catalogue ---------------------------------------
     def row(self, req, where: str = "") -> Row:
         return self.checks.row(req, where)
-
-    alive = True  # in this process: as alive as the server
-
-    def close(self) -> None:
-        """Nothing to stop (the `DecodeProcess` interface)."""
 
     # -- in the decode worker --------------------------------------------------------------------
     def decode_rows(self, rows: list[Row]) -> list:
@@ -308,7 +303,7 @@ def _answer(result) -> dict:
 def create_app(service: Service, batching: Batching = Batching(), limits: Limits = Limits()) -> FastAPI:
     single, batch = request_models(limits)
     batcher = MicroBatcher(service.decode_rows, max_batch=batching.max_batch, max_wait=batching.max_wait_ms / 1000,
-                           max_queue=batching.max_queue)
+                           max_queue=batching.max_queue, in_flight=batching.workers)
     metrics = Metrics(batcher)
     batcher.on_batch = metrics.on_batch
     reloading, tasks = asyncio.Lock(), set()
@@ -387,7 +382,7 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device:
     requests in flight before exiting."""
     import uvicorn
 
-    from sidrec.serve.worker import DecodeProcess
+    from sidrec.serve.worker import DecodePool
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -399,8 +394,8 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device:
     # the model decodes in a child process (see sidrec.serve.worker); micro-batches are small, and
     # intra-op threads beyond half the cores mostly spin and starve the event loop (and, on one
     # machine, the clients)
-    service = DecodeProcess(Service, run, device=device, decode=decode, beam=beam, max_batch=batching.max_batch,
-                            threads=threads or max(1, (os.cpu_count() or 2) // 2))
+    service = DecodePool(Service, run, workers=batching.workers, device=device, decode=decode, beam=beam,
+                         max_batch=batching.max_batch, threads=threads or max(1, (os.cpu_count() or 2) // 2))
     app = create_app(service, batching, limits)
     bound = sock.getsockname()[1]
     info = service.info()

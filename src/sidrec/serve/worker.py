@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import queue
 import signal
 import threading
 from pathlib import Path
@@ -23,6 +24,56 @@ from typing import Callable
 
 from sidrec.errors import UserError
 from sidrec.serve.batcher import Overloaded
+
+
+class DecodePool:
+    """`workers` decode processes, each the whole model, for a server that decodes several batches at
+    once (a machine with cores to spare; on 2 cores one is best). Each batch goes to a free process;
+    a reload waits until every process is idle, then swaps the catalogue in all of them, so every
+    batch decodes with one catalogue and no answer mixes versions. Same interface as a `DecodeProcess`."""
+
+    def __init__(self, make: Callable, run: str | Path, *, workers: int, threads: int, **settings):
+        self.procs = [DecodeProcess(make, run, threads=threads, **settings) for _ in range(workers)]  # load in parallel
+        try:
+            for p in self.procs:
+                p.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        self.checks = self.procs[0].checks
+        self._free: queue.Queue = queue.Queue()
+        for p in self.procs:
+            self._free.put(p)
+
+    def row(self, req, where: str = ""):
+        return self.checks.row(req, where)
+
+    def decode_rows(self, rows: list) -> list:
+        """In one of the micro-batcher's threads: decode on the first free process."""
+        p = self._free.get()
+        try:
+            return p.decode_rows(rows)
+        finally:
+            self._free.put(p)
+
+    def reload(self) -> dict:
+        taken = [self._free.get() for _ in self.procs]  # every process idle: no batch sees a half-done swap
+        try:
+            return [p.reload() for p in taken][0]
+        finally:
+            for p in taken:
+                self._free.put(p)
+
+    def info(self) -> dict:
+        return self.procs[0].info()
+
+    @property
+    def alive(self) -> bool:
+        return all(p.alive for p in self.procs)
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.close()
 
 
 class DecodeProcess:
@@ -39,7 +90,10 @@ class DecodeProcess:
         self._proc.start()
         child.close()
         self._lock = threading.Lock()
-        self._info, self.checks = self._call(None)  # the child's first message: the run is loaded (or why not)
+
+    def wait_ready(self) -> None:
+        """Wait for the child's first message: the run is loaded (or why not: UserError, RuntimeError)."""
+        self._info, self.checks = self._call(None)
 
     def _call(self, op: str | None, arg=None):
         with self._lock:
