@@ -183,14 +183,14 @@ def served_equal(url: str, histories: list[list[str]], want: np.ndarray, raw: np
 
 
 def measure(run: Path, bodies: Path, *, decode: str, beam: int, batching: str, max_batch: int, concurrencies: list[int],
-            seconds: float, threads: int | None, client: str, check: tuple | None) -> tuple[list[dict], float | None]:
+            seconds: float, threads: int | None, workers: int, client: str, check: tuple | None) -> tuple[list[dict], float | None]:
     """One server, every concurrency: a row per concurrency, and (with `check`) the share of
     answers equal to the library's."""
     load = wrk_load if client == "wrk" else aiohttp_load
     args = ["--decode", decode, "--beam", str(beam), "--max-batch", str(max_batch if batching == "on" else 1)]
     if threads:
         args += ["--threads", str(threads)]
-    server = ServerProcess(run, *args)
+    server = ServerProcess(run, *args, "--workers", str(workers))
     rows, equal = [], None
     try:
         if check is not None:
@@ -204,7 +204,8 @@ def measure(run: Path, bodies: Path, *, decode: str, beam: int, batching: str, m
             rows1, calls1 = batch_rows(server.url)
             n = r["requests"]
             rows.append({"run": run.name, "decode": decode, "beam": beam if decode == "beam" else None,
-                         "batching": batching, "max_batch": max_batch if batching == "on" else 1, "concurrency": c,
+                         "batching": batching, "max_batch": max_batch if batching == "on" else 1, "workers": workers,
+                         "concurrency": c,
                          "requests": n, "non_200": r["non_200"], "socket_errors": r["errors"],
                          "requests_per_s": round(n / r["wall"], 1),
                          **{q: r[q] for q in ("p50_ms", "p95_ms", "p99_ms")},
@@ -229,7 +230,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--seconds", type=float, default=10.0, help="load time per measurement")
     ap.add_argument("--max-batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None, help="server torch threads")
+    ap.add_argument("--threads", type=int, default=None, help="server torch threads (per decode process)")
+    ap.add_argument("--workers", type=int, default=1, help="server decode processes")
     ap.add_argument("--users", type=int, default=2000, help="distinct test histories sent")
     ap.add_argument("--check", type=int, default=200, help="users whose served answer is compared with the library's")
     ap.add_argument("--client", choices=["auto", "wrk", "aiohttp"], default="auto")
@@ -245,6 +247,7 @@ def main() -> None:
     res: dict = {"command": "python -m bench.serve " + " ".join(sys.argv[1:]), "k": a.k, "load": [], "offline": {},
                  "answers_equal_library": {},
                  "settings": {"seconds": a.seconds, "users": a.users, "max_batch": a.max_batch, "threads": a.threads,
+                              "workers": a.workers,
                               "client": "wrk 4.x, one thread, keep-alive, closed loop" if client == "wrk" else
                               "aiohttp, one process, keep-alive, closed loop (wrk not installed)"}}
     for run, beam in runs:
@@ -261,7 +264,8 @@ def main() -> None:
             bodies.write_text("".join(json.dumps({"history": h, "k": a.k}) + "\n" for h in hist))
             for batching in ("on", "off"):
                 rows, equal = measure(run, bodies, decode=decode, beam=beam, batching=batching, max_batch=a.max_batch,
-                                      concurrencies=conc, seconds=a.seconds, threads=a.threads, client=client,
+                                      concurrencies=conc, seconds=a.seconds, threads=a.threads, workers=a.workers,
+                                      client=client,
                                       check=check if batching == "on" else None)
                 res["load"] += rows
                 if equal is not None:

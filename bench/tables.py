@@ -489,7 +489,8 @@ def serve_table(r: dict) -> str:
     for x in r["load"]:
         dec = f"beam {x['beam']}" if x["decode"] == "beam" else "exact"
         cpu = [x.get(f"{w}_cpu_ms_per_request", "—") for w in ("server", "client")]
-        lines.append(f"| {x['run']} | {dec} | {x['batching']} | {x['concurrency']} | {x['requests_per_s']:,.0f} | "
+        run = x["run"] + (f" ({x['workers']} decode processes)" if x.get("workers", 1) > 1 else "")
+        lines.append(f"| {run} | {dec} | {x['batching']} | {x['concurrency']} | {x['requests_per_s']:,.0f} | "
                      f"{x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | {x['non_200']} | {x['rows_per_call']} | "
                      f"{cpu[0]} | {cpu[1]} | {_share(x.get('cpu_steal_share'))} |")
     lines += ["", "| run | offline ceiling (in-process, batches of 256), users/s | CPU steal | micro-batching speed-up "
