@@ -211,7 +211,8 @@ def main() -> None:
             catalog.clear(run_dir)
             rec = Recommender.load(run_dir, device="cpu")
             info = rec.add_items(cold_table, id_col="item", vectors=add)
-            report = {k: info[k] for k in ("version", "added", "ids", "seconds", "item_vectors")}
+            report = {k: info.get(k) for k in ("version", "added", "ids", "seconds", "embed_seconds", "total_seconds",
+                                               "item_vectors")}
         else:
             rec = Recommender.load(run_dir, device="cpu")
         per_split = {split: split_metrics(model_ranks(rec, *cases[split]), is_cold[split]) for split in SPLITS}

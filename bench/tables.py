@@ -528,7 +528,9 @@ def coldstart_table(r: dict) -> str:
         ids = added["ids"]
         lines += ["", f"`items add` of the {added['added']:,} cold items: {ids['direct']:,} took their nearest ID, "
                   f"{ids['resolved']:,} a free code under the same prefix, {ids['fallback']:,} the next prefix with "
-                  f"room; {added['seconds']} s."]
+                  f"room; {added['seconds']} s" + (f", of which {added['embed_seconds']} s embedding their text with the "
+                  f"run's text model ({added['total_seconds']} s with writing the version and reloading)."
+                  if added.get("embed_seconds") is not None else ".")]
     delta = r["warm_ndcg10_vs_full_catalogue"]
     if delta is not None:
         lines += ["", f"Warm NDCG@10 of the model with cold items added (the chosen rule) vs the model trained on "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -309,10 +310,12 @@ class Recommender:
             embeddings = load_npy(embeddings, len(table))
         elif embeddings is not None:
             embeddings = check_embeddings(np.asarray(embeddings), len(table), "embeddings")
+        t = time.perf_counter()
         mapper = self._content_map() if vectors == "content" else None
         info = catalog.add_items(self.run, self.model, self.codebook, self.data.item_table, table, embeddings,
                                  parent=self._version, content_map=mapper)
-        return {**info, "n_items": self._open(self.run, None).model.n_items}
+        n_items = self._open(self.run, None).model.n_items
+        return {**info, "n_items": n_items, "total_seconds": round(time.perf_counter() - t, 2)}  # with writing, reloading
 
     def _content_map(self):
         """x -> item vectors from the trained items' embeddings (the tokenizer's own source) and their

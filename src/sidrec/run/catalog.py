@@ -124,6 +124,7 @@ def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataF
     tok = codebook.meta.get("tokenizer", {})
     text_model = text_model or tok.get("text_model", "all-MiniLM-L6-v2")
     x = embeddings[~known] if embeddings is not None else _text_embeddings(codebook, fresh, text_model)
+    t_embed = time.perf_counter() - t0  # the text model (import, load, inference): most of the time when it runs
     FittedQuantizer.from_codebook(codebook).transform(x)  # refuse a wrong dimension before writing anything
     root = run.path / CATALOG
     root.mkdir(exist_ok=True)
@@ -144,7 +145,8 @@ def add_items(run, model, codebook: Codebook, table: pd.DataFrame, new: pd.DataF
                 "already_present": int(known.sum()), "ids": report.to_dict(),
                 "embeddings": "given" if embeddings is not None else f"text ({text_model})",
                 "added_items": fresh["item"].astype(str).tolist()[:1000],
-                "seconds": round(time.perf_counter() - t0, 2)}  # embedding the text and finding the IDs
+                "seconds": round(time.perf_counter() - t0, 2),  # embedding the text and finding the IDs
+                "embed_seconds": round(t_embed, 2)}
         vectors = _cumulative_vectors(run.path, parent, int(run.config()["n_items"]), len(table),
                                       None if content_map is None else content_map(x))
         info["item_vectors"] = "prefix mean" if vectors is None else "content (nearest trained items by embedding)"
