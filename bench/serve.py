@@ -207,7 +207,7 @@ def measure(run: Path, bodies: Path, *, decode: str, beam: int, batching: str, m
                          "batching": batching, "max_batch": max_batch if batching == "on" else 1, "workers": workers,
                          "concurrency": c,
                          "requests": n, "non_200": r["non_200"], "socket_errors": r["errors"],
-                         "requests_per_s": round(n / r["wall"], 1),
+                         "requests_per_s": round((n - r["non_200"]) / r["wall"], 1),  # answered ones only
                          **{q: r[q] for q in ("p50_ms", "p95_ms", "p99_ms")},
                          "rows_per_call": round((rows1 - rows0) / max(calls1 - calls0, 1), 2),
                          "server_cpu_ms_per_request": round(1000 * (cpu1 - cpu0) / max(n, 1), 3),

@@ -276,7 +276,7 @@ def test_decode_worker_is_a_child_that_stops_with_the_server_and_whose_death_is_
         time.sleep(1)
         assert s.client.get("/health").status_code == 503
         r = s.post("/recommend", {"history": _histories(runs, 1)[0], "k": 3})
-        assert r.status_code == 503 and "decode worker exited" in r.json()["error"]["message"]
+        assert r.status_code == 503 and "decode worker has exited" in r.json()["error"]["message"]
     finally:
         s.stop()
 

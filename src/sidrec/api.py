@@ -244,7 +244,7 @@ class Recommender:
                 for h, d, s in zip(histories, deny or [None] * len(histories), seen)]
         filt = ItemFilter.build(n, len(histories), exclude=excl, allow=allow)
         dev = self.device
-        with torch.inference_mode():  # no autograd bookkeeping per op (a one-user request is mostly ops)
+        with torch.no_grad():  # not inference_mode: caches built here (trie index tensors) must stay usable in training
             h = self.model.encode(torch.from_numpy(recent).to(dev), torch.from_numpy(lengths).to(dev))
             if decode == "exact":  # log Q (a joint head: the mixture score its beam search also returns)
                 s = filt.mask_scores(self.model.head.served_scores(h).contiguous())

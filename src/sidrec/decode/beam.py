@@ -102,7 +102,7 @@ def _constrained_step(head, trie, j: int, q: torch.Tensor, nodes: torch.Tensor, 
     if item_filter is not None and not item_filter.empty:
         keep = item_filter.alive(trie, j + 1, torch.div(rows, w, rounding_mode="floor"), child)
         grid = grid.view(-1).index_copy_(0, slot, s.masked_fill(~keep, float("-inf"))).view(b * w, v)
-    base = (logp.reshape(-1) - lse).nan_to_num_(nan=float("-inf"))  # dead beam: -inf - -inf
+    base = (logp.reshape(-1) - lse).nan_to_num_(nan=float("-inf"), neginf=float("-inf"))  # dead beam: -inf - -inf
     total = grid.add_(base[:, None])
     child_at = torch.full((b * w * v,), -1, dtype=torch.long, device=q.device).index_copy_(0, slot, child)
     return total.view(b, w * v), child_at.view(b, w * v)

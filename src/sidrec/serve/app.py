@@ -144,6 +144,8 @@ class Service:
     def row(self, req, where: str = "") -> Row:
         return self.checks.row(req, where)
 
+    alive = True  # served in this process (`create_app(Service(...))`): as alive as the server
+
     # -- in the decode worker --------------------------------------------------------------------
     def decode_rows(self, rows: list[Row]) -> list:
         """Per row: (raw ids, scores) or the BadRequest it earned (unknown ids, k too large). Ids of
@@ -361,7 +363,7 @@ def create_app(service: Service, batching: Batching = Batching(), limits: Limits
         if batcher.closing:
             return JSON({"status": "shutting down"}, status_code=503)
         if not service.alive:  # its decode process died: every request would fail; let the orchestrator restart us
-            return JSON({"status": "decode worker exited"}, status_code=503)
+            return JSON({"status": "decode worker exited or a reload failed part-way"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/info")
@@ -380,8 +382,6 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device:
           threads: int | None = None) -> None:
     """Load the run, bind host:port (0: any free port) and serve until SIGINT/SIGTERM, which finish the
     requests in flight before exiting."""
-    import uvicorn
-
     from sidrec.serve.worker import DecodePool
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -395,7 +395,18 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device:
     # intra-op threads beyond half the cores mostly spin and starve the event loop (and, on one
     # machine, the clients)
     service = DecodePool(Service, run, workers=batching.workers, device=device, decode=decode, beam=beam,
-                         max_batch=batching.max_batch, threads=threads or max(1, (os.cpu_count() or 2) // 2))
+                         max_batch=batching.max_batch,
+                         threads=threads or max(1, (os.cpu_count() or 2) // 2 // batching.workers))
+    try:
+        _run_server(service, run, sock, host, beam, batching, limits)  # the workers stop whatever happens
+    finally:
+        service.close()
+
+
+def _run_server(service, run, sock: socket.socket, host: str, beam: int, batching: Batching, limits: Limits) -> None:
+    """The app on the bound socket until SIGINT/SIGTERM (uvicorn finishes the requests in flight)."""
+    import uvicorn
+
     app = create_app(service, batching, limits)
     bound = sock.getsockname()[1]
     info = service.info()
@@ -407,8 +418,5 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device:
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it with the handler it found: a no-op
     # here, so a graceful stop exits 0 (SIGINT keeps Python's handler: exit 130, as for other commands)
     signal.signal(signal.SIGTERM, lambda *_: None)
-    gc.freeze()  # what is loaded by now lives as long as the server: full collections skip it (p99 at c64: 145 -> 67 ms)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])  # uvloop + httptools when installed
-    finally:
-        service.close()
+    gc.freeze()  # what is loaded by now lives as long as the server: full collections skip it (the p99 tail)
+    uvicorn.Server(config).run(sockets=[sock])  # uvloop + httptools when installed

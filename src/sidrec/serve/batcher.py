@@ -111,17 +111,17 @@ class MicroBatcher:
             # one (a task would start only after them, leaving the decoder idle meanwhile)
             rows = [r for e in batch for r in e.rows]
             self._queued_rows -= len(rows)
+            t = time.perf_counter()
             work = asyncio.get_running_loop().run_in_executor(self.pool, self.fn, rows)
             if self.in_flight == 1:  # answer here: the next batch is formed the moment this one is done
-                await self._answer(batch, rows, work)
+                await self._answer(batch, rows, work, t)
                 continue
-            task = asyncio.get_running_loop().create_task(self._answer(batch, rows, work))
+            task = asyncio.get_running_loop().create_task(self._answer(batch, rows, work, t))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _answer(self, batch: list[_Entry], rows: list, work: asyncio.Future) -> None:
-        """Wait for a batch's decode, free its decoder, answer its requests."""
-        t = time.perf_counter()
+    async def _answer(self, batch: list[_Entry], rows: list, work: asyncio.Future, t: float) -> None:
+        """Wait for a batch's decode (sent at `t`), free its decoder, answer its requests."""
         try:
             results = await work
             error = None

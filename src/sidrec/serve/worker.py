@@ -48,18 +48,41 @@ class DecodePool:
     def row(self, req, where: str = ""):
         return self.checks.row(req, where)
 
+    def _take(self) -> "DecodeProcess":
+        """A free live process (a dead one is dropped, not handed out again); 503 when none is left."""
+        while True:
+            try:
+                p = self._free.get(timeout=1.0)
+            except queue.Empty:
+                if not any(p.alive for p in self.procs):
+                    raise Overloaded("every decode worker has exited") from None
+                continue
+            if p.alive:
+                return p
+
     def decode_rows(self, rows: list) -> list:
         """In one of the micro-batcher's threads: decode on the first free process."""
-        p = self._free.get()
+        p = self._take()
         try:
             return p.decode_rows(rows)
         finally:
             self._free.put(p)
 
     def reload(self) -> dict:
-        taken = [self._free.get() for _ in self.procs]  # every process idle: no batch sees a half-done swap
+        """Every process idle, then each loads the active version; if they end on different versions
+        (an `items add` landed in between) they load again; a worker that fails leaves the pool
+        unhealthy (/health 503: restart the server) rather than serving mixed catalogues."""
+        taken = [self._take() for _ in self.procs]  # no batch sees a half-done swap
         try:
-            return [p.reload() for p in taken][0]
+            for _ in range(3):
+                outs = [p.reload() for p in taken]
+                if len({p.info()["catalog_version"] for p in taken}) == 1:
+                    done = [o for o in outs if o["reloaded"]]
+                    return done[0] if done else outs[0]
+            raise RuntimeError("the decode workers could not agree on a catalogue version")
+        except BaseException:
+            self.broken = True
+            raise
         finally:
             for p in taken:
                 self._free.put(p)
@@ -67,9 +90,11 @@ class DecodePool:
     def info(self) -> dict:
         return self.procs[0].info()
 
+    broken = False  # a reload failed part-way: the workers may serve different catalogues
+
     @property
     def alive(self) -> bool:
-        return all(p.alive for p in self.procs)
+        return not self.broken and all(p.alive for p in self.procs)
 
     def close(self) -> None:
         for p in self.procs:
@@ -93,7 +118,11 @@ class DecodeProcess:
 
     def wait_ready(self) -> None:
         """Wait for the child's first message: the run is loaded (or why not: UserError, RuntimeError)."""
-        self._info, self.checks = self._call(None)
+        try:
+            self._info, self.checks = self._call(None)
+        except Overloaded:
+            self._proc.join(5)
+            raise RuntimeError(f"the decode worker exited while loading the run (code {self._proc.exitcode})") from None
 
     def _call(self, op: str | None, arg=None):
         with self._lock:
@@ -128,11 +157,13 @@ class DecodeProcess:
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the child once it has answered what it was given."""
-        try:
-            with self._lock:
+        if self._lock.acquire(timeout=timeout):  # a call still in flight (hung?) is not waited for forever
+            try:
                 self._conn.send(("stop", None))
-        except (OSError, BrokenPipeError):
-            pass
+            except (OSError, BrokenPipeError):
+                pass
+            finally:
+                self._lock.release()
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.kill()
@@ -170,4 +201,8 @@ def _child(conn, make: Callable, run: str, settings: dict, threads: int) -> None
         except Exception as e:  # noqa: BLE001 - one failed batch or reload: the worker goes on
             conn.send(("error", f"{type(e).__name__}: {e}"))
             continue
+        if op == "reload" and out[0]["reloaded"]:  # the old catalogue was frozen with the rest: free it
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
         conn.send(("ok", out))
