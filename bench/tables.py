@@ -570,6 +570,17 @@ def scale_fit_table(r: dict) -> str:
                                f"on {how} (± half the spread over seeds). `{r['command']}`\n")
 
 
+def scale_data_table(r: dict) -> str:
+    """bench.scale_data: out-of-core `data prepare` (DuckDB) on a synthetic Parquet log."""
+    lines = ["| log rows | users / items kept | interactions kept | parts | engine memory limit | peak RSS | "
+             "prepare time | µs per row | peak RSS bytes per row |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['log']['rows']:,} | {x['users']:,} / {x['items']:,} | {x['interactions']:,} | "
+                     f"{x['parts']} | {x['memory_limit']} | {x['peak_rss_gib']:.2f} GiB | {x['prepare_seconds']:.0f} s | "
+                     f"{x['us_per_row']:.2f} | {x['bytes_per_row_peak_rss']:.1f} |")
+    return "\n".join(lines) + f"\n\nCommand run by the benchmark: `sidrec {r['rows'][0]['command'].split(' ', 2)[-1]}`\n"
+
+
 def synthetic_table(r: dict) -> str:
     """bench.synthetic: the quick start's test table on the synthetic default."""
     labels = {"ar": "AR-NTP", "fv": "FV-MLE (full softmax)", "parallel": "Parallel head (non-AR)"}
@@ -630,6 +641,8 @@ def render(name: str) -> str:
         body = quality_table(path, r)
     elif kind == "sweep":
         body = sweep_table(r["rows"]) + "\n" + source(path, r)
+    elif name.startswith("scale-data"):
+        body = scale_data_table(r) + "\n" + source(path, r)
     elif name.startswith("scale-fit"):
         body = scale_fit_table(r) + "\n" + source(path, r)
     elif name in ("synthetic", "verify-synthetic"):
@@ -660,7 +673,7 @@ def fill(text: str) -> tuple[str, list[str]]:
 #: The kept bench/results/NAME.md files and how each is rendered from NAME.json.
 MD = {"quality": quality_markdown, "scale": scale_table, "sweep": lambda r: sweep_table(r["rows"]), "serve": serve_table,
       "coldstart": coldstart_table}
-MD_BY_PREFIX = {"scale-fit": scale_fit_table}
+MD_BY_PREFIX = {"scale-fit": scale_fit_table, "scale-data": scale_data_table}
 
 
 def targets() -> list[tuple[Path, str, str]]:

@@ -37,6 +37,11 @@ def cmd_data_prepare(a: argparse.Namespace) -> None:
                 "max_seq_len": a.max_seq_len, "item_id_col": a.item_id_col}
     if a.format == "csv":
         settings.update(user_col=a.user_col, item_col=a.item_col, time_col=a.time_col, sep=a.sep)
+    if a.engine == "duckdb":
+        if a.format != "csv":
+            raise UserError("--engine duckdb: reads a Parquet log (--format csv with a .parquet file or a directory "
+                            f"of them), not --format {a.format}")
+        settings.update(engine="duckdb", memory_limit=a.memory_limit, shard_rows=a.shard_rows)
     data = write_data(settings, Path(a.out), run.data_inputs(settings))
     print(f"wrote {a.out}")
     print_stats(data.stats())
@@ -97,6 +102,13 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--time-col", default="timestamp", help="csv: timestamp column, or 'none' to use file order")
     q.add_argument("--sep", type=one_char, default=None, help="csv: field separator (default: tab for .tsv, else comma)")
     q.add_argument("--item-id-col", default=None, help="id column of the --meta item table (default item_id)")
+    q.add_argument("--engine", default="pandas", choices=["pandas", "duckdb"],
+                   help="pandas: in memory (default); duckdb: out of core, for Parquet logs larger than memory "
+                   "(a file or a directory of them), writing sequences as Parquet parts of whole users")
+    q.add_argument("--memory-limit", default="4GB", help="duckdb: the engine's memory limit (default 4GB; it spills "
+                   "to disk beyond it)")
+    q.add_argument("--shard-rows", type=int_range(1), default=20_000_000,
+                   help="duckdb: interactions per sequence part (whole users; default 20,000,000)")
     q.set_defaults(func=cmd_data_prepare)
 
     q = ds.add_parser("synth", help="generate synthetic data with a known ground truth P*(item | history)",

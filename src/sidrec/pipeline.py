@@ -73,6 +73,16 @@ def write_data(d: dict, out: Path, inputs: dict, resolve=lambda p: p) -> Sequenc
         data, world = make_synthetic(**d["synthetic"])
         save_synthetic(data, world, out, marker)
         return SequenceData.load(out)
+    if d.get("engine") == "duckdb":
+        from sidrec.data.stream import prepare_parquet
+
+        tc = d.get("time_col")
+        prepare_parquet(resolve(d["path"]), out, user_col=d["user_col"], item_col=d["item_col"],
+                        time_col=None if tc is None or str(tc).lower() == "none" else tc, kcore_k=d["kcore"],
+                        dedup=d["dedup"], max_seq_len=d["max_seq_len"], meta=resolve(d.get("meta")),
+                        item_id_col=d.get("item_id_col"), memory_limit=d["memory_limit"],
+                        shard_rows=d["shard_rows"], marker=marker)
+        return SequenceData.load(out)
     kw = {"item_id_col": d["item_id_col"]} if d.get("item_id_col") else {}
     if d["format"] == "csv":
         tc = d.get("time_col")

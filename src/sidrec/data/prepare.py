@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from sidrec import io
+from sidrec.data import shards
 from sidrec.data.dataset import Dataset
 from sidrec.data.readers import refuse_nul
 from sidrec.errors import UserError
@@ -115,20 +116,39 @@ class SequenceData:
         return None if self.path is None else Path(self.path) / "embeddings" / name
 
     @classmethod
-    def load(cls, path: str | Path) -> "SequenceData":
+    def load(cls, path: str | Path, part: tuple[int, int] | None = None) -> "SequenceData":
+        """Read a data directory: `sequences.npz`, or the Parquet parts of a sharded one
+        (`sidrec.data.shards`); `part=(rank, world)` reads only that rank's parts (its users alone)."""
         p = Path(path)
-        if not (p / "sequences.npz").exists():
-            raise UserError("not a prepared data directory (no sequences.npz); run `sidrec data prepare`", str(p))
-        arr = io.load_npz(p / "sequences.npz", required=("offsets", "items", "user_ids"))
+        parts = shards.part_files(p)
+        if not (p / "sequences.npz").exists() and not parts:
+            raise UserError("not a prepared data directory (no sequences.npz or sequences/ parts); run "
+                            "`sidrec data prepare`", str(p))
         with io.reading(p / "items.parquet", "item table"):
             table = pd.read_parquet(p / "items.parquet")
             if "item" not in table.columns:
                 raise ValueError("no 'item' column")
         meta = io.read_json(p / "prepare.json") if (p / "prepare.json").exists() else {}
-        with io.reading(p / "sequences.npz", "sequences"):
+        if parts and not (p / "sequences.npz").exists():
+            where = p / shards.DIR
+            with io.reading(where, "sequence parts"):
+                arr = shards.read_parts(shards.select(parts, part))
+                _check_index(arr["user_index"], whole=part is None)
+        else:
+            arr = io.load_npz(p / "sequences.npz", required=("offsets", "items", "user_ids"))
+            where = p / "sequences.npz"
+        with io.reading(where, "sequences"):
             _check_arrays(arr, len(table))
         return cls(arr["offsets"], arr["items"], arr["user_ids"], table, arr.get("timestamps"),
                    meta if isinstance(meta, dict) else {}, p)
+
+
+def _check_index(index: np.ndarray, whole: bool) -> None:
+    """Parts list users in ascending internal id, and all of them together are 0..U-1."""
+    if len(index) and np.any(np.diff(index) <= 0):
+        raise ValueError("user_index is not ascending across the parts")
+    if whole and not np.array_equal(index, np.arange(len(index))):
+        raise ValueError("the parts' user_index is not 0..U-1 (a part is missing or extra)")
 
 
 def _check_arrays(arr: dict, n_items: int) -> None:
@@ -149,32 +169,49 @@ def _check_arrays(arr: dict, n_items: int) -> None:
 
 
 def compute_stats(d: SequenceData) -> dict:
-    lens = d.lengths
+    hits = {s: target_hits(d.offsets, d.items, s) for s in ("valid", "test")}
+    return stats_from(d.lengths, d.n_items, hits, bool(d.meta.get("has_time", d.timestamps is not None)),
+                      [c for c in d.item_table.columns if c != "item"], d.meta.get("source", ""))
+
+
+def stats_from(lengths: np.ndarray, n_items: int, hits: dict[str, int], has_time: bool, item_fields: list[str],
+               source: str) -> dict:
+    """The statistics of prepared data from its sequence lengths and repeat-target counts (so that
+    sharded data can be summed part by part)."""
+    n_users, nnz = len(lengths), int(lengths.sum())
     return {
-        "users": d.n_users,
-        "items": d.n_items,
-        "interactions": d.n_interactions,
-        "seq_len_min": int(lens.min()),
-        "seq_len_max": int(lens.max()),
-        "seq_len_mean": round(float(lens.mean()), 2),
-        "seq_len_median": float(np.median(lens)),
-        "seq_len_p90": float(np.percentile(lens, 90)),
-        "density": round(d.n_interactions / max(1, d.n_users * d.n_items), 6),
-        "valid_target_in_history": round(target_in_history(d, "valid"), 4),
-        "test_target_in_history": round(target_in_history(d, "test"), 4),
-        "has_timestamps": bool(d.meta.get("has_time", d.timestamps is not None)),
-        "item_fields": [c for c in d.item_table.columns if c != "item"],
-        "source": d.meta.get("source", ""),
+        "users": n_users,
+        "items": n_items,
+        "interactions": nnz,
+        "seq_len_min": int(lengths.min()),
+        "seq_len_max": int(lengths.max()),
+        "seq_len_mean": round(float(lengths.mean()), 2),
+        "seq_len_median": float(np.median(lengths)),
+        "seq_len_p90": float(np.percentile(lengths, 90)),
+        "density": round(nnz / max(1, n_users * n_items), 6),
+        "valid_target_in_history": round(hits["valid"] / max(1, n_users), 4),
+        "test_target_in_history": round(hits["test"] / max(1, n_users), 4),
+        "has_timestamps": has_time,
+        "item_fields": item_fields,
+        "source": source,
     }
 
 
 def target_in_history(d: SequenceData, split: str) -> float:
     """Share of users whose held-out `split` target already occurs in their own history: the
     repeats that a seen-excluded protocol can never score."""
-    user = np.repeat(np.arange(d.n_users), d.lengths)
-    end, target = d.history_end(split), d.targets(split)
-    hit = (np.arange(d.n_interactions) < end[user]) & (d.items == target[user])
-    return float(np.bincount(user[hit], minlength=d.n_users).astype(bool).mean()) if d.n_users else 0.0
+    return target_hits(d.offsets, d.items, split) / d.n_users if d.n_users else 0.0
+
+
+def target_hits(offsets: np.ndarray, items: np.ndarray, split: str) -> int:
+    """How many users' `split` target occurs in their own history (CSR arrays)."""
+    lengths = np.diff(offsets)
+    n_users = len(lengths)
+    user = np.repeat(np.arange(n_users), lengths)
+    end = offsets[1:] - {"valid": 2, "test": 1}[split]
+    target = items[end]
+    hit = (np.arange(len(items)) < end[user]) & (items == target[user])
+    return int(np.bincount(user[hit], minlength=n_users).astype(bool).sum())
 
 
 def _id_order(raw: np.ndarray) -> np.ndarray:
@@ -259,7 +296,7 @@ def prepare(
         uid, iid, ts = uid[m], iid[m], ts[m]
         counts = np.minimum(counts, max_seq_len)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    item_table = _item_table(i_raw[i_perm], ds.items)
+    item_table = join_item_table(i_raw[i_perm], ds.items)
     meta = {
         "source": ds.source,
         "has_time": ds.has_time,
@@ -282,7 +319,7 @@ def prepare(
     )
 
 
-def _item_table(raw_ids: np.ndarray, side: pd.DataFrame | None) -> pd.DataFrame:
+def join_item_table(raw_ids: np.ndarray, side: pd.DataFrame | None) -> pd.DataFrame:
     """One row per internal item id, with side information joined by raw id (missing -> '')."""
     base = pd.DataFrame({"item": raw_ids.astype(str)})
     if side is None:

@@ -75,12 +75,18 @@ def data_inputs(data: dict, resolve=lambda p: p) -> dict:
     if data.get("synthetic") is not None:
         return {"sidrec": __version__, **flat_keys({"synthetic": data["synthetic"]}, "data.")}
     out = {"sidrec": __version__}
-    for k in ("format", "kcore", "dedup", "max_seq_len", "item_id_col", "user_col", "item_col", "time_col", "sep"):
+    for k in ("format", "kcore", "dedup", "max_seq_len", "item_id_col", "user_col", "item_col", "time_col", "sep",
+              "engine", "shard_rows"):
         if k in data:
             out[f"data.{k}"] = data[k]
     for k in ("path", "meta"):
         if data.get(k):
             f = Path(resolve(data[k]))
+            if k == "path" and data.get("engine") == "duckdb" and f.is_dir():  # a directory of Parquet parts
+                files = sorted(g for g in f.rglob("*.parquet") if g.is_file())
+                out[f"data.{k}#sha256"] = hashlib.sha256(" ".join(
+                    f"{g.relative_to(f)}:{file_digest(g)}" for g in files).encode()).hexdigest()[:16]
+                continue
             if not f.is_file():
                 raise UserError(f"data.{k}: {'not a file' if f.exists() else 'file not found'}", str(f))
             out[f"data.{k}#sha256"] = file_digest(f)
