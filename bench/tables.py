@@ -578,7 +578,21 @@ def scale_data_table(r: dict) -> str:
         lines.append(f"| {x['log']['rows']:,} | {x['users']:,} / {x['items']:,} | {x['interactions']:,} | "
                      f"{x['parts']} | {x['memory_limit']} | {x['peak_rss_gib']:.2f} GiB | {x['prepare_seconds']:.0f} s | "
                      f"{x['us_per_row']:.2f} | {x['bytes_per_row_peak_rss']:.1f} |")
-    return "\n".join(lines) + f"\n\nCommand run by the benchmark: `sidrec {r['rows'][0]['command'].split(' ', 2)[-1]}`\n"
+    text = "\n".join(lines) + "\n" if r["rows"] else ""
+    if r["rows"]:
+        text += f"\nCommand run by the benchmark: `sidrec {r['rows'][0]['command'].split(' ', 2)[-1]}`\n"
+    t = r.get("tokenize")
+    if t:
+        e = t["embeddings"]
+        rss = f"{t['peak_rss_gib']:.2f} GiB" if t.get("peak_rss_gib") else "—"
+        fit = (f"fitted on {t['fit_rows']:,} sampled items" if e["items"] > t["fit_rows"] else "fitted in memory")
+        text += ("\n| items × dim (float32 .npy, memory-mapped) | tokenizer | fit + assign | collision resolution | "
+                 "peak RSS | µs per item | collisions before | bijective |\n|---|---|---|---|---|---|---|---|\n"
+                 f"| {e['items']:,} × {e['dim']} ({e['bytes'] / 2**30:.1f} GiB) | RQ-KMeans {t['levels']} × "
+                 f"{t['codebook_size']}, {fit} | {t['quantize_seconds']:.0f} s | "
+                 f"{t['resolve_seconds']:.0f} s | {rss} | {t['us_per_item']:.2f} | {t['collision_rate_before']:.4f} | "
+                 f"{'yes' if t['bijective'] else 'NO'} |\n")
+    return text
 
 
 def synthetic_table(r: dict) -> str:

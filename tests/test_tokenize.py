@@ -163,3 +163,29 @@ def test_reassign_handles_crowded_prefixes(method):
     x = np.concatenate([np.ones((300, 8)), _emb(100, 8, 0)]).astype(np.float32)
     cb = fit_codebook(x, method, 3, 8, resolve_strategy="reassign")
     assert cb.bijective and cb.meta["collisions_before_resolution"] >= 299
+
+
+def test_streamed_rq_kmeans_reads_a_memory_map_and_assigns_exactly(tmp_path):
+    """Above fit_rows items: centroids from a sample, every item assigned in batches from a
+    memory-mapped file; each item's tokens are the nearest centroids of its residual cascade, its
+    error is its true squared error, and resolution makes the IDs bijective as in memory."""
+    from sidrec.tokenize.quantizers import rq_kmeans
+    from sidrec.tokenize.resolve import resolve
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(50, 8))[rng.integers(0, 50, 30_000)] + 0.3 * rng.normal(size=(30_000, 8))).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    q = rq_kmeans(mm, 3, 40, seed=0, fit_rows=4_000)
+    cents = [q.extras[f"centroids_{j}"] for j in range(3)]
+    res = x.astype(np.float64)
+    for j, c in enumerate(cents):
+        d = ((res[:, None, :] - c[None].astype(np.float64)) ** 2).sum(-1)
+        best = d.min(1)
+        assert np.all(d[np.arange(len(x)), q.codes[:, j]] <= best + 1e-4 * (1 + best))  # nearest, up to float32 ties
+        res -= c[q.codes[:, j]]
+    np.testing.assert_allclose(q.err, (res**2).sum(1), rtol=1e-3, atol=1e-4)
+    full = rq_kmeans(x, 3, 40, seed=0)
+    assert q.rel_err < 1.25 * full.rel_err  # a sample fit is about as good
+    codes, sizes, stats = resolve(q, mm, "reassign")
+    assert len(np.unique(codes @ np.array([40 * 40, 40, 1]))) == len(x) and stats["collisions_before_resolution"] > 0

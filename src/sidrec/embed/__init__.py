@@ -129,12 +129,16 @@ def embed_collab(data: SequenceData, dim: int = 64, window: int = 5, seed: int =
     return emb.astype(np.float32)
 
 
+#: Catalogues above this many items keep a float32 .npy file memory-mapped (RQ-KMeans then streams it).
+STREAM_ROWS = 1 << 22
+
+
 def load_npy(path: str | Path, n_items: int) -> np.ndarray:
     p = Path(path)
     if not p.exists():
         raise UserError("embedding file not found", str(p))
     with io.reading(p, "embedding file (a plain .npy array, loaded without pickle)"):
-        emb = np.load(p, allow_pickle=False)
+        emb = np.load(p, allow_pickle=False, mmap_mode="r")  # memory-mapped: a catalogue may not fit in RAM
     return check_embeddings(emb, n_items, str(p))
 
 
@@ -146,9 +150,12 @@ def check_embeddings(emb: np.ndarray, n_items: int, source: str) -> np.ndarray:
                         source)
     if emb.ndim != 2 or emb.shape[0] != n_items or emb.shape[1] < 1:
         raise UserError(f"expected embeddings of shape [{n_items}, d >= 1], got {list(emb.shape)}", source)
-    if not np.isfinite(emb).all():
+    rows = max(1, (1 << 24) // max(1, emb.shape[1]))  # blocks of 16M values: a memory-mapped file stays on disk
+    if not all(np.isfinite(emb[a : a + rows]).all() for a in range(0, len(emb), rows)):
         raise UserError("embeddings contain NaN or inf", source)
-    return emb.astype(np.float32)
+    if isinstance(emb, np.memmap) and emb.dtype == np.float32 and emb.flags.c_contiguous and len(emb) > STREAM_ROWS:
+        return emb  # read in place, read-only: the tokenizer streams a catalogue this large
+    return np.asarray(emb, dtype=np.float32).copy() if isinstance(emb, np.memmap) else emb.astype(np.float32)
 
 
 def _cache_key(source: str, **opts) -> str:

@@ -51,7 +51,7 @@ def fit_codebook(
     x = np.ascontiguousarray(x, dtype=np.float32)
     q = quantize(x, method, levels, codebook_size, seed, rqvae)
     codes, sizes, stats = resolve(q, x, resolve_strategy)
-    rel_err = float(((x - q.recon) ** 2).sum() / max(1e-12, (x**2).sum()))
+    rel_err = q.rel_err
     meta = {
         "method": method, "embeddings": embeddings, "seed": seed, "resolve": resolve_strategy,
         "levels_requested": levels, "codebook_size": codebook_size,

@@ -17,15 +17,31 @@ import numpy as np
 import torch
 
 
+#: Above this many items, RQ-KMeans fits its centroids on a sample of this size and assigns every
+#: item in batches, reading the embeddings once (they may be a memory-mapped .npy): memory is then
+#: the codes and one error per item, not copies of the [N, d] matrix. (faiss' k-means trains on
+#: k * 256 points of whatever it is given, so the sample costs no fit quality.)
+FIT_ROWS = 1 << 22
+ASSIGN_BATCH = 1 << 16
+
+
 @dataclass
 class Quantized:
-    codes: np.ndarray  # [N, k] int64
+    codes: np.ndarray  # [N, k] integers
     sizes: list[int]
-    recon: np.ndarray  # [N, d] reconstruction of the input embeddings
+    err: np.ndarray  # [N] squared reconstruction error of each item (collision resolution keeps the closest)
+    rel_err: float  # total squared error / total squared norm of the embeddings
     # level_dist(j, idx, codes): squared distances [m, V_j] of items idx to every level-j code,
     # given their current tokens at levels < j (cascaded quantizers depend on them)
     level_dist: Callable[[int, np.ndarray, np.ndarray], np.ndarray]
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def with_recon(x: np.ndarray, codes: np.ndarray, sizes: list[int], recon: np.ndarray, level_dist: Callable,
+               extras: dict[str, np.ndarray]) -> Quantized:
+    """A Quantized from an in-memory reconstruction [N, d] of x."""
+    sq = (x - recon) ** 2
+    return Quantized(codes, sizes, sq.sum(1), float(sq.sum() / max(1e-12, (x**2).sum())), level_dist, extras)
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> np.ndarray:
@@ -96,8 +112,14 @@ def balanced_kmeans(x: np.ndarray, k: int, seed: int, iters: int = 8) -> tuple[n
     return c, a
 
 
-def rq_kmeans(x: np.ndarray, levels: int, k: int, seed: int = 0, balanced: bool = False) -> Quantized:
-    """Residual k-means: level l clusters the residual left by levels < l (faiss k-means)."""
+def rq_kmeans(x: np.ndarray, levels: int, k: int, seed: int = 0, balanced: bool = False,
+              fit_rows: int | None = None) -> Quantized:
+    """Residual k-means: level l clusters the residual left by levels < l (faiss k-means). Above
+    `fit_rows` (default FIT_ROWS) items, and not balanced (its capacities are global), the streamed
+    fit below."""
+    fit_rows = fit_rows or FIT_ROWS
+    if len(x) > fit_rows and not balanced:
+        return rq_kmeans_streamed(x, levels, k, seed, fit_rows)
     x = np.ascontiguousarray(x, dtype=np.float32)
     k_eff = min(k, len(x))
     res = x.copy()
@@ -117,13 +139,49 @@ def rq_kmeans(x: np.ndarray, levels: int, k: int, seed: int = 0, balanced: bool 
         return _sq_dist(r, cents[j])
 
     extras = {f"centroids_{j}": c for j, c in enumerate(cents)}
-    return Quantized(np.stack(codes, 1), [k] * levels, x - res, level_dist, extras)
+    return with_recon(x, np.stack(codes, 1), [k] * levels, x - res, level_dist, extras)
+
+
+def rq_kmeans_streamed(x: np.ndarray, levels: int, k: int, seed: int, fit_rows: int,
+                       batch: int = ASSIGN_BATCH) -> Quantized:
+    """RQ-KMeans for catalogues larger than memory: centroids fitted on `fit_rows` sampled items,
+    then every item assigned in batches of `batch` rows. Holds codes [N, levels] int32 and one error
+    per item; `x` (e.g. np.load(..., mmap_mode="r")) is read once here and then only the rows that
+    collision resolution asks for."""
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    res = np.ascontiguousarray(x[np.sort(rng.choice(n, fit_rows, replace=False))], dtype=np.float32)
+    cents = []
+    for level in range(levels):
+        c = _kmeans(res, min(k, fit_rows), seed + level)
+        res -= c[_search(res, c)[1][:, 0]]
+        cents.append(c)
+    del res
+    codes = np.empty((n, levels), dtype=np.int32)
+    err = np.empty(n, dtype=np.float32)
+    total, norm = 0.0, 0.0
+    for a in range(0, n, batch):
+        r = np.array(x[a : a + batch], dtype=np.float32)
+        norm += float((r.astype(np.float64) ** 2).sum())
+        for j, c in enumerate(cents):
+            codes[a : a + batch, j] = _search(r, c)[1][:, 0]
+            r -= c[codes[a : a + batch, j]]
+        err[a : a + batch] = (r**2).sum(1)
+        total += float(err[a : a + batch].astype(np.float64).sum())
+
+    def level_dist(j: int, idx: np.ndarray, cur: np.ndarray) -> np.ndarray:
+        xi = np.asarray(x[idx], dtype=np.float32)
+        r = xi - sum((cents[l][cur[:, l]] for l in range(j)), np.zeros_like(xi))
+        return _sq_dist(r, cents[j])
+
+    extras = {f"centroids_{j}": c for j, c in enumerate(cents)}
+    return Quantized(codes, [k] * levels, err, total / max(1e-12, norm), level_dist, extras)
 
 
 def product_quantize(x: np.ndarray, levels: int, k: int, seed: int = 0, rotate: bool = False) -> Quantized:
     """PQ (and OPQ with `rotate`): split the (rotated) embedding into `levels` sub-spaces and run
     k-means in each; token j is the nearest centroid of sub-space j."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = x0 = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     pad = (-d) % levels
     if pad:
@@ -158,4 +216,4 @@ def product_quantize(x: np.ndarray, levels: int, k: int, seed: int = 0, rotate: 
     def level_dist(j: int, idx: np.ndarray, cur: np.ndarray) -> np.ndarray:
         return _sq_dist(xr[idx, j * dsub : (j + 1) * dsub], cents[j])
 
-    return Quantized(np.stack(codes, 1), [k] * levels, recon, level_dist, extras)
+    return with_recon(x0, np.stack(codes, 1), [k] * levels, recon, level_dist, extras)

@@ -77,23 +77,27 @@ def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, d
     cap = int(np.prod(q.sizes[depth:]))
     j = depth - 1
     t = min(n_prefs, q.sizes[j])
-    tried = np.zeros(len(codes), dtype=np.int64)
-    prefs = np.full((len(codes), t), -1, dtype=np.int32)
+    tried = np.zeros(len(codes), dtype=np.int32)
+    slot = np.full(len(codes), -1, dtype=np.int32)  # row of an item's preference list (only spilled items have one)
+    prefs = np.zeros((0, t), dtype=np.int32)
     while True:
         prefix = mixed_radix(codes[:, :depth], q.sizes[:depth])
         rank = _rank_in_group(prefix, err)  # best-fitting items keep their prefix
+        del prefix
         spill = np.flatnonzero(rank >= cap)
+        del rank
         if not len(spill):
             return
         tried[spill] += 1
         if tried[spill].max() >= t:
             raise UserError(f"cannot make item {spill[0]}'s ID unique: every nearby code is taken; "
                             "use --resolve extra-token or a larger --codebook-size")
-        new = spill[prefs[spill, 0] < 0]
+        new = spill[slot[spill] < 0]
         if len(new):
             d = q.level_dist(j, new, codes[new])
-            prefs[new] = np.argsort(d, axis=1, kind="stable")[:, :t]
-        codes[spill, j] = prefs[spill, tried[spill]]
+            slot[new] = np.arange(len(prefs), len(prefs) + len(new))
+            prefs = np.concatenate([prefs, np.argsort(d, axis=1, kind="stable")[:, :t].astype(np.int32)])
+        codes[spill, j] = prefs[slot[spill], tried[spill]]
 
 
 def _place_last_level(q: Quantized, codes: np.ndarray, movers: np.ndarray, occupied: KeySet,
@@ -155,7 +159,7 @@ def reassign(q: Quantized, err: np.ndarray) -> np.ndarray:
 def resolve(q: Quantized, x: np.ndarray, strategy: str) -> tuple[np.ndarray, list[int], dict]:
     """Apply a strategy; returns the new codes, sizes and the collision statistics before it."""
     stats = collision_stats(q.codes, q.sizes)
-    err = ((x - q.recon) ** 2).sum(1)
+    err = q.err
     if strategy == "none":
         return q.codes, q.sizes, stats
     if strategy == "extra-token":

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from sidrec.tokenize.quantizers import Quantized, _kmeans
+from sidrec.tokenize.quantizers import Quantized, _kmeans, with_recon
 
 
 @dataclass
@@ -114,7 +114,7 @@ def rq_vae(x: np.ndarray, levels: int, k: int, seed: int = 0, cfg: RQVAEConfig |
     for i, lin in enumerate(linears):
         extras[f"encoder_{i}_weight"] = lin.weight.detach().numpy().copy()
         extras[f"encoder_{i}_bias"] = lin.bias.detach().numpy().copy()
-    return Quantized(codes.numpy().astype(np.int64), [k] * levels, recon, level_dist, extras)
+    return with_recon(x, codes.numpy().astype(np.int64), [k] * levels, recon, level_dist, extras)
 
 
 @torch.no_grad()
