@@ -111,3 +111,32 @@ def test_cli_engine_duckdb_and_its_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.parquet, line 3" in err and "user_id" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_parts_written_by_another_engine_are_a_data_directory(tmp_path, capsys):
+    """The documented contract (docs/scale-out.md), written with pyarrow as a Spark job would: the
+    CLI reads it, fingerprints it and fits semantic IDs on it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(4)
+    d = tmp_path / "spark"
+    (d / "sequences").mkdir(parents=True)
+    lens = rng.integers(3, 12, 300)
+    seqs = [rng.integers(0, 40, n).astype(np.int32) for n in lens]
+    for j, users in enumerate(np.array_split(np.arange(300), 4)):
+        pq.write_table(pa.table({"user_index": pa.array(users, pa.int64()), "user": [f"u{u}" for u in users],
+                                 "items": pa.array([seqs[u] for u in users], pa.list_(pa.int32()))}),
+                       d / "sequences" / f"part-{j:05d}.parquet")
+    pq.write_table(pa.table({"item": [f"i{v}" for v in range(40)]}), d / "items.parquet")
+    (d / ".sidrec.json").write_text('{"kind": "data"}')
+    data = SequenceData.load(d)
+    assert data.n_users == 300 and data.n_interactions == lens.sum() and data.timestamps is None
+    assert np.array_equal(data.sequence(7), seqs[7]) and data.user_ids[7] == "u7"
+    np.save(tmp_path / "emb.npy", rng.normal(size=(40, 8)).astype(np.float32))
+    assert main(["tokenize", str(d), "--embeddings", str(tmp_path / "emb.npy"), "--codebook-size", "8", "--out",
+                 str(tmp_path / "ids")]) == 0
+    (d / "sequences" / "part-00002.parquet").unlink()  # a missing part is refused, not read as fewer users
+    capsys.readouterr()
+    assert main(["data", "stats", str(d)]) == 2
+    assert "user_index" in capsys.readouterr().err
