@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,20 +58,41 @@ def make_log(rows: int, out: Path, threads: int) -> dict:
             "bytes": size, "seconds": round(time.perf_counter() - t, 1)}
 
 
+def run_child(cmd: list[str]) -> tuple[str, dict]:
+    """Run `cmd`; (stdout, memory): its peak RSS (ru_maxrss: every resident page, including the pages
+    of a memory-mapped input file, which are page cache the kernel may drop) and its peak anonymous
+    RSS (RssAnon sampled every 0.2 s: the memory the process allocated itself)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True).start()
+    err: list[str] = []
+    threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()
+    anon = 0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            anon = max(anon, int(status.split("RssAnon:")[1].split()[0]))
+        except (OSError, IndexError, ValueError):
+            pass
+        time.sleep(0.2)
+    wall = time.perf_counter() - t
+    time.sleep(0.5)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[2:5]} failed ({proc.returncode}): {''.join(err).strip()[-2000:]}")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
+    return "".join(out), {"wall_seconds": round(wall, 1), "peak_rss_gib": round(peak_kib / 2**20, 3),
+                          "peak_anon_rss_gib": round(anon / 2**20, 3)}
+
+
 def run_prepare(log: Path, out: Path, memory_limit: str, shard_rows: int) -> dict:
-    """The product's CLI in a child process: wall time and the child's peak RSS."""
+    """The product's CLI in a child process: wall time and the child's peak memory."""
     cmd = [sys.executable, "-m", "sidrec.cli", "data", "prepare", "--format", "csv", "--path", str(log), "--engine",
            "duckdb", "--out", str(out), "--memory-limit", memory_limit, "--shard-rows", str(shard_rows)]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise SystemExit(f"prepare failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child: this one
+    _, mem = run_child(cmd)
     info = json.loads((out / "prepare.json").read_text())
     stats = json.loads((out / "stats.json").read_text())
-    return {"command": " ".join(cmd[1:]), "wall_seconds": round(wall, 1),
-            "prepare_seconds": info["prepare_seconds"], "peak_rss_gib": round(peak_kib / 2**20, 3),
+    return {"command": " ".join(cmd[1:]), **mem, "prepare_seconds": info["prepare_seconds"],
             "memory_limit": memory_limit, "parts": len(info["parts"]), "users": stats["users"],
             "items": stats["items"], "interactions": stats["interactions"],
             "output_bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
@@ -78,6 +100,9 @@ def run_prepare(log: Path, out: Path, memory_limit: str, shard_rows: int) -> dic
 
 def make_embeddings(n: int, dim: int, out: Path, seed: int = 0, block: int = 1 << 20) -> dict:
     """[n, dim] float32 item vectors around a two-level hierarchy of centres, written in blocks."""
+    spec = out.with_suffix(".json")
+    if out.exists() and spec.exists() and json.loads(spec.read_text()).get("items") == n:  # made by an earlier run
+        return json.loads(spec.read_text())
     t = time.perf_counter()
     rng = np.random.default_rng(seed)
     top, sub = rng.normal(size=(4096, dim)), 0.4 * rng.normal(size=(4096, dim))
@@ -87,7 +112,9 @@ def make_embeddings(n: int, dim: int, out: Path, seed: int = 0, block: int = 1 <
         x[a : a + m] = top[rng.integers(0, 4096, m)] + sub[rng.integers(0, 4096, m)] + 0.1 * rng.normal(size=(m, dim))
     x.flush()
     del x
-    return {"items": n, "dim": dim, "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - t, 1)}
+    info = {"items": n, "dim": dim, "seed": seed, "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - t, 1)}
+    spec.write_text(json.dumps(info))
+    return info
 
 
 def tokenize_child(npy: Path, levels: int, out: Path) -> None:
@@ -111,21 +138,15 @@ def tokenize_child(npy: Path, levels: int, out: Path) -> None:
 
 
 def run_tokenize(npy: Path, levels: int, out: Path) -> dict:
-    """The tokenizer in a child process (a fresh ru_maxrss: the child of the prepare step is done)."""
+    """The tokenizer in a child process. Its ru_maxrss counts the mapped file's pages: run it without
+    the prepare step (--rows 0) for a peak of its own; the sampled anonymous peak is its own anyway."""
     cmd = [sys.executable, "-m", "bench.scale_data", "--child-tokenize", str(npy), "--levels", str(levels),
            "--child-out", str(out)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"tokenize failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout, mem = run_child(cmd)
+    res = json.loads(stdout.strip().splitlines()[-1])
     from sidrec.tokenize.quantizers import FIT_ROWS
 
-    return {**res, "wall_seconds": round(time.perf_counter() - t, 1), "levels": levels, "codebook_size": 256,
-            "fit_rows": FIT_ROWS, "peak_rss_gib": round(peak / 2**20, 3) if peak > before else None,
-            "peak_rss_note": None if peak > before else "not above the earlier child's peak"}
+    return {**res, **mem, "levels": levels, "codebook_size": 256, "fit_rows": FIT_ROWS}
 
 
 def main() -> None:

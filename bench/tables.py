@@ -570,24 +570,29 @@ def scale_fit_table(r: dict) -> str:
                                f"on {how} (± half the spread over seeds). `{r['command']}`\n")
 
 
+def _rss(x: dict) -> str:
+    anon = x.get("peak_anon_rss_gib")
+    return f"{x['peak_rss_gib']:.2f} GiB" + (f" ({anon:.2f} GiB)" if anon is not None else "")
+
+
 def scale_data_table(r: dict) -> str:
     """bench.scale_data: out-of-core `data prepare` (DuckDB) on a synthetic Parquet log."""
-    lines = ["| log rows | users / items kept | interactions kept | parts | engine memory limit | peak RSS | "
-             "prepare time | µs per row | peak RSS bytes per row |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| log rows | users / items kept | interactions kept | parts | engine memory limit | peak RSS "
+             "(anonymous) | prepare time | µs per row |", "|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         lines.append(f"| {x['log']['rows']:,} | {x['users']:,} / {x['items']:,} | {x['interactions']:,} | "
-                     f"{x['parts']} | {x['memory_limit']} | {x['peak_rss_gib']:.2f} GiB | {x['prepare_seconds']:.0f} s | "
-                     f"{x['us_per_row']:.2f} | {x['bytes_per_row_peak_rss']:.1f} |")
+                     f"{x['parts']} | {x['memory_limit']} | {_rss(x)} | {x['prepare_seconds']:.0f} s | "
+                     f"{x['us_per_row']:.2f} |")
     text = "\n".join(lines) + "\n" if r["rows"] else ""
     if r["rows"]:
         text += f"\nCommand run by the benchmark: `sidrec {r['rows'][0]['command'].split(' ', 2)[-1]}`\n"
     t = r.get("tokenize")
     if t:
         e = t["embeddings"]
-        rss = f"{t['peak_rss_gib']:.2f} GiB" if t.get("peak_rss_gib") else "—"
+        rss = _rss(t)
         fit = (f"fitted on {t['fit_rows']:,} sampled items" if e["items"] > t["fit_rows"] else "fitted in memory")
         text += ("\n| items × dim (float32 .npy, memory-mapped) | tokenizer | fit + assign | collision resolution | "
-                 "peak RSS | µs per item | collisions before | bijective |\n|---|---|---|---|---|---|---|---|\n"
+                 "peak RSS (anonymous) | µs per item | collisions before | bijective |\n|---|---|---|---|---|---|---|---|\n"
                  f"| {e['items']:,} × {e['dim']} ({e['bytes'] / 2**30:.1f} GiB) | RQ-KMeans {t['levels']} × "
                  f"{t['codebook_size']}, {fit} | {t['quantize_seconds']:.0f} s | "
                  f"{t['resolve_seconds']:.0f} s | {rss} | {t['us_per_item']:.2f} | {t['collision_rate_before']:.4f} | "
