@@ -227,6 +227,9 @@ def test_serve_option_errors_are_one_line(runs, tmp_path):
     r = subprocess.run([sys.executable, "-m", "sidrec.cli", "serve", str(runs["ar"].run.path), "--max-wait-ms", "nan"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--max-wait-ms" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "sidrec.cli", "serve", str(runs["fv"].run.path), "--table-precision",
+                        "int8"], capture_output=True, text=True)
+    assert r.returncode == 2 and "node-table model" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_batch_calls_beyond_max_batch_and_catalogue_rollback(runs, tmp_path):
@@ -304,5 +307,17 @@ def test_two_decode_processes_answer_like_the_library_and_reload_together(runs, 
         assert s.client.post("/admin/reload").json()["n_items"] == 301
         got = asyncio.run(fire([{"history": ["new-a", *h], "k": 5} for h in hist]))
         assert all(g.status_code == 200 for g in got)
+    finally:
+        assert s.stop() == 0
+
+
+def test_int8_tables_serve_like_the_library_loaded_the_same_way(runs):
+    s = Live(runs["ar"].run.path, "--table-precision", "int8")
+    try:
+        assert s.client.get("/info").json()["table_precision"] == "int8"
+        h = _histories(runs, 8, seed=9)
+        want, _ = sidrec.Recommender.load(runs["ar"].run.path, table_precision="int8").recommend(h, k=6, decode="beam")
+        for hh, w in zip(h, want):
+            assert s.post("/recommend", {"history": hh, "k": 6}).json()["items"] == w.tolist()
     finally:
         assert s.stop() == 0

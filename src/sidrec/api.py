@@ -129,16 +129,27 @@ class Recommender:
         return self._open(RunDir(run), data)
 
     @classmethod
-    def load(cls, run: str | Path, device: str = "auto") -> "Recommender":
-        """A trained run directory (from `fit`, `sidrec train` or `sidrec run DIR/<head>`)."""
+    def load(cls, run: str | Path, device: str = "auto", table_precision: str = "float32") -> "Recommender":
+        """A trained run directory (from `fit`, `sidrec train` or `sidrec run DIR/<head>`).
+        table_precision: float16, bfloat16 or int8 keep the item tables of a node-table model (AR-NTP,
+        joint) that narrow for serving, at 1/2 or 1/4 of their float32 memory (`sidrec.model.lowp`);
+        such a Recommender recommends, it does not add items or tune."""
+        from sidrec.model.lowp import PRECISIONS
         from sidrec.train.config import pick_device
 
+        if table_precision not in PRECISIONS:
+            raise UserError(f"table_precision must be one of {', '.join(PRECISIONS)}, not {table_precision!r}")
         rd = RunDir.open(run)
         self = cls.__new__(cls)
         self.device = pick_device(device)
         self.config = rd.config()
         self.head = self.config["model"]["head"]
-        return self._open(rd, None)
+        self._open(rd, None)
+        try:
+            self.model.narrow_tables_(table_precision)
+        except ValueError as e:
+            raise UserError(f"table_precision {table_precision}: {e}; this run's head is {self.head}", str(run)) from None
+        return self
 
     def _open(self, rd: RunDir, data: SequenceData | None) -> "Recommender":
         self.run = rd
@@ -275,6 +286,7 @@ class Recommender:
         from sidrec.pipeline import MIX_GRID, tune_joint_mix
 
         self._fitted()
+        self._full_precision("tune the mix")
         rec = tune_joint_mix(self.run.path, data=None if self._version else self.data, grid=grid or MIX_GRID,
                              exclude_seen=exclude_seen, device=self.device, batch_size=batch_size)
         self.model.head.mix = rec["mix"]
@@ -295,6 +307,7 @@ class Recommender:
         from sidrec.embed import check_embeddings, load_npy
 
         self._fitted()
+        self._full_precision("add items")
         if vectors not in ("content", "prefix-mean"):
             raise UserError(f"vectors must be content or prefix-mean, not {vectors!r}")
         if isinstance(items, pd.DataFrame):
@@ -353,6 +366,11 @@ class Recommender:
     def _fitted(self) -> None:
         if self.model is None:
             raise UserError("this Recommender is not fitted: call fit(data) or Recommender.load(run)")
+
+    def _full_precision(self, what: str) -> None:
+        if self.model.precision != "float32":
+            raise UserError(f"this Recommender serves {self.model.precision} tables: load the run with "
+                            f"table_precision='float32' to {what}")
 
     def __repr__(self) -> str:
         where = f", run={str(self.run.path)!r}" if self.run else ""

@@ -427,6 +427,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from sidrec.serve import Batching, Limits, serve
 
     serve(a.run, host=a.host, port=a.port, device=a.device, decode=a.decode, beam=a.beam, threads=a.threads,
+          table_precision=a.table_precision,
           batching=Batching(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
                             workers=a.workers),
           limits=Limits(max_history=a.max_history, max_k=a.max_k, max_body_bytes=a.max_body_kb * 1024))
@@ -460,6 +461,10 @@ def add_serve(sub) -> None:
     p.add_argument("--threads", type=int_range(1), default=None,
                    help="torch intra-op threads of each decode process (default: half the CPU cores)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to decode")
+    p.add_argument("--table-precision", default="float32", choices=["float32", "float16", "bfloat16", "int8"],
+                   help="keep the item tables of a node-table model (AR-NTP, joint) in this precision: 1/2 "
+                   "(float16, bfloat16) or 1/4 (int8) of their memory; scores are still computed in float32 "
+                   "(default float32)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -125,6 +125,7 @@ class SeqRecModel(nn.Module):
             raise ValueError(f"the {cfg.head} head needs a codebook")
         self.cfg = cfg
         self.n_items = n_items
+        self.precision = "float32"  # of the item tables: narrowed only for serving (narrow_tables_)
         codes = torch.as_tensor(codebook.codes) if codebook is not None else None
         sizes = codebook.sizes if codebook is not None else None
         table = None
@@ -190,6 +191,35 @@ class SeqRecModel(nn.Module):
         """Read the N-row tables with sparse lookups in training (row-sparse gradients)."""
         for t in [*self.tables(), *(h for h in self._heads() if isinstance(h, FullSoftmaxHead))]:
             t.sparse = on
+
+    @torch.no_grad()
+    def narrow_tables_(self, precision: str) -> None:
+        """Serve from item tables stored in `precision` (float16, bfloat16, int8: `sidrec.model.lowp`):
+        the AR scoring tables are computed in float32 and narrowed, then the node table's rows. For
+        node-table models (AR-NTP and the joint model, the default); inference only from here on."""
+        if precision == "float32":
+            return
+        nodes = [t for t in self.tables() if isinstance(t, NodeTable)]
+        if not nodes:
+            raise ValueError("reduced-precision tables need a node-table model (AR-NTP or joint with "
+                             "model.node_table, the default)")
+        device = nodes[0].rows.device
+        for h in self._heads():
+            if isinstance(h, AutoregressiveHead):
+                h.narrow_tables_(precision, device)
+        for t in nodes:
+            t.narrow_(precision)
+        self.precision = precision
+
+    def table_bytes(self) -> int:
+        """Bytes held by the N-row tables and the AR scoring tables (what grows with the catalogue)."""
+        total = sum(t.nbytes if isinstance(t, NodeTable) else t.weight.nbytes
+                    for t in {id(t): t for t in self.tables()}.values())
+        for h in self._heads():
+            if isinstance(h, AutoregressiveHead):
+                for w, c in h.eval_cache(next(self.parameters()).device):
+                    total += w.nbytes + c.nbytes
+        return total
 
     def after_step(self, changed: dict) -> None:
         """After an optimizer step: re-centre the node tables' sibling groups whose rows changed

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidrec.model import lowp
 from sidrec.model.node_table import NodeTable
 from sidrec.model.sampled import NegativeSampler, sampled_softmax_nll
 from sidrec.model.softmax_ce import softmax_ce
@@ -325,7 +326,7 @@ class AutoregressiveHead(_OwnScores, nn.Module):
         self.tok_bias = nn.ParameterList([nn.Parameter(torch.zeros(v)) for v in self.sizes])
         self.item_emb, self.node_bias, self.own_nodes = None, None, None
         object.__setattr__(self, "_nodes", None)
-        self._means_cache = self._tables_cache = self._key_params = None
+        self._means_cache = self._tables_cache = self._key_params = self._narrow = None
         if item_vectors and (node_table or isinstance(item_table, NodeTable)):
             if isinstance(item_table, NodeTable):
                 object.__setattr__(self, "_nodes", item_table)  # registered and saved once, in the backbone
@@ -514,6 +515,8 @@ class AutoregressiveHead(_OwnScores, nn.Module):
         """Per level, the context-free vectors and offsets of every trie node (see the class doc):
         s_j(n | h) = <q_j(h), w_n> + c_n. They depend only on the parameters, so without grad they are
         kept until a parameter changes (evaluation passes, beam search, a server's requests)."""
+        if self._narrow is not None:  # serving in reduced precision: computed once, never recomputed
+            return self._narrow
         key = self._param_key(device)
         if not torch.is_grad_enabled() and self._tables_cache is not None and self._tables_cache[0] == key:
             return self._tables_cache[1]
@@ -530,6 +533,15 @@ class AutoregressiveHead(_OwnScores, nn.Module):
         if not torch.is_grad_enabled():
             self._tables_cache = (key, out)
         return out
+
+    @torch.no_grad()
+    def narrow_tables_(self, precision: str, device) -> None:
+        """Serve from scoring tables stored in `precision` (`sidrec.model.lowp`): computed once in
+        float32, then every level larger than one widening block narrowed (small levels stay float32:
+        a few hundred KB, and their per-user GEMM stays one call). Inference only from here on."""
+        tables = self.eval_cache(device)
+        self._narrow = [(lowp.LowPrecisionRows(w, precision) if len(w) > lowp.BLOCK else w, c) for w, c in tables]
+        self._tables_cache = self._means_cache = None
 
     def _param_key(self, device) -> tuple:
         """Changes whenever any parameter is replaced or updated in place (tensor version counters).
@@ -553,8 +565,8 @@ class AutoregressiveHead(_OwnScores, nn.Module):
         w, c = tables[j]
         users = torch.div(rows, beams, rounding_mode="floor")
         if len(q) * len(w) <= 16 * len(child):  # per-user GEMM over all nodes of the level, then a gather
-            return torch.addmm(c, q, w.T)[users, child]
-        return (torch.index_select(q, 0, users) * torch.index_select(w, 0, child)).sum(-1) + c[child]
+            return lowp.scores(w, q, c)[users, child]
+        return (torch.index_select(q, 0, users) * lowp.gather(w, child)).sum(-1) + c[child]
 
     def child_scores(self, j: int, q: torch.Tensor, nodes: torch.Tensor, tables) -> torch.Tensor:
         """`child_logits` of every child of each beam's depth-j node (`nodes` [B * W]) as [B * W, V_j],
@@ -580,7 +592,7 @@ class AutoregressiveHead(_OwnScores, nn.Module):
         for j, q in enumerate(self.contexts(h)):
             parent = self.trie.torch("node_parent", j + 1, h.device)
             w, c = tables[j]
-            s = torch.addmm(c[:, None], w, q.T)  # [P_{j+1}, B]
+            s = lowp.scores_t(w, q, c)  # [P_{j+1}, B]
             lse = self._sibling_lse(j, s) if self.constrained else self._full_vocab_lse(j, q, h.device).T
             logq = torch.index_select(logq - lse, 0, parent).add_(s)
         leaf = self.trie.torch("item_node", None, h.device)[-1]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidrec.model import lowp
 from sidrec.tokenize.codebook import Codebook
 
 #: rows per block of the passes over many rows (initialisation, re-centring): temporaries of a few MB,
@@ -52,7 +53,7 @@ class NodeTable(nn.Module):
         self.rows = nn.Parameter(torch.zeros(self.pad + 1, d))
         self.node_bias = nn.Parameter(torch.log(self.below.clamp(min=1)).float()[:, None])
         self.sparse = False  # set by the trainer: lookups then give row-sparse gradients
-        self._cache = None
+        self._cache = self._narrow = None
         with torch.no_grad():  # item vectors N(0, init_std^2): the leaf rows, then centred in place
             leaves = self.rows[self.depth_slice(k)]
             for lo in range(0, n, ROW_BLOCK):
@@ -68,7 +69,9 @@ class NodeTable(nn.Module):
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """Item vectors [..., d] of item ids (n_items: the padding item, a zero vector)."""
         flat = self.paths[items.reshape(-1)]
-        if self._sparse():
+        if self._narrow is not None:  # reduced-precision serving: widened rows, summed in float32
+            out = self._narrow.gather(flat.reshape(-1)).view(*flat.shape, self.dim).sum(1)
+        elif self._sparse():
             out = self._read(self.rows, flat.reshape(-1)).view(*flat.shape, self.dim).sum(1)
         else:
             out = F.embedding_bag(flat, self.rows, mode="sum", padding_idx=self.pad)
@@ -111,6 +114,20 @@ class NodeTable(nn.Module):
         for j in range(1, depth + 1):
             acc = acc[trie.torch("node_parent", j, u.device)] + u[self.depth_slice(j)]
         return acc
+
+    @torch.no_grad()
+    def narrow_(self, precision: str) -> None:
+        """Keep the rows in `precision` only (`sidrec.model.lowp`; the float32 rows are freed): for
+        serving. The item vectors are then read from the narrow rows; nothing can train or extend
+        the table any more (its `rows` parameter is empty)."""
+        self._narrow = lowp.LowPrecisionRows(self.rows, precision)
+        self.rows = nn.Parameter(self.rows.new_zeros(0, self.dim), requires_grad=False)
+        self._cache = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows (narrow or not) and the node biases."""
+        return (self._narrow.nbytes if self._narrow is not None else 0) + self.rows.nbytes + self.node_bias.nbytes
 
     def _sparse(self) -> bool:
         return self.sparse and torch.is_grad_enabled()

@@ -98,11 +98,11 @@ class Service:
     (`sidrec.serve.worker`) holds and runs, one batch or reload at a time."""
 
     def __init__(self, run: str | Path, *, device: str = "auto", decode: str | None = None, beam: int = 20,
-                 max_batch: int = 64):
+                 max_batch: int = 64, table_precision: str = "float32"):
         from sidrec.api import Recommender
 
-        self.run, self.device, self.max_batch = Path(run), device, max_batch
-        self.rec = Recommender.load(run, device=device)
+        self.run, self.device, self.max_batch, self.precision = Path(run), device, max_batch, table_precision
+        self.rec = Recommender.load(run, device=device, table_precision=table_precision)
         self.decode = decode or ("beam" if self.rec.model.supports_beam else "exact")
         if self.decode == "beam" and not self.rec.model.supports_beam:
             raise UserError(f"--decode beam needs an AR-NTP run; this run's head is {self.rec.head}")
@@ -119,7 +119,7 @@ class Service:
         mix = self.rec.model.head.mix
         if self.rec.run.catalog_version() == before and self.rec.run.joint_mix() in (None, mix):
             return {"reloaded": False, "version": before or "v0000", "n_items": int(self.rec.model.n_items)}
-        rec = Recommender.load(self.run, device=self.device)
+        rec = Recommender.load(self.run, device=self.device, table_precision=self.precision)
         info = self._describe(rec)
         self.rec, self._info = rec, info
         return {"reloaded": True, "version": rec.catalog_version or "v0000", "previous": before or "v0000",
@@ -135,7 +135,7 @@ class Service:
         cb = rec.codebook
         return {"run": str(self.run), "head": rec.head, "n_items": int(rec.model.n_items),
                 "catalog_version": rec.catalog_version or "v0000", "max_len": rec.model.cfg.backbone.max_len,
-                "device": str(rec.device), "decode": self.decode, "beam": self.beam if self.decode == "beam" else None,
+                "device": str(rec.device), "table_precision": rec.model.precision, "decode": self.decode, "beam": self.beam if self.decode == "beam" else None,
                 "mix": rec.model.head.mix,  # a joint head's ranking weight (None: no mixture)
                 "codebook": None if cb is None else {"levels": cb.levels, "sizes": cb.sizes, "method": cb.meta.get("method"),
                                                      "fingerprint": array_digest(cb.codes, np.array(cb.sizes))}}
@@ -379,7 +379,7 @@ def create_app(service: Service, batching: Batching = Batching(), limits: Limits
 
 def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           decode: str | None = None, beam: int = 20, batching: Batching = Batching(), limits: Limits = Limits(),
-          threads: int | None = None) -> None:
+          threads: int | None = None, table_precision: str = "float32") -> None:
     """Load the run, bind host:port (0: any free port) and serve until SIGINT/SIGTERM, which finish the
     requests in flight before exiting."""
     from sidrec.serve.worker import DecodePool
@@ -395,7 +395,7 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, device:
     # intra-op threads beyond half the cores mostly spin and starve the event loop (and, on one
     # machine, the clients)
     service = DecodePool(Service, run, workers=batching.workers, device=device, decode=decode, beam=beam,
-                         max_batch=batching.max_batch,
+                         max_batch=batching.max_batch, table_precision=table_precision,
                          threads=threads or max(1, (os.cpu_count() or 2) // 2 // batching.workers))
     try:
         _run_server(service, run, sock, host, beam, batching, limits)  # the workers stop whatever happens
