@@ -600,6 +600,28 @@ def scale_data_table(r: dict) -> str:
     return text
 
 
+def scale_serve_table(r: dict) -> str:
+    """bench.scale_serve: reduced-precision serving tables on a trained run, then at scale."""
+    rows = r["rows"]
+    base = rows[0]["table_bytes"]
+    lines = [f"| table precision | table memory ({rows[0]['n_items']:,} items) | top-10 overlap, beam 20 | "
+             "top-10 overlap, exact | same top-1 (beam) | largest score change | beam-20 users/s (batch 256) |",
+             "|---|---|---|---|---|---|---|"]
+    for x in rows:
+        lines.append(f"| {x['precision']} | {x['table_bytes'] / 2**20:.1f} MiB ({x['table_bytes'] / base:.2f}×) | "
+                     f"{x['overlap@10_beam']:.4f} | {x['overlap@10_exact']:.4f} | {x['same_top1_beam']:.4f} | "
+                     f"{max(x['max_score_change_beam'], x['max_score_change_exact']):.4f} | "
+                     f"{x['beam20_users_per_s']:,.0f} |")
+    text = "\n".join(lines) + f"\n\nRun: `{r['run']}`, {r['users']:,} test users, seen items excluded.\n"
+    if r.get("scale"):
+        text += ("\n| precision | items | table bytes per item | resident memory after narrowing | peak while "
+                 "narrowing |\n|---|---|---|---|---|\n")
+        for x in r["scale"]:
+            text += (f"| {x['precision']} | {x['items']:,} | {x['table_bytes_per_item']:.0f} | "
+                     f"{x['rss_anon_gib']:.2f} GiB | {x['peak_rss_gib']:.2f} GiB |\n")
+    return text
+
+
 def synthetic_table(r: dict) -> str:
     """bench.synthetic: the quick start's test table on the synthetic default."""
     labels = {"ar": "AR-NTP", "fv": "FV-MLE (full softmax)", "parallel": "Parallel head (non-AR)"}
@@ -660,6 +682,8 @@ def render(name: str) -> str:
         body = quality_table(path, r)
     elif kind == "sweep":
         body = sweep_table(r["rows"]) + "\n" + source(path, r)
+    elif name.startswith("scale-serve"):
+        body = scale_serve_table(r) + "\n" + source(path, r)
     elif name.startswith("scale-data"):
         body = scale_data_table(r) + "\n" + source(path, r)
     elif name.startswith("scale-fit"):
@@ -692,7 +716,7 @@ def fill(text: str) -> tuple[str, list[str]]:
 #: The kept bench/results/NAME.md files and how each is rendered from NAME.json.
 MD = {"quality": quality_markdown, "scale": scale_table, "sweep": lambda r: sweep_table(r["rows"]), "serve": serve_table,
       "coldstart": coldstart_table}
-MD_BY_PREFIX = {"scale-fit": scale_fit_table, "scale-data": scale_data_table}
+MD_BY_PREFIX = {"scale-fit": scale_fit_table, "scale-data": scale_data_table, "scale-serve": scale_serve_table}
 
 
 def targets() -> list[tuple[Path, str, str]]:

@@ -48,7 +48,8 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("head", ["ar", "joint"])
 def test_narrow_tables_keep_the_ranking_at_a_fraction_of_the_memory(runs, head, monkeypatch):
-    monkeypatch.setattr(lowp, "BLOCK", 16)  # this catalogue's levels are small: narrow them all
+    monkeypatch.setattr(lowp, "NARROW_MIN_ROWS", 0)  # this catalogue's levels are small: narrow them all
+    monkeypatch.setattr(lowp, "BLOCK", 64)  # and widen them in several blocks
     base = runs[head]
     data = base.data
     hist = [data.raw_item_ids()[data.sequence(u)].tolist() for u in range(300)]

@@ -537,10 +537,11 @@ class AutoregressiveHead(_OwnScores, nn.Module):
     @torch.no_grad()
     def narrow_tables_(self, precision: str, device) -> None:
         """Serve from scoring tables stored in `precision` (`sidrec.model.lowp`): computed once in
-        float32, then every level larger than one widening block narrowed (small levels stay float32:
-        a few hundred KB, and their per-user GEMM stays one call). Inference only from here on."""
+        float32, then every level above `lowp.NARROW_MIN_ROWS` nodes narrowed (the small top levels stay
+        float32: per-user GEMMs read them whole). Inference only from here on."""
         tables = self.eval_cache(device)
-        self._narrow = [(lowp.LowPrecisionRows(w, precision) if len(w) > lowp.BLOCK else w, c) for w, c in tables]
+        self._narrow = [(lowp.LowPrecisionRows(w, precision) if len(w) > lowp.NARROW_MIN_ROWS else w, c)
+                        for w, c in tables]
         self._tables_cache = self._means_cache = None
 
     def _param_key(self, device) -> tuple:

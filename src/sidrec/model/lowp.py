@@ -16,6 +16,9 @@ import torch
 PRECISIONS = ("float32", "float16", "bfloat16", "int8")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 BLOCK = 1 << 16  # rows widened at a time by the level-wide GEMMs
+#: Scoring levels with at most this many nodes stay float32 (a few hundred KB: the top of the trie,
+#: which per-user GEMMs read whole; narrowing them would widen the whole level on every call).
+NARROW_MIN_ROWS = 4096
 
 
 class LowPrecisionRows:
