@@ -121,7 +121,9 @@ def main() -> None:
     run = trained_run(a.run)
     rows = on_run(run, a.users)
     scale = scale_rows(a.items) if a.items else []
-    out = write_result(a.name, {"run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run),
+    where = str(run.resolve())
+    where = "bench/out/" + where.split("/bench/out/", 1)[1] if "/bench/out/" in where else where
+    out = write_result(a.name, {"run": where,
                                 "users": a.users, "rows": rows, "scale": scale},
                        Path(a.results_dir) if a.results_dir else RESULTS)
     from bench.tables import scale_serve_table
