@@ -28,8 +28,9 @@ from sidrec.errors import UserError
 def mixed_radix(codes: np.ndarray, sizes: list[int]) -> np.ndarray:
     """Encode [n, j] token rows as int64 keys (row-major mixed radix)."""
     key = np.zeros(len(codes), dtype=np.int64)
-    for j in range(codes.shape[1]):
-        key = key * int(sizes[j]) + codes[:, j].astype(np.int64)
+    for j in range(codes.shape[1]):  # in place: no [n] temporaries beyond the key (10^8-item catalogues)
+        key *= int(sizes[j])
+        key += codes[:, j]
     return key
 
 

@@ -21,13 +21,16 @@ from sidrec.tokenize.quantizers import Quantized
 
 def collision_stats(codes: np.ndarray, sizes: list[int]) -> dict:
     keys = mixed_radix(codes, sizes)
-    _, inv, cnt = np.unique(keys, return_inverse=True, return_counts=True)
+    keys.sort()  # group sizes from one sorted copy (no inverse index: 10^8 items stay within memory)
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    del keys
+    cnt = np.diff(np.append(starts, len(codes)))
     n = len(codes)
     dup = n - len(cnt)
     return {
         "collisions_before_resolution": int(dup),
         "collision_rate_before": round(dup / n, 6),
-        "colliding_items_before": int((cnt[inv] > 1).sum()),
+        "colliding_items_before": int(cnt[cnt > 1].sum()),
         "max_collision_group": int(cnt.max()),
     }
 
@@ -36,9 +39,11 @@ def _rank_in_group(keys: np.ndarray, err: np.ndarray) -> np.ndarray:
     """Rank of each item within its ID group, closest (smallest error) first."""
     order = np.lexsort((np.arange(len(keys)), err, keys))
     sk = keys[order]
-    start = np.searchsorted(sk, sk, side="left")
+    pos = np.searchsorted(sk, sk, side="left")
+    del sk
+    np.subtract(np.arange(len(keys)), pos, out=pos)
     rank = np.empty(len(keys), dtype=np.int64)
-    rank[order] = np.arange(len(keys)) - start
+    rank[order] = pos
     return rank
 
 
@@ -69,6 +74,21 @@ class KeySet:
         self.added = np.sort(np.concatenate([self.added, q]))
 
 
+def _preferences(q: Quantized, j: int, idx: np.ndarray, codes: np.ndarray, ranks: slice,
+                 chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """The `ranks` (e.g. slice(0, 64), or slice(r, r + 1)) nearest level-j codes of each item (given
+    its tokens above j), nearest first, and their distances: [m, len(ranks)] each. In chunks, so no
+    [m, V_j] distance matrix is ever whole (at 10^8 items the movers' matrix would be tens of GB)."""
+    width = len(range(*ranks.indices(q.sizes[j])))
+    prefs = np.empty((len(idx), width), dtype=np.int16 if q.sizes[j] < 2**15 else np.int32)
+    dist = np.empty((len(idx), width), dtype=np.float32)
+    for a in range(0, len(idx), chunk):
+        d = q.level_dist(j, idx[a:a + chunk], codes[a:a + chunk])
+        p = np.argsort(d, axis=1, kind="stable")[:, ranks]
+        prefs[a:a + chunk], dist[a:a + chunk] = p, np.take_along_axis(d, p, 1)
+    return prefs, dist
+
+
 def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, depth: int,
                              n_prefs: int = 64) -> None:
     """A depth-d prefix can hold at most prod(sizes[d:]) items. The worst-fitting items of an
@@ -79,7 +99,7 @@ def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, d
     t = min(n_prefs, q.sizes[j])
     tried = np.zeros(len(codes), dtype=np.int32)
     slot = np.full(len(codes), -1, dtype=np.int32)  # row of an item's preference list (only spilled items have one)
-    prefs = np.zeros((0, t), dtype=np.int32)
+    prefs = np.zeros((0, t), dtype=np.int16 if q.sizes[j] < 2**15 else np.int32)
     while True:
         prefix = mixed_radix(codes[:, :depth], q.sizes[:depth])
         rank = _rank_in_group(prefix, err)  # best-fitting items keep their prefix
@@ -94,9 +114,8 @@ def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, d
                             "use --resolve extra-token or a larger --codebook-size")
         new = spill[slot[spill] < 0]
         if len(new):
-            d = q.level_dist(j, new, codes[new])
             slot[new] = np.arange(len(prefs), len(prefs) + len(new))
-            prefs = np.concatenate([prefs, np.argsort(d, axis=1, kind="stable")[:, :t].astype(np.int32)])
+            prefs = np.concatenate([prefs, _preferences(q, j, new, codes[new], slice(0, t))[0]])
         codes[spill, j] = prefs[slot[spill], tried[spill]]
 
 
@@ -109,15 +128,14 @@ def _place_last_level(q: Quantized, codes: np.ndarray, movers: np.ndarray, occup
     """
     v = q.sizes[-1]
     prefix = mixed_radix(codes[movers], q.sizes) // v
-    dist = q.level_dist(len(q.sizes) - 1, movers, codes[movers])
     t = min(rounds, v)
-    prefs = np.argsort(dist, axis=1, kind="stable")[:, :t]
     pending = np.arange(len(movers))
-    for r in range(t):
-        cand = prefs[pending, r]
+    for r in range(t):  # each round: the pending movers' r-th nearest code (recomputed: few are left after round 0)
+        pref, pdist = _preferences(q, len(q.sizes) - 1, movers[pending], codes[movers[pending]], slice(r, r + 1))
+        cand, cdist = pref[:, 0].astype(np.int64), pdist[:, 0]
         want = prefix[pending] * v + cand
         free = ~occupied.contains(want)
-        order = np.lexsort((dist[pending, cand], want))  # among equal keys, the closest wins
+        order = np.lexsort((cdist, want))  # among equal keys, the closest wins
         w_sorted = want[order]
         first = np.ones(len(order), dtype=bool)
         first[1:] = w_sorted[1:] != w_sorted[:-1]
@@ -145,7 +163,8 @@ def _place_last_level(q: Quantized, codes: np.ndarray, movers: np.ndarray, occup
 
 
 def reassign(q: Quantized, err: np.ndarray) -> np.ndarray:
-    codes = q.codes.copy()
+    """The bijective codes; works in place on q.codes (a catalogue of 10^8 items holds one copy)."""
+    codes = q.codes
     for depth in range(1, len(q.sizes)):  # coarse levels first: deeper spills then find room
         _spill_overfull_prefixes(q, codes, err, depth)
     keys = mixed_radix(codes, q.sizes)
