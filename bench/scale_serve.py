@@ -2,7 +2,7 @@
 
     python -m bench.scale_serve [--run RUN] [--users 2000] [--items 1000000]
 
-On a trained run (default: the Sports AR-NTP run of `bench.quality`, seed 0; trained when missing),
+On a trained run (default: the Beauty AR-NTP run `bench.serve` serves, seed 0; trained when missing),
 for each table precision (`sidrec.model.lowp`: float32, float16, bfloat16, int8): the bytes of the
 item tables and scoring tables, the overlap of the top-10 with float32's for `--users` test users
 (beam 20 and exact, seen items excluded as served), the largest score change, and the offline
@@ -26,8 +26,8 @@ import numpy as np
 from bench import common
 from bench.common import RESULTS, ROOT, write_result
 
-SPORTS_AR = ROOT / "bench" / "out" / "quality-sports" / "seed0" / "ar-rq-kmeans"
-TRAIN = [sys.executable, "-m", "bench.quality", "--dataset", "sports", "--tokenizers", "rq-kmeans", "--heads", "ar",
+BEAUTY_AR = ROOT / "bench" / "out" / "quality-beauty" / "seed0" / "ar-rq-kmeans"
+TRAIN = [sys.executable, "-m", "bench.quality", "--dataset", "beauty", "--tokenizers", "rq-kmeans", "--heads", "ar",
          "--only-seed", "0"]
 PRECISIONS = ("float32", "float16", "bfloat16", "int8")
 
@@ -37,10 +37,10 @@ def trained_run(run: Path | None) -> Path:
 
     if run is not None:
         return run
-    if not RunDir(SPORTS_AR).has_weights():
+    if not RunDir(BEAUTY_AR).has_weights():
         print("training " + " ".join(TRAIN[1:]), file=sys.stderr)
         subprocess.run(TRAIN, cwd=ROOT, check=True)
-    return SPORTS_AR
+    return BEAUTY_AR
 
 
 def on_run(run: Path, users: int) -> list[dict]:
