@@ -74,19 +74,18 @@ class KeySet:
         self.added = np.sort(np.concatenate([self.added, q]))
 
 
-def _preferences(q: Quantized, j: int, idx: np.ndarray, codes: np.ndarray, ranks: slice,
-                 chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
-    """The `ranks` (e.g. slice(0, 64), or slice(r, r + 1)) nearest level-j codes of each item (given
-    its tokens above j), nearest first, and their distances: [m, len(ranks)] each. In chunks, so no
-    [m, V_j] distance matrix is ever whole (at 10^8 items the movers' matrix would be tens of GB)."""
-    width = len(range(*ranks.indices(q.sizes[j])))
-    prefs = np.empty((len(idx), width), dtype=np.int16 if q.sizes[j] < 2**15 else np.int32)
-    dist = np.empty((len(idx), width), dtype=np.float32)
+def _preference(q: Quantized, j: int, idx: np.ndarray, codes: np.ndarray, rank: np.ndarray,
+                chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's `rank`-th nearest level-j code (given its tokens above j; rank 0 = the nearest)
+    and its distance, [m] each. Computed in chunks and never stored as lists: at 10^8 items a
+    [movers, V] distance matrix, or even every spilled item's preference list, would not fit."""
+    code = np.empty(len(idx), dtype=np.int64)
+    dist = np.empty(len(idx), dtype=np.float32)
     for a in range(0, len(idx), chunk):
         d = q.level_dist(j, idx[a:a + chunk], codes[a:a + chunk])
-        p = np.argsort(d, axis=1, kind="stable")[:, ranks]
-        prefs[a:a + chunk], dist[a:a + chunk] = p, np.take_along_axis(d, p, 1)
-    return prefs, dist
+        p = np.take_along_axis(np.argsort(d, axis=1, kind="stable"), rank[a:a + chunk, None], 1)
+        code[a:a + chunk], dist[a:a + chunk] = p[:, 0], np.take_along_axis(d, p, 1)[:, 0]
+    return code, dist
 
 
 def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, depth: int,
@@ -98,8 +97,6 @@ def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, d
     j = depth - 1
     t = min(n_prefs, q.sizes[j])
     tried = np.zeros(len(codes), dtype=np.int32)
-    slot = np.full(len(codes), -1, dtype=np.int32)  # row of an item's preference list (only spilled items have one)
-    prefs = np.zeros((0, t), dtype=np.int16 if q.sizes[j] < 2**15 else np.int32)
     while True:
         prefix = mixed_radix(codes[:, :depth], q.sizes[:depth])
         rank = _rank_in_group(prefix, err)  # best-fitting items keep their prefix
@@ -112,11 +109,8 @@ def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, d
         if tried[spill].max() >= t:
             raise UserError(f"cannot make item {spill[0]}'s ID unique: every nearby code is taken; "
                             "use --resolve extra-token or a larger --codebook-size")
-        new = spill[slot[spill] < 0]
-        if len(new):
-            slot[new] = np.arange(len(prefs), len(prefs) + len(new))
-            prefs = np.concatenate([prefs, _preferences(q, j, new, codes[new], slice(0, t))[0]])
-        codes[spill, j] = prefs[slot[spill], tried[spill]]
+        # the next code of each spilled item's preference list (its tokens above j never change here)
+        codes[spill, j] = _preference(q, j, spill, codes[spill], tried[spill])[0]
 
 
 def _place_last_level(q: Quantized, codes: np.ndarray, movers: np.ndarray, occupied: KeySet,
@@ -131,8 +125,8 @@ def _place_last_level(q: Quantized, codes: np.ndarray, movers: np.ndarray, occup
     t = min(rounds, v)
     pending = np.arange(len(movers))
     for r in range(t):  # each round: the pending movers' r-th nearest code (recomputed: few are left after round 0)
-        pref, pdist = _preferences(q, len(q.sizes) - 1, movers[pending], codes[movers[pending]], slice(r, r + 1))
-        cand, cdist = pref[:, 0].astype(np.int64), pdist[:, 0]
+        cand, cdist = _preference(q, len(q.sizes) - 1, movers[pending], codes[movers[pending]],
+                                  np.full(len(pending), r))
         want = prefix[pending] * v + cand
         free = ~occupied.contains(want)
         order = np.lexsort((cdist, want))  # among equal keys, the closest wins
