@@ -189,3 +189,21 @@ def test_streamed_rq_kmeans_reads_a_memory_map_and_assigns_exactly(tmp_path):
     assert q.rel_err < 1.25 * full.rel_err  # a sample fit is about as good
     codes, sizes, stats = resolve(q, mm, "reassign")
     assert len(np.unique(codes @ np.array([40 * 40, 40, 1]))) == len(x) and stats["collisions_before_resolution"] > 0
+
+
+def test_level_distances_are_in_code_order_for_large_batches(tmp_path):
+    """level_dist's column j is the distance to code j, also past the size where faiss computes it
+    (it lists each row's codes nearest first), for rows read from a file in any order."""
+    from sidrec.tokenize.quantizers import rq_kmeans
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40_000, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    for q in (rq_kmeans(x, 2, 256, seed=0), rq_kmeans(mm, 2, 256, seed=0, fit_rows=10_000)):
+        idx = rng.permutation(len(x))[:20_000]  # 20,000 x 256 distances: faiss' path
+        d = q.level_dist(1, idx, np.asarray(q.codes)[idx])
+        c0, c1 = q.extras["centroids_0"], q.extras["centroids_1"]
+        r = x[idx].astype(np.float64) - c0[np.asarray(q.codes)[idx, 0]]
+        want = ((r[:, None, :] - c1[None].astype(np.float64)) ** 2).sum(-1)
+        np.testing.assert_allclose(d, want, rtol=1e-3, atol=1e-3)

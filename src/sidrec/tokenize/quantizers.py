@@ -61,7 +61,13 @@ def _search(x: np.ndarray, c: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.nd
 
 
 def _sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    return ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1) if len(x) * len(c) < 4_000_000 else _search(x, c, len(c))[0]
+    """[n, k] squared distances, column j = centroid j."""
+    if len(x) * len(c) < 4_000_000:
+        return ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+    d, i = _search(x, c, len(c))  # faiss lists each row's centroids nearest first: back to centroid order
+    out = np.empty_like(d)
+    np.put_along_axis(out, i, d, 1)
+    return out
 
 
 def capacity_assign(x: np.ndarray, c: np.ndarray, capacity: np.ndarray, prefs: int = 32) -> np.ndarray:
@@ -162,12 +168,18 @@ class _Rows:
         b = min(b, len(self.x))
         return np.array(self._read(a, b - a) if self.file else self.x[a:b], dtype=np.float32)
 
-    def take(self, idx: np.ndarray) -> np.ndarray:
+    def take(self, idx: np.ndarray, window: int = 4096) -> np.ndarray:
+        """x[idx] as float32: one read per `window`-row span of the file that holds a wanted row."""
         if self.file is None:
             return np.asarray(self.x[idx], dtype=np.float32)
+        order = np.argsort(idx, kind="stable")
+        rows = idx[order]
         out = np.empty((len(idx), self.x.shape[1]), dtype=np.float32)
-        for i, r in enumerate(idx.tolist()):
-            out[i] = self._read(r, 1)[0]
+        cuts = np.flatnonzero(np.diff(rows // window)) + 1
+        for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rows)]])):
+            first = int(rows[lo])
+            span = self._read(first, int(rows[hi - 1]) - first + 1)
+            out[order[lo:hi]] = span[rows[lo:hi] - first]
         return out
 
 
