@@ -64,10 +64,12 @@ def _sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
     """[n, k] squared distances, column j = centroid j."""
     if len(x) * len(c) < 4_000_000:
         return ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
-    d, i = _search(x, c, len(c))  # faiss lists each row's centroids nearest first: back to centroid order
-    out = np.empty_like(d)
-    np.put_along_axis(out, i, d, 1)
-    return out
+    # |x|^2 - 2 x.c + |c|^2 as one GEMM (4x faster than a faiss search for every centroid), >= 0
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = x @ (-2.0 * c.T.astype(np.float32))
+    out += (x**2).sum(1)[:, None]
+    out += (c.astype(np.float32) ** 2).sum(1)[None, :]
+    return np.maximum(out, 0, out=out)
 
 
 def capacity_assign(x: np.ndarray, c: np.ndarray, capacity: np.ndarray, prefs: int = 32) -> np.ndarray:
