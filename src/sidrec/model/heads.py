@@ -542,7 +542,8 @@ class AutoregressiveHead(_OwnScores, nn.Module):
         tables = self.eval_cache(device)
         self._narrow = [(lowp.LowPrecisionRows(w, precision) if len(w) > lowp.NARROW_MIN_ROWS else w, c)
                         for w, c in tables]
-        self._tables_cache = self._means_cache = None
+        # drop every reference to float32 tables and parameters (the node rows are freed next)
+        self._tables_cache = self._means_cache = self._key_params = None
 
     def _param_key(self, device) -> tuple:
         """Changes whenever any parameter is replaced or updated in place (tensor version counters).
