@@ -639,8 +639,8 @@ def scale_projection() -> str:
              f"{10 * prep['prepare_seconds'] / 3600:.1f} h; memory bounded by the engine limit |",
              f"| RQ-KMeans fit + assignment + bijective resolution | {n_tok:,} items: {tok_s / 60:.0f} min, "
              f"peak {tok['peak_rss_gib']:.1f} GiB | {tok['us_per_item']:.1f} µs | {10 * n_tok:,} items: "
-             f"{10 * tok_s / 3600:.1f} h; ~{10 * tok['peak_rss_gib']:.0f} GiB (codes, errors and sort "
-             "temporaries grow with N) |"]
+             f"{10 * tok_s / 3600:.1f} h; at most ~{10 * tok['peak_rss_gib']:.0f} GiB (ten times the whole peak: "
+             "codes, errors and sort temporaries grow with N, the interpreter does not) |"]
     for x in s.get("scale", []):
         per = x["table_bytes_per_item"]
         lines.append(f"| serving tables, {x['precision']} | {x['items']:,} items: {x['table_bytes'] / 2**30:.2f} GiB | "
