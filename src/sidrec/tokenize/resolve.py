@@ -97,12 +97,12 @@ def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, d
     j = depth - 1
     t = min(n_prefs, q.sizes[j])
     tried = np.zeros(len(codes), dtype=np.int32)
+    cand = np.arange(len(codes))  # items whose prefix may overflow: all, then those of prefixes that gained items
     while True:
-        prefix = mixed_radix(codes[:, :depth], q.sizes[:depth])
-        rank = _rank_in_group(prefix, err)  # best-fitting items keep their prefix
-        del prefix
-        spill = np.flatnonzero(rank >= cap)
-        del rank
+        prefix = mixed_radix(codes[cand, :depth], q.sizes[:depth])
+        rank = _rank_in_group(prefix, err[cand])  # best-fitting items keep their prefix
+        spill = cand[rank >= cap]
+        del prefix, rank
         if not len(spill):
             return
         tried[spill] += 1
@@ -111,6 +111,12 @@ def _spill_overfull_prefixes(q: Quantized, codes: np.ndarray, err: np.ndarray, d
                             "use --resolve extra-token or a larger --codebook-size")
         # the next code of each spilled item's preference list (its tokens above j never change here)
         codes[spill, j] = _preference(q, j, spill, codes[spill], tried[spill])[0]
+        # only the prefixes that received items can overflow now: the others kept or lost items
+        gained = np.unique(mixed_radix(codes[spill, :depth], q.sizes[:depth]))
+        every = mixed_radix(codes[:, :depth], q.sizes[:depth])
+        pos = np.searchsorted(gained, every).clip(max=len(gained) - 1)
+        cand = np.flatnonzero(gained[pos] == every)
+        del every, pos
 
 
 def _place_last_level(q: Quantized, codes: np.ndarray, movers: np.ndarray, occupied: KeySet,
