@@ -78,7 +78,9 @@ def _preference(q: Quantized, j: int, idx: np.ndarray, codes: np.ndarray, rank: 
                 chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
     """Each item's `rank`-th nearest level-j code (given its tokens above j; rank 0 = the nearest)
     and its distance, [m] each. Computed in chunks and never stored as lists: at 10^8 items a
-    [movers, V] distance matrix, or even every spilled item's preference list, would not fit."""
+    [movers, V] distance matrix, or even every spilled item's preference list, would not fit. Rounds
+    recompute an item's list; small batches compute its distances identically every time, GEMM
+    batches (>= 4M distances) may differ in the last bits, which can only reorder near-ties."""
     code = np.empty(len(idx), dtype=np.int64)
     dist = np.empty(len(idx), dtype=np.float32)
     for a in range(0, len(idx), chunk):
