@@ -140,3 +140,34 @@ def test_parts_written_by_another_engine_are_a_data_directory(tmp_path, capsys):
     capsys.readouterr()
     assert main(["data", "stats", str(d)]) == 2
     assert "user_index" in capsys.readouterr().err
+
+
+def test_quotes_in_paths_and_columns_iso_and_typed_times(tmp_path):
+    """Paths and column names with quotes reach the engine intact; ISO-8601 strings and typed
+    timestamps become the same seconds on both engines."""
+    df = _log(seed=6, n=4_000, users=150, items=100).rename(columns={"user_id": 'us"er', "item_id": "it'em"})
+    t0 = pd.Timestamp("2021-03-04T05:06:07Z")
+    iso = df.assign(timestamp=[(t0 + pd.Timedelta(seconds=int(v))).isoformat() for v in df["timestamp"]])
+    typed = iso.assign(timestamp=pd.to_datetime(iso["timestamp"], utc=True))
+    for name, frame in (("iso", iso), ("typed", typed)):
+        d = tmp_path / f"it's {name}"
+        d.mkdir()
+        frame.to_parquet(d / "log.parquet", index=False)
+        ref = prepare(read("csv", d / "log.parquet", user_col='us"er', item_col="it'em"))
+        prepare_parquet(d / "log.parquet", d / "o'ut", user_col='us"er', item_col="it'em")
+        got = SequenceData.load(d / "o'ut")
+        _same(ref, got)
+        assert abs(got.timestamps.min() - t0.timestamp()) < 300  # seconds since 1970, not micro- or milli-
+
+
+def test_reserved_column_names_and_too_few_parts_are_user_errors(tmp_path, capsys):
+    from sidrec.errors import UserError
+
+    _log(n=2_000, users=80, items=60).rename(columns={"user_id": "filename"}).to_parquet(tmp_path / "l.parquet")
+    assert main(["data", "prepare", "--format", "csv", "--path", str(tmp_path / "l.parquet"), "--engine", "duckdb",
+                 "--user-col", "filename", "--out", str(tmp_path / "x")]) == 2
+    assert "--user-col" in capsys.readouterr().err
+    _log(n=2_000, users=80, items=60).to_parquet(tmp_path / "ok.parquet")
+    prepare_parquet(tmp_path / "ok.parquet", tmp_path / "one")  # one part
+    with pytest.raises(UserError, match="smaller --shard-rows"):
+        SequenceData.load(tmp_path / "one", part=(1, 2))

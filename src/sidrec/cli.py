@@ -30,7 +30,7 @@ def print_stats(stats: dict) -> None:
 # ----------------------------------------------------------------------------------------- data
 def cmd_data_prepare(a: argparse.Namespace) -> None:
     from sidrec import io, run
-    from sidrec.pipeline import write_data
+    from sidrec.pipeline import write_data, write_data_streamed
 
     io.check_output_dir(a.out, "data", overwrite=a.overwrite, inputs=(a.path, a.meta))
     settings = {"format": a.format, "path": a.path, "meta": a.meta, "kcore": a.kcore, "dedup": a.dedup,
@@ -42,9 +42,11 @@ def cmd_data_prepare(a: argparse.Namespace) -> None:
             raise UserError("--engine duckdb: reads a Parquet log (--format csv with a .parquet file or a directory "
                             f"of them), not --format {a.format}")
         settings.update(engine="duckdb", memory_limit=a.memory_limit, shard_rows=a.shard_rows)
-    data = write_data(settings, Path(a.out), run.data_inputs(settings))
+        stats = write_data_streamed(settings, Path(a.out), run.data_inputs(settings))
+    else:
+        stats = write_data(settings, Path(a.out), run.data_inputs(settings)).stats()
     print(f"wrote {a.out}")
-    print_stats(data.stats())
+    print_stats(stats)
 
 
 def cmd_data_synth(a: argparse.Namespace) -> None:

@@ -61,6 +61,20 @@ def ensure_data(cfg: dict, out: Path) -> SequenceData:
     return write_data(d, out, inputs, _resolver(cfg))
 
 
+def write_data_streamed(d: dict, out: Path, inputs: dict) -> dict:
+    """`data prepare --engine duckdb`: the directory `out` prepared out of core (`sidrec.data.stream`);
+    returns its statistics, read from stats.json: loading the sequences back would undo the point."""
+    from sidrec.data.stream import prepare_parquet
+
+    tc = d.get("time_col")
+    prepare_parquet(d["path"], out, user_col=d["user_col"], item_col=d["item_col"],
+                    time_col=None if tc is None or str(tc).lower() == "none" else tc, kcore_k=d["kcore"],
+                    dedup=d["dedup"], max_seq_len=d["max_seq_len"], meta=d.get("meta"),
+                    item_id_col=d.get("item_id_col"), memory_limit=d["memory_limit"], shard_rows=d["shard_rows"],
+                    marker=rundir.marker_fields(inputs))
+    return io.read_json(out / "stats.json")
+
+
 def write_data(d: dict, out: Path, inputs: dict, resolve=lambda p: p) -> SequenceData:
     """Make the prepared data directory `out` from data settings `d` (a config's data section; the
     CLI's `data prepare` / `data synth` flags and `sidrec.synthetic` speak the same keys): the
@@ -72,16 +86,6 @@ def write_data(d: dict, out: Path, inputs: dict, resolve=lambda p: p) -> Sequenc
 
         data, world = make_synthetic(**d["synthetic"])
         save_synthetic(data, world, out, marker)
-        return SequenceData.load(out)
-    if d.get("engine") == "duckdb":
-        from sidrec.data.stream import prepare_parquet
-
-        tc = d.get("time_col")
-        prepare_parquet(resolve(d["path"]), out, user_col=d["user_col"], item_col=d["item_col"],
-                        time_col=None if tc is None or str(tc).lower() == "none" else tc, kcore_k=d["kcore"],
-                        dedup=d["dedup"], max_seq_len=d["max_seq_len"], meta=resolve(d.get("meta")),
-                        item_id_col=d.get("item_id_col"), memory_limit=d["memory_limit"],
-                        shard_rows=d["shard_rows"], marker=marker)
         return SequenceData.load(out)
     kw = {"item_id_col": d["item_id_col"]} if d.get("item_id_col") else {}
     if d["format"] == "csv":

@@ -71,8 +71,8 @@ def _numeric_timestamps(values: pd.Series, path: Path, first_line: int) -> np.nd
             raise UserError("missing timestamp", str(path), first_line + i)
         return num.to_numpy(dtype=np.float64)
     try:
-        dt = pd.to_datetime(values, format="ISO8601", utc=True)
-        return (dt.astype("int64") / 1e9).to_numpy(dtype=np.float64)
+        dt = pd.to_datetime(values, format="ISO8601", utc=True)  # seconds, whatever unit pandas stores
+        return ((dt - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64)
     except (ValueError, TypeError):
         i = int(np.flatnonzero(bad.to_numpy())[0])
         raise UserError(

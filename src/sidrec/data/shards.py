@@ -19,13 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 DIR = "sequences"
 COLUMNS = ("user_index", "user", "items", "timestamps")
-SCHEMA = pa.schema([("user_index", pa.int64()), ("user", pa.string()), ("items", pa.list_(pa.int32())),
-                    ("timestamps", pa.list_(pa.float64()))])
 
 
 def part_name(i: int) -> str:
@@ -40,8 +37,8 @@ def part_files(data_dir: str | Path) -> list[Path]:
 
 def read_parts(files: list[Path]) -> dict[str, np.ndarray]:
     """Concatenate parts into CSR arrays: offsets [U+1], items [nnz], user_ids [U], user_index [U],
-    timestamps [nnz] (if stored). The list columns' own offsets become the CSR offsets (no per-user
-    Python work)."""
+    timestamps [nnz] (if stored). The list columns' own offsets become the CSR offsets (no loop over
+    users in Python)."""
     offsets, items, users, index, times = [np.zeros(1, np.int64)], [], [], [], []
     for f in files:
         t = pq.read_table(f)
@@ -74,4 +71,7 @@ def select(files: list[Path], part: tuple[int, int] | None) -> list[Path]:
     if part is None:
         return files
     rank, world = part
+    if len(files) < world:
+        raise ValueError(f"{len(files)} part(s) for {world} ranks: prepare with a smaller --shard-rows so that "
+                         "every rank has one")
     return files[rank::world]

@@ -25,7 +25,17 @@ from sidrec.data import shards
 from sidrec.data.prepare import MIN_USER_LEN, join_item_table, stats_from, target_hits
 from sidrec.errors import UserError
 
-ROW_BITS = 40  # a row key is (file index << 40) + row in file: files < 2^23, rows per file < 2^40
+RESERVED = ("filename", "file_row_number")  # DuckDB's own columns of a Parquet scan
+
+
+def _lit(text: str | Path) -> str:
+    """A SQL string literal (paths may hold quotes)."""
+    return "'" + str(text).replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    """A SQL identifier (column names may hold double quotes)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def parquet_files(path: str | Path) -> list[Path]:
@@ -57,12 +67,15 @@ def prepare_parquet(path: str | Path, out: str | Path, *, user_col: str = "user_
     files, limit = parquet_files(path), _size(memory_limit)
     if dedup not in ("exact", "user-item", "none"):
         raise UserError(f"unknown dedup mode {dedup!r} (exact, user-item, none)")
+    for opt, col in (("--user-col", user_col), ("--item-col", item_col), ("--time-col", time_col)):
+        if col in RESERVED:
+            raise UserError(f"{opt}: {col!r} is a name DuckDB gives its own column; rename the column in the log")
     with io.atomic_dir(out, "data", **(marker or {})) as tmp:
         work = tmp / ".work"
         work.mkdir()
         con = duckdb.connect(str(work / "db.duckdb"))
         try:
-            con.execute(f"SET memory_limit = '{limit}'; SET temp_directory = '{work / 'spill'}'; "
+            con.execute(f"SET memory_limit = {_lit(limit)}; SET temp_directory = {_lit(work / 'spill')}; "
                         "SET TimeZone = 'UTC'")
             if threads:
                 con.execute(f"SET threads = {int(threads)}")
@@ -72,6 +85,8 @@ def prepare_parquet(path: str | Path, out: str | Path, *, user_col: str = "user_
             _final_ids(con, max_seq_len)
             lengths, hits, parts = _write_parts(con, tmp, shard_rows, time_col is not None)
             table = _write_items(con, tmp, meta, item_id_col or item_col)
+        except duckdb.Error as e:  # out of memory or disk, an unreadable file: the engine's one line
+            raise UserError(f"DuckDB: {str(e).splitlines()[0]}", str(path)) from None
         finally:
             con.close()
             shutil.rmtree(work, ignore_errors=True)
@@ -103,15 +118,15 @@ def _load_log(con, files: list[Path], user_col: str, item_col: str, time_col: st
     starts = np.concatenate([[0], np.cumsum([pq.ParquetFile(f).metadata.num_rows for f in files])])
     con.execute("CREATE TEMP TABLE files (filename VARCHAR, start BIGINT)")
     con.executemany("INSERT INTO files VALUES (?, ?)", [(str(f), int(s)) for f, s in zip(files, starts)])
-    src = f"read_parquet({[str(f) for f in files]}, filename = true, file_row_number = true)"
+    src = f"read_parquet([{', '.join(_lit(f) for f in files)}], filename = true, file_row_number = true)"
     cols = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
     for c in [user_col, item_col] + ([time_col] if time_col else []):
         if c not in cols:
             raise UserError(f"missing column {c!r}; found {[k for k in cols if k not in ('filename', 'file_row_number')][:12]}",
                             str(files[0]))
     row = "f.start + r.file_row_number"
-    con.execute(f"""CREATE TEMP VIEW log AS SELECT CAST(r."{user_col}" AS VARCHAR) AS u,
-        CAST(r."{item_col}" AS VARCHAR) AS i, {_time_expr(time_col, cols.get(time_col), row)} AS t,
+    con.execute(f"""CREATE TEMP VIEW log AS SELECT CAST(r.{_ident(user_col)} AS VARCHAR) AS u,
+        CAST(r.{_ident(item_col)} AS VARCHAR) AS i, {_time_expr(time_col, cols.get(time_col), row)} AS t,
         {row} AS row FROM {src} r JOIN files f USING (filename)""")
     for side, col in (("users", "u"), ("items", "i")):
         con.execute(f"CREATE TABLE {side} AS SELECT {col} AS raw, min(row) AS first, "
@@ -133,11 +148,11 @@ def _time_expr(time_col: str | None, dtype: str | None, row: str) -> str:
     """Seconds as DOUBLE from a numeric, date/timestamp or string column (file order without one)."""
     if time_col is None:
         return f"CAST({row} AS DOUBLE)"
-    c = f'r."{time_col}"'
-    if dtype and ("TIMESTAMP" in dtype or dtype == "DATE"):
-        return f"epoch_us(CAST({c} AS TIMESTAMPTZ)) / 1e6"
+    c = f"r.{_ident(time_col)}"
+    if dtype and ("TIMESTAMP" in dtype or dtype == "DATE"):  # nanoseconds kept: TIMESTAMP_NS ties stay apart
+        return f"epoch_ns(CAST({c} AS {'TIMESTAMP_NS' if dtype == 'TIMESTAMP_NS' else 'TIMESTAMPTZ'})) / 1e9"
     if dtype == "VARCHAR":
-        return f"COALESCE(TRY_CAST({c} AS DOUBLE), epoch_us(TRY_CAST({c} AS TIMESTAMPTZ)) / 1e6)"
+        return f"COALESCE(TRY_CAST({c} AS DOUBLE), epoch_ns(TRY_CAST({c} AS TIMESTAMPTZ)) / 1e9)"
     return f"CAST({c} AS DOUBLE)"
 
 
@@ -209,7 +224,7 @@ def _write_parts(con, tmp: Path, shard_rows: int, has_time: bool) -> tuple[np.nd
         con.execute(f"""COPY (SELECT g.uid AS user_index, uf.raw AS user, g.items{', g.timestamps' if has_time else ''}
             FROM (SELECT uid, list(iid ORDER BY t, row) AS items{ts} FROM seq WHERE uid >= {a} AND uid < {b}
                   GROUP BY uid) g JOIN users_final uf ON g.uid = uf.id ORDER BY g.uid)
-            TO '{f}' (FORMAT parquet)""")
+            TO {_lit(f)} (FORMAT parquet)""")
         arr = shards.read_parts([f])
         for s in hits:
             hits[s] += target_hits(arr["offsets"], arr["items"], s)
@@ -221,7 +236,7 @@ def _write_items(con, tmp: Path, meta: str | Path | None, id_col: str) -> dict:
     """`items.parquet`: row i = item i's raw id (+ side information joined by raw id from `meta`)."""
     n = con.execute("SELECT count(*) FROM items_final").fetchone()[0]
     if meta is None:  # straight from the engine: no 10^8 Python strings
-        con.execute(f"COPY (SELECT raw AS item FROM items_final ORDER BY id) TO '{tmp / 'items.parquet'}' "
+        con.execute(f"COPY (SELECT raw AS item FROM items_final ORDER BY id) TO {_lit(tmp / 'items.parquet')} "
                     "(FORMAT parquet)")
         return {"n_items": n, "fields": []}
     from sidrec.data.readers import read_item_table

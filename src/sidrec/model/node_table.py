@@ -98,7 +98,7 @@ class NodeTable(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """All item vectors [N, d] (differentiable; without grad cached until the rows change)."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self._narrow is not None:  # narrow: no float32 [N, d] copy kept
             return self(torch.arange(self.n_items, device=self.rows.device))
         key = (self.rows.data_ptr(), self.rows._version, str(self.rows.device))
         if self._cache is None or self._cache[0] != key:

@@ -48,7 +48,8 @@ def fit_codebook(
     if levels < 1 or codebook_size < 2:
         raise UserError("need --levels >= 1 and --codebook-size >= 2")
     t0 = time.perf_counter()
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not (isinstance(x, np.memmap) and x.dtype == np.float32 and x.flags.c_contiguous):
+        x = np.ascontiguousarray(x, dtype=np.float32)  # a float32 memory map stays one: RQ-KMeans streams it
     q = quantize(x, method, levels, codebook_size, seed, rqvae)
     codes, sizes, stats = resolve(q, x, resolve_strategy)
     rel_err = q.rel_err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -158,13 +159,21 @@ class _Rows:
 
     def __init__(self, x: np.ndarray):
         self.x, self.file = x, None
-        if isinstance(x, np.memmap) and x.filename and x.flags.c_contiguous and x.ndim == 2:
+        whole = (isinstance(x, np.memmap) and x.filename and x.flags.c_contiguous and x.ndim == 2
+                 and os.path.getsize(x.filename) == x.offset + x.nbytes)  # a slice keeps its parent's offset
+        if whole:
             self.file = open(x.filename, "rb")
+            weakref.finalize(self, self.file.close)
             self.row = x.dtype.itemsize * x.shape[1]
 
     def _read(self, a: int, m: int) -> np.ndarray:
-        buf = os.pread(self.file.fileno(), m * self.row, self.x.offset + a * self.row)
-        return np.frombuffer(buf, dtype=self.x.dtype).reshape(m, self.x.shape[1])
+        buf, want, at = bytearray(), m * self.row, self.x.offset + a * self.row
+        while len(buf) < want:  # pread may return less (Linux caps one read below 2 GiB)
+            chunk = os.pread(self.file.fileno(), want - len(buf), at + len(buf))
+            if not chunk:
+                raise OSError(f"{self.x.filename}: file shorter than its header says")
+            buf += chunk
+        return np.frombuffer(bytes(buf), dtype=self.x.dtype).reshape(m, self.x.shape[1])
 
     def block(self, a: int, b: int) -> np.ndarray:
         b = min(b, len(self.x))
@@ -172,8 +181,8 @@ class _Rows:
 
     def take(self, idx: np.ndarray, window: int = 4096) -> np.ndarray:
         """x[idx] as float32: one read per `window`-row span of the file that holds a wanted row."""
-        if self.file is None:
-            return np.asarray(self.x[idx], dtype=np.float32)
+        if self.file is None or not len(idx):
+            return np.asarray(self.x[idx], dtype=np.float32).reshape(len(idx), self.x.shape[1])
         order = np.argsort(idx, kind="stable")
         rows = idx[order]
         out = np.empty((len(idx), self.x.shape[1]), dtype=np.float32)
