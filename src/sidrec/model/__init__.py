@@ -211,6 +211,7 @@ class SeqRecModel(nn.Module):
             t.narrow_(precision)
         self.precision = precision
 
+    @torch.no_grad()
     def table_bytes(self) -> int:
         """Bytes held by the N-row tables and the AR scoring tables (what grows with the catalogue)."""
         total = sum(t.nbytes if isinstance(t, NodeTable) else t.weight.nbytes

@@ -34,6 +34,8 @@ class LowPrecisionRows:
             self.scale = x.abs().amax(1).clamp(min=1e-30) / 127.0
             self.data = torch.round(x / self.scale[:, None]).clamp_(-127, 127).to(torch.int8)
         else:
+            if precision == "float16" and x.numel() and float(x.abs().max()) > 65504:
+                raise ValueError("table values beyond float16's range (65504): use bfloat16 or int8")
             self.data = x.to(_DTYPES[precision])
 
     def __len__(self) -> int:

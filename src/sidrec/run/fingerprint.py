@@ -83,9 +83,10 @@ def data_inputs(data: dict, resolve=lambda p: p) -> dict:
         if data.get(k):
             f = Path(resolve(data[k]))
             if k == "path" and data.get("engine") == "duckdb" and f.is_dir():  # a directory of Parquet parts
-                files = sorted(g for g in f.rglob("*.parquet") if g.is_file())
+                from sidrec.data.stream import parquet_files
+
                 out[f"data.{k}#sha256"] = hashlib.sha256(" ".join(
-                    f"{g.relative_to(f)}:{file_digest(g)}" for g in files).encode()).hexdigest()[:16]
+                    f"{g.relative_to(f)}:{file_digest(g)}" for g in parquet_files(f)).encode()).hexdigest()[:16]
                 continue
             if not f.is_file():
                 raise UserError(f"data.{k}: {'not a file' if f.exists() else 'file not found'}", str(f))
@@ -135,7 +136,9 @@ def dir_fingerprint(path: str | Path, kind: str) -> str:
         raise UserError(f"not {what}", str(p))
     if m.get("fingerprint"):
         return m["fingerprint"]
-    parts = sorted((p / "sequences").glob("part-*.parquet")) if kind == "data" else []
+    from sidrec.data.shards import part_files
+
+    parts = part_files(p) if kind == "data" else []
     if parts and not (p / "sequences.npz").exists():  # sharded data written by another engine (docs/scale-out.md)
         return hashlib.sha256(" ".join(f"{f.name}:{file_digest(f)}" for f in parts).encode()).hexdigest()[:16]
     return file_digest(p / {"data": "sequences.npz", "codebook": "codebook.npz"}[kind])
