@@ -85,7 +85,13 @@ def _preference(q: Quantized, j: int, idx: np.ndarray, codes: np.ndarray, rank: 
     dist = np.empty(len(idx), dtype=np.float32)
     for a in range(0, len(idx), chunk):
         d = q.level_dist(j, idx[a:a + chunk], codes[a:a + chunk])
-        p = np.take_along_axis(np.argsort(d, axis=1, kind="stable"), rank[a:a + chunk, None], 1)
+        r = rank[a:a + chunk, None]
+        if d.size < 4_000_000:
+            p = np.take_along_axis(np.argsort(d, axis=1, kind="stable"), r, 1)
+        else:  # GEMM-sized: select the r+1 nearest, then order those by (distance, code) as a stable sort would
+            near = np.argpartition(d, int(r.max()), axis=1)[:, : int(r.max()) + 1]
+            order = np.lexsort((near, np.take_along_axis(d, near, 1)))
+            p = np.take_along_axis(near, np.take_along_axis(order, r, 1), 1)
         code[a:a + chunk], dist[a:a + chunk] = p[:, 0], np.take_along_axis(d, p, 1)[:, 0]
     return code, dist
 
