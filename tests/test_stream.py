@@ -58,6 +58,8 @@ def test_directory_of_parts_keeps_file_order_and_ranks_split_users(tmp_path):
     halves = [SequenceData.load(tmp_path / "out", part=(r, 2)) for r in range(2)]
     assert sum(h.n_users for h in halves) == ref.n_users and min(h.n_users for h in halves) > 0
     assert set(halves[0].user_ids).isdisjoint(halves[1].user_ids)
+    for h in halves:  # each rank knows its users' global ids
+        assert np.array_equal(ref.user_ids[h.user_index], h.user_ids)
     seqs = {u: tuple(h.sequence(i)) for h in halves for i, u in enumerate(h.user_ids)}
     assert seqs == {u: tuple(ref.sequence(i)) for i, u in enumerate(ref.user_ids)}
 

@@ -45,6 +45,7 @@ class SequenceData:
     timestamps: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    user_index: np.ndarray | None = None  # global user ids of a rank's part (load(part=...)); None: 0..U-1
 
     @property
     def n_users(self) -> int:
@@ -118,7 +119,8 @@ class SequenceData:
     @classmethod
     def load(cls, path: str | Path, part: tuple[int, int] | None = None) -> "SequenceData":
         """Read a data directory: `sequences.npz`, or the Parquet parts of a sharded one
-        (`sidrec.data.shards`); `part=(rank, world)` reads only that rank's parts (its users alone)."""
+        (`sidrec.data.shards`); `part=(rank, world)` reads only that rank's parts (its users alone, their
+        global ids in `user_index`; a `sequences.npz` directory is read whole)."""
         p = Path(path)
         parts = shards.part_files(p)
         if not (p / "sequences.npz").exists() and not parts:
@@ -140,7 +142,7 @@ class SequenceData:
         with io.reading(where, "sequences"):
             _check_arrays(arr, len(table))
         return cls(arr["offsets"], arr["items"], arr["user_ids"], table, arr.get("timestamps"),
-                   meta if isinstance(meta, dict) else {}, p)
+                   meta if isinstance(meta, dict) else {}, p, arr.get("user_index") if part is not None else None)
 
 
 def _check_index(index: np.ndarray, whole: bool) -> None:
