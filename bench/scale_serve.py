@@ -26,21 +26,7 @@ import numpy as np
 from bench import common
 from bench.common import RESULTS, ROOT, write_result
 
-BEAUTY_AR = ROOT / "bench" / "out" / "quality-beauty" / "seed0" / "ar-rq-kmeans"
-TRAIN = [sys.executable, "-m", "bench.quality", "--dataset", "beauty", "--tokenizers", "rq-kmeans", "--heads", "ar",
-         "--only-seed", "0"]
-PRECISIONS = ("float32", "float16", "bfloat16", "int8")
-
-
-def trained_run(run: Path | None) -> Path:
-    from sidrec.run import RunDir
-
-    if run is not None:
-        return run
-    if not RunDir(BEAUTY_AR).has_weights():
-        print("training " + " ".join(TRAIN[1:]), file=sys.stderr)
-        subprocess.run(TRAIN, cwd=ROOT, check=True)
-    return BEAUTY_AR
+from sidrec.model.lowp import PRECISIONS
 
 
 def on_run(run: Path, users: int) -> list[dict]:
@@ -118,7 +104,9 @@ def main() -> None:
         a = ap.parse_args()
         return child_scale(a.child_scale, a.precision)
     a = common.parse_args(ap)
-    run = trained_run(a.run)
+    from bench.serve import beauty_run
+
+    run = a.run or beauty_run(0)  # the AR-NTP run bench.serve serves
     rows = on_run(run, a.users)
     scale = scale_rows(a.items) if a.items else []
     where = str(run.resolve())

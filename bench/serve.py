@@ -55,13 +55,18 @@ BEAUTY_RUNS = [  # (run, beam, the bench.quality command that trains it)
 LUA = Path(__file__).with_name("serve_load.lua")
 
 
+def beauty_run(i: int) -> Path:
+    """The i-th Beauty headline run (seed 0), trained when missing."""
+    run, _, cmd = BEAUTY_RUNS[i]
+    if not RunDir(run).has_weights():
+        print("training " + " ".join(cmd[1:]), file=sys.stderr)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    return run
+
+
 def beauty_runs() -> list[tuple[Path, int]]:
     """The Beauty headline runs (seed 0) and the beam each is served at; trained when missing."""
-    for run, _, cmd in BEAUTY_RUNS:
-        if not RunDir(run).has_weights():
-            print("training " + " ".join(cmd[1:]), file=sys.stderr)
-            subprocess.run(cmd, cwd=ROOT, check=True)
-    return [(run, beam) for run, beam, _ in BEAUTY_RUNS]
+    return [(beauty_run(i), beam) for i, (_, beam, _) in enumerate(BEAUTY_RUNS)]
 
 
 def test_histories(rec, n: int, seed: int = 0) -> list[list[str]]:

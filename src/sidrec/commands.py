@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sidrec.cli_args import float_range, int_range, schema_option
 from sidrec.config import HEAD_NAMES
+from sidrec.model.lowp import PRECISIONS
 
 
 def print_codebook(info: dict) -> None:
@@ -461,7 +462,7 @@ def add_serve(sub) -> None:
     p.add_argument("--threads", type=int_range(1), default=None,
                    help="torch intra-op threads of each decode process (default: half the CPU cores)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to decode")
-    p.add_argument("--table-precision", default="float32", choices=["float32", "float16", "bfloat16", "int8"],
+    p.add_argument("--table-precision", default="float32", choices=PRECISIONS,
                    help="keep the item tables of a node-table model (AR-NTP, joint) in this precision: 1/2 "
                    "(float16, bfloat16) or 1/4 (int8) of their memory; scores are still computed in float32 "
                    "(default float32)")

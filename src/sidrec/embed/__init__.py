@@ -17,6 +17,7 @@ import pandas as pd
 from sidrec import io
 from sidrec.data.prepare import SequenceData
 from sidrec.errors import UserError
+from sidrec.tokenize.quantizers import FIT_ROWS  # above it RQ-KMeans streams a memory map
 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_FIELDS = ("title", "brand", "categories", "genres", "idgenrec_text", "description")
@@ -129,10 +130,6 @@ def embed_collab(data: SequenceData, dim: int = 64, window: int = 5, seed: int =
     return emb.astype(np.float32)
 
 
-#: Catalogues above this many items keep a float32 .npy file memory-mapped (RQ-KMeans then streams it).
-STREAM_ROWS = 1 << 22
-
-
 def load_npy(path: str | Path, n_items: int) -> np.ndarray:
     p = Path(path)
     if not p.exists():
@@ -153,7 +150,7 @@ def check_embeddings(emb: np.ndarray, n_items: int, source: str) -> np.ndarray:
     rows = max(1, (1 << 24) // max(1, emb.shape[1]))  # blocks of 16M values: a memory-mapped file stays on disk
     if not all(np.isfinite(emb[a : a + rows]).all() for a in range(0, len(emb), rows)):
         raise UserError("embeddings contain NaN or inf", source)
-    if isinstance(emb, np.memmap) and emb.dtype == np.float32 and emb.flags.c_contiguous and len(emb) > STREAM_ROWS:
+    if isinstance(emb, np.memmap) and emb.dtype == np.float32 and emb.flags.c_contiguous and len(emb) > FIT_ROWS:
         return emb  # read in place, read-only: the tokenizer streams a catalogue this large
     return np.asarray(emb, dtype=np.float32).copy() if isinstance(emb, np.memmap) else emb.astype(np.float32)
 
