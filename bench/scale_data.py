@@ -103,6 +103,8 @@ def make_embeddings(n: int, dim: int, out: Path, seed: int = 0, block: int = 1 <
     spec = out.with_suffix(".json")
     if out.exists() and spec.exists() and json.loads(spec.read_text()).get("items") == n:  # made by an earlier run
         return json.loads(spec.read_text())
+    if out.exists() and not spec.exists():
+        raise SystemExit(f"{out} exists and this benchmark did not write it: choose another --work")
     t = time.perf_counter()
     rng = np.random.default_rng(seed)
     top, sub = rng.normal(size=(4096, dim)), 0.4 * rng.normal(size=(4096, dim))
